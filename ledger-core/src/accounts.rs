@@ -1,0 +1,337 @@
+//! Accounts: opening, reading, locking (`FOR UPDATE`, in ascending id order) and
+//! writing a locked account's balance.
+
+use diesel::prelude::*;
+use diesel::pg::PgConnection;
+
+use crate::error::{InvalidInput, LedgerError};
+use crate::idempotency::{self, Begun};
+use crate::ids::{AccountId, IdempotencyKey};
+use crate::money::{Amount, Currency};
+use crate::schema::accounts;
+use crate::tx::{LockSet, Tx, TxOptions};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccountKind {
+    Customer,
+    System,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccountStatus {
+    Open,
+    Closed,
+}
+
+/// The system accounts money flows through, one of each per currency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SystemRole {
+    /// Where deposits come from: its balance is minus what the outside world paid in.
+    ExternalFunding,
+    /// Withdrawn funds waiting for their payout to settle.
+    PayoutsInTransit,
+    /// Where settled payouts go: its balance is what has left the ledger.
+    ExternalSettlement,
+}
+
+impl SystemRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SystemRole::ExternalFunding => "external_funding",
+            SystemRole::PayoutsInTransit => "payouts_in_transit",
+            SystemRole::ExternalSettlement => "external_settlement",
+        }
+    }
+}
+
+#[derive(Queryable, Selectable, Debug, Clone)]
+#[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg))]
+struct AccountRow {
+    id: i64,
+    owner: String,
+    currency: String,
+    kind: String,
+    balance_minor: Option<i64>,
+    overdraft_limit_minor: i64,
+    status: String,
+}
+
+/// An account as stored. For system accounts `balance_minor` is computed from postings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub id: AccountId,
+    pub owner: String,
+    pub currency: Currency,
+    pub kind: AccountKind,
+    pub balance_minor: i64,
+    pub overdraft_limit_minor: i64,
+    pub status: AccountStatus,
+}
+
+impl Account {
+    /// The lowest balance the account may reach: 0, or minus its overdraft limit.
+    pub fn floor_minor(&self) -> i64 {
+        -self.overdraft_limit_minor
+    }
+
+    /// Decimal balance in the account's currency, e.g. "100.00".
+    pub fn balance_display(&self) -> String {
+        self.currency.format_minor(self.balance_minor)
+    }
+}
+
+impl TryFrom<AccountRow> for Account {
+    type Error = LedgerError;
+    fn try_from(row: AccountRow) -> Result<Self, LedgerError> {
+        let id = AccountId::from_db(row.id);
+        let kind = match row.kind.as_str() {
+            "customer" => AccountKind::Customer,
+            _ => AccountKind::System,
+        };
+        Ok(Account {
+            id,
+            owner: row.owner,
+            currency: Currency::from_code(&row.currency)?,
+            kind,
+            balance_minor: row.balance_minor.unwrap_or(0),
+            overdraft_limit_minor: row.overdraft_limit_minor,
+            status: if row.status == "open" { AccountStatus::Open } else { AccountStatus::Closed },
+        })
+    }
+}
+
+/// A customer account whose row this transaction holds `FOR UPDATE`. Only the lock
+/// functions below make one, so a balance can only be written under its lock.
+#[derive(Clone, Debug)]
+pub struct LockedAccount {
+    account: Account,
+}
+
+impl LockedAccount {
+    pub fn account(&self) -> &Account {
+        &self.account
+    }
+    pub fn id(&self) -> AccountId {
+        self.account.id
+    }
+    pub fn currency(&self) -> Currency {
+        self.account.currency
+    }
+    pub fn balance_minor(&self) -> i64 {
+        self.account.balance_minor
+    }
+
+    /// The balance after taking `amount` out, if that stays at or above the floor.
+    pub fn balance_after_debit(&self, amount: Amount) -> Result<i64, LedgerError> {
+        let after = self
+            .account
+            .balance_minor
+            .checked_sub(amount.minor())
+            .ok_or(LedgerError::BalanceOverflow(self.account.id))?;
+        if after < self.account.floor_minor() {
+            return Err(LedgerError::InsufficientFunds {
+                account: self.account.id,
+                balance_minor: self.account.balance_minor,
+                floor_minor: self.account.floor_minor(),
+                requested_minor: amount.minor(),
+            });
+        }
+        Ok(after)
+    }
+
+    pub fn balance_after_credit(&self, amount: Amount) -> Result<i64, LedgerError> {
+        self.account.balance_minor.checked_add(amount.minor()).ok_or(LedgerError::BalanceOverflow(self.account.id))
+    }
+
+    /// Checks the account can take part in a movement in `currency`.
+    pub fn expect_currency(&self, currency: Currency) -> Result<(), LedgerError> {
+        if self.account.currency != currency {
+            return Err(LedgerError::CurrencyMismatch {
+                account: self.account.id,
+                account_currency: self.account.currency.code().to_string(),
+                request_currency: currency.code().to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What to open.
+#[derive(Clone, Debug)]
+pub struct NewAccount {
+    pub owner: String,
+    pub currency: Currency,
+    /// How far below zero the balance may go (0: no overdraft).
+    pub overdraft_limit_minor: i64,
+}
+
+impl NewAccount {
+    pub fn new(owner: impl Into<String>, currency: Currency) -> NewAccount {
+        NewAccount { owner: owner.into(), currency, overdraft_limit_minor: 0 }
+    }
+
+    pub fn with_overdraft(mut self, limit_minor: i64) -> NewAccount {
+        self.overdraft_limit_minor = limit_minor;
+        self
+    }
+
+    fn validate(&self) -> Result<(), InvalidInput> {
+        let len = self.owner.chars().count();
+        if len == 0 || len > 200 || self.owner.chars().any(char::is_control) {
+            return Err(InvalidInput::BadField {
+                field: "owner",
+                reason: "1 to 200 characters, no control characters".into(),
+            });
+        }
+        if self.overdraft_limit_minor < 0 {
+            return Err(InvalidInput::BadField { field: "overdraft limit", reason: "must not be negative".into() });
+        }
+        Ok(())
+    }
+
+    fn fingerprint(&self) -> String {
+        format!("owner={}|currency={}|overdraft={}", self.owner, self.currency, self.overdraft_limit_minor)
+    }
+}
+
+/// Opens a customer account with a zero balance. With a key, opening is idempotent.
+pub fn open(conn: &mut PgConnection, new: &NewAccount, key: Option<&IdempotencyKey>) -> Result<Account, LedgerError> {
+    new.validate()?;
+    crate::tx::transaction(conn, &TxOptions::default(), |tx| open_tx(tx, new, key))
+}
+
+pub fn open_tx(tx: &mut Tx<'_>, new: &NewAccount, key: Option<&IdempotencyKey>) -> Result<Account, LedgerError> {
+    new.validate()?;
+    if let Some(key) = key {
+        if let Begun::Replay(id) = idempotency::begin(tx, key, "open_account", &new.fingerprint())? {
+            return get(tx.conn(), AccountId::from_db(id));
+        }
+    }
+    let row: AccountRow = diesel::insert_into(accounts::table)
+        .values((
+            accounts::owner.eq(&new.owner),
+            accounts::currency.eq(new.currency.code()),
+            accounts::kind.eq("customer"),
+            accounts::balance_minor.eq(Some(0_i64)),
+            accounts::overdraft_limit_minor.eq(new.overdraft_limit_minor),
+        ))
+        .returning(AccountRow::as_returning())
+        .get_result(tx.conn())?;
+    if let Some(key) = key {
+        idempotency::finish(tx, key, row.id)?;
+    }
+    Account::try_from(row)
+}
+
+/// Reads an account (no lock). System accounts report the sum of their postings.
+pub fn get(conn: &mut PgConnection, id: AccountId) -> Result<Account, LedgerError> {
+    let row: AccountRow = accounts::table
+        .find(id.get())
+        .select(AccountRow::as_select())
+        .first(conn)
+        .optional()?
+        .ok_or(LedgerError::UnknownAccount(id))?;
+    let mut account = Account::try_from(row)?;
+    if account.kind == AccountKind::System {
+        account.balance_minor = system_balance(conn, id)?;
+    }
+    Ok(account)
+}
+
+/// The balance of a system account: the sum of its postings.
+pub fn system_balance(conn: &mut PgConnection, id: AccountId) -> Result<i64, LedgerError> {
+    #[derive(QueryableByName)]
+    struct Sum {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        total: i64,
+    }
+    let row: Sum = diesel::sql_query("SELECT COALESCE(SUM(amount_minor), 0)::bigint AS total FROM postings WHERE account_id = $1")
+        .bind::<diesel::sql_types::BigInt, _>(id.get())
+        .get_result(conn)?;
+    Ok(row.total)
+}
+
+/// The id of the system account playing `role` for `currency` (seeded by migration).
+pub fn system_account(conn: &mut PgConnection, role: SystemRole, currency: Currency) -> Result<AccountId, LedgerError> {
+    let id: i64 = accounts::table
+        .filter(accounts::system_role.eq(role.as_str()))
+        .filter(accounts::currency.eq(currency.code()))
+        .select(accounts::id)
+        .first(conn)?;
+    Ok(AccountId::from_db(id))
+}
+
+fn locked(row: AccountRow) -> Result<LockedAccount, LedgerError> {
+    let account = Account::try_from(row)?;
+    if account.kind == AccountKind::System {
+        return Err(LedgerError::SystemAccount(account.id));
+    }
+    if account.status == AccountStatus::Closed {
+        return Err(LedgerError::AccountClosed(account.id));
+    }
+    Ok(LockedAccount { account })
+}
+
+/// Locks one customer account until the transaction ends. Concurrent lockers of the
+/// same account wait here (bounded by the session's lock_timeout).
+///
+/// The lock is `FOR NO KEY UPDATE`, the row lock PostgreSQL's own UPDATE of a non-key
+/// column takes. It excludes every other writer and locker of the row exactly like
+/// `FOR UPDATE`, but not the `FOR KEY SHARE` locks that foreign-key checks take when a
+/// posting or withdrawal referencing the account is inserted. With plain `FOR UPDATE`,
+/// a transaction that first inserted such a row (taking KEY SHARE) and then locked the
+/// account would have to upgrade its lock past other transactions' KEY SHARE locks: a
+/// deadlock that the 200-withdrawal race test reproduces.
+pub fn lock(tx: &mut Tx<'_>, id: AccountId) -> Result<LockedAccount, LedgerError> {
+    let row: AccountRow = accounts::table
+        .find(id.get())
+        .select(AccountRow::as_select())
+        .for_no_key_update()
+        .first(tx.conn())
+        .optional()?
+        .ok_or(LedgerError::UnknownAccount(id))?;
+    locked(row)
+}
+
+/// Locks several customer accounts in ascending id order (the `LockSet` is sorted), in
+/// one statement: PostgreSQL locks rows in the order `ORDER BY id` returns them.
+/// Returns them in that order; fails with `UnknownAccount` if any is missing.
+pub fn lock_many(tx: &mut Tx<'_>, set: &LockSet) -> Result<Vec<LockedAccount>, LedgerError> {
+    let ids: Vec<i64> = set.ids().map(AccountId::get).collect();
+    let rows: Vec<AccountRow> = accounts::table
+        .filter(accounts::id.eq_any(&ids))
+        .order(accounts::id.asc())
+        .select(AccountRow::as_select())
+        .for_no_key_update()
+        .load(tx.conn())?;
+    if let Some(missing) = set.ids().find(|id| !rows.iter().any(|r| r.id == id.get())) {
+        return Err(LedgerError::UnknownAccount(missing));
+    }
+    debug_assert!(rows.windows(2).all(|w| w[0].id < w[1].id), "locked out of order");
+    rows.into_iter().map(locked).collect()
+}
+
+/// Writes the new balance of an account this transaction has locked.
+pub fn set_balance(tx: &mut Tx<'_>, account: &LockedAccount, balance_minor: i64) -> Result<(), LedgerError> {
+    assert!(balance_minor >= account.account.floor_minor(), "caller must check the floor before writing");
+    let updated = diesel::update(accounts::table.find(account.id().get()))
+        .set(accounts::balance_minor.eq(Some(balance_minor)))
+        .execute(tx.conn())?;
+    assert_eq!(updated, 1, "a locked account row must exist");
+    Ok(())
+}
+
+/// Closes an account. Only an account with a zero balance can be closed.
+pub fn close(conn: &mut PgConnection, id: AccountId) -> Result<Account, LedgerError> {
+    crate::tx::transaction(conn, &TxOptions::default(), |tx| {
+        let account = lock(tx, id)?;
+        if account.balance_minor() != 0 {
+            return Err(LedgerError::Invalid(InvalidInput::BadField {
+                field: "account",
+                reason: format!("account {id} still holds {}", account.account.balance_display()),
+            }));
+        }
+        diesel::update(accounts::table.find(id.get())).set(accounts::status.eq("closed")).execute(tx.conn())?;
+        get(tx.conn(), id)
+    })
+}

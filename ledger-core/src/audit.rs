@@ -1,0 +1,219 @@
+//! The audit: checks the ledger's invariants across the whole database at one snapshot.
+//!
+//! 1. Every journal entry has at least two postings and they sum to zero per currency.
+//! 2. Every customer account's stored balance equals the sum of its postings, each
+//!    posting's running balance is right, and no balance is below its floor.
+//! 3. The payouts-in-transit accounts hold exactly the payouts not yet settled/returned,
+//!    and every completed withdrawal has exactly one entry and one payout.
+
+use std::fmt;
+
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable, Text};
+
+use crate::error::LedgerError;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Violation {
+    UnbalancedEntry { entry: i64, currency: String, sum_minor: i64 },
+    TooFewPostings { entry: i64, postings: i64 },
+    BalanceMismatch { account: i64, stored_minor: i64, postings_sum_minor: i64 },
+    RunningBalanceWrong { posting: i64, stored_minor: i64, expected_minor: i64 },
+    BelowFloor { account: i64, balance_minor: i64, floor_minor: i64 },
+    InTransitMismatch { currency: String, in_transit_minor: i64, open_payouts_minor: i64 },
+    WithdrawalWithoutPayout { withdrawal: i64 },
+    WithdrawalEntryMismatch { withdrawal: i64 },
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::UnbalancedEntry { entry, currency, sum_minor } => {
+                write!(f, "entry {entry}: postings in {currency} sum to {sum_minor}, not 0")
+            }
+            Violation::TooFewPostings { entry, postings } => write!(f, "entry {entry}: {postings} posting(s), need 2+"),
+            Violation::BalanceMismatch { account, stored_minor, postings_sum_minor } => write!(
+                f,
+                "account {account}: stored balance {stored_minor} != sum of postings {postings_sum_minor}"
+            ),
+            Violation::RunningBalanceWrong { posting, stored_minor, expected_minor } => write!(
+                f,
+                "posting {posting}: running balance {stored_minor}, expected {expected_minor}"
+            ),
+            Violation::BelowFloor { account, balance_minor, floor_minor } => {
+                write!(f, "account {account}: balance {balance_minor} below floor {floor_minor}")
+            }
+            Violation::InTransitMismatch { currency, in_transit_minor, open_payouts_minor } => write!(
+                f,
+                "{currency}: payouts in transit hold {in_transit_minor}, open payouts total {open_payouts_minor}"
+            ),
+            Violation::WithdrawalWithoutPayout { withdrawal } => {
+                write!(f, "withdrawal {withdrawal}: completed without exactly one payout")
+            }
+            Violation::WithdrawalEntryMismatch { withdrawal } => {
+                write!(f, "withdrawal {withdrawal}: its journal entry does not move its amount")
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditReport {
+    pub entries: i64,
+    pub postings: i64,
+    pub accounts: i64,
+    pub violations: Vec<Violation>,
+}
+
+impl AuditReport {
+    pub fn is_clean(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+impl fmt::Display for AuditReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "audit: {} entries, {} postings, {} accounts: {}",
+            self.entries,
+            self.postings,
+            self.accounts,
+            if self.is_clean() { "clean".to_string() } else { format!("{} violation(s)", self.violations.len()) }
+        )?;
+        for v in &self.violations {
+            write!(f, "\n  - {v}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(QueryableByName)]
+struct Row {
+    #[diesel(sql_type = BigInt)]
+    a: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    b: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    c: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    t: Option<String>,
+}
+
+/// Most violations of each kind reported; the count is what matters past that.
+const MAX_REPORTED: i64 = 100;
+
+fn rows(conn: &mut PgConnection, sql: &str) -> Result<Vec<Row>, LedgerError> {
+    Ok(diesel::sql_query(format!("{sql} LIMIT {MAX_REPORTED}")).load(conn)?)
+}
+
+/// Runs every check. Outside a transaction it opens a read-only REPEATABLE READ one, so
+/// all checks see the same snapshot even while workers keep writing.
+pub fn run(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
+    if crate::tx::depth(conn) == 0 {
+        conn.build_transaction().repeatable_read().read_only().run(checks)
+    } else {
+        checks(conn)
+    }
+}
+
+fn checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
+    let mut report = AuditReport::default();
+    let counts = &rows(
+        conn,
+        "SELECT (SELECT count(*) FROM journal_entries) AS a, (SELECT count(*) FROM postings) AS b,
+                (SELECT count(*) FROM accounts) AS c, NULL::text AS t",
+    )?[0];
+    report.entries = counts.a;
+    report.postings = counts.b.unwrap_or(0);
+    report.accounts = counts.c.unwrap_or(0);
+    let v = &mut report.violations;
+
+    for r in rows(
+        conn,
+        "SELECT entry_id AS a, SUM(amount_minor)::bigint AS b, NULL::bigint AS c, currency AS t
+         FROM postings GROUP BY entry_id, currency HAVING SUM(amount_minor) <> 0 ORDER BY entry_id",
+    )? {
+        v.push(Violation::UnbalancedEntry { entry: r.a, currency: r.t.unwrap_or_default(), sum_minor: r.b.unwrap_or(0) });
+    }
+    for r in rows(
+        conn,
+        "SELECT e.id AS a, COUNT(p.id) AS b, NULL::bigint AS c, NULL::text AS t
+         FROM journal_entries e LEFT JOIN postings p ON p.entry_id = e.id
+         GROUP BY e.id HAVING COUNT(p.id) < 2 ORDER BY e.id",
+    )? {
+        v.push(Violation::TooFewPostings { entry: r.a, postings: r.b.unwrap_or(0) });
+    }
+    for r in rows(
+        conn,
+        "SELECT a.id AS a, a.balance_minor AS b, COALESCE(s.total, 0)::bigint AS c, NULL::text AS t
+         FROM accounts a
+         LEFT JOIN (SELECT account_id, SUM(amount_minor) AS total FROM postings GROUP BY account_id) s
+                ON s.account_id = a.id
+         WHERE a.kind = 'customer' AND a.balance_minor <> COALESCE(s.total, 0) ORDER BY a.id",
+    )? {
+        v.push(Violation::BalanceMismatch {
+            account: r.a,
+            stored_minor: r.b.unwrap_or(0),
+            postings_sum_minor: r.c.unwrap_or(0),
+        });
+    }
+    for r in rows(
+        conn,
+        "SELECT id AS a, balance_after_minor AS b, running::bigint AS c, NULL::text AS t FROM (
+             SELECT id, balance_after_minor,
+                    SUM(amount_minor) OVER (PARTITION BY account_id ORDER BY id) AS running
+             FROM postings) p
+         WHERE balance_after_minor IS NOT NULL AND balance_after_minor <> running ORDER BY id",
+    )? {
+        v.push(Violation::RunningBalanceWrong {
+            posting: r.a,
+            stored_minor: r.b.unwrap_or(0),
+            expected_minor: r.c.unwrap_or(0),
+        });
+    }
+    for r in rows(
+        conn,
+        "SELECT id AS a, balance_minor AS b, -overdraft_limit_minor AS c, NULL::text AS t
+         FROM accounts WHERE kind = 'customer' AND balance_minor < -overdraft_limit_minor ORDER BY id",
+    )? {
+        v.push(Violation::BelowFloor { account: r.a, balance_minor: r.b.unwrap_or(0), floor_minor: r.c.unwrap_or(0) });
+    }
+    for r in rows(
+        conn,
+        "SELECT 0::bigint AS a, t.held::bigint AS b, COALESCE(o.open, 0)::bigint AS c, t.currency AS t FROM (
+             SELECT a.currency, COALESCE(SUM(p.amount_minor), 0) AS held
+             FROM accounts a LEFT JOIN postings p ON p.account_id = a.id
+             WHERE a.system_role = 'payouts_in_transit' GROUP BY a.currency) t
+         LEFT JOIN (SELECT currency, SUM(amount_minor) AS open FROM payouts
+                    WHERE status IN ('pending', 'sent', 'failed') GROUP BY currency) o
+                ON o.currency = t.currency
+         WHERE t.held <> COALESCE(o.open, 0) ORDER BY t.currency",
+    )? {
+        v.push(Violation::InTransitMismatch {
+            currency: r.t.unwrap_or_default(),
+            in_transit_minor: r.b.unwrap_or(0),
+            open_payouts_minor: r.c.unwrap_or(0),
+        });
+    }
+    for r in rows(
+        conn,
+        "SELECT w.id AS a, NULL::bigint AS b, NULL::bigint AS c, NULL::text AS t
+         FROM withdrawals w WHERE w.status IN ('completed', 'returned')
+           AND (SELECT COUNT(*) FROM payouts p WHERE p.withdrawal_id = w.id) <> 1 ORDER BY w.id",
+    )? {
+        v.push(Violation::WithdrawalWithoutPayout { withdrawal: r.a });
+    }
+    for r in rows(
+        conn,
+        "SELECT w.id AS a, NULL::bigint AS b, NULL::bigint AS c, NULL::text AS t
+         FROM withdrawals w WHERE w.entry_id IS NOT NULL AND NOT EXISTS (
+             SELECT 1 FROM postings p WHERE p.entry_id = w.entry_id
+               AND p.account_id = w.account_id AND p.amount_minor = -w.amount_minor)
+         ORDER BY w.id",
+    )? {
+        v.push(Violation::WithdrawalEntryMismatch { withdrawal: r.a });
+    }
+    Ok(report)
+}

@@ -1,0 +1,217 @@
+//! Connections, pools and migrations.
+
+use std::time::Duration;
+
+use diesel::pg::PgConnection;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection};
+use diesel::connection::SimpleConnection;
+use diesel::Connection;
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+use crate::error::LedgerError;
+
+/// The schema migrations, embedded at compile time from the workspace's `migrations/`.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
+
+pub type Pool = diesel::r2d2::Pool<ConnectionManager<PgConnection>>;
+pub type PooledConnection = diesel::r2d2::PooledConnection<ConnectionManager<PgConnection>>;
+
+/// Applies every pending migration; returns how many ran.
+pub fn run_migrations(conn: &mut PgConnection) -> Result<usize, LedgerError> {
+    let applied = conn
+        .run_pending_migrations(MIGRATIONS)
+        .map_err(|e| LedgerError::Pool(format!("running migrations: {e}")))?;
+    Ok(applied.len())
+}
+
+/// Session settings applied to every connection the ledger opens.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Longest a statement waits for a row or advisory lock before failing with
+    /// lock_not_available (55P03), which the transaction runner retries. `None` keeps
+    /// the server's setting (which by default waits forever).
+    pub lock_timeout_ms: Option<u64>,
+    /// Longest any single statement may run. `None` keeps the server's setting.
+    pub statement_timeout_ms: Option<u64>,
+    /// Shown in pg_stat_activity, and so by `locks::holder`.
+    pub application_name: Option<String>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig { lock_timeout_ms: Some(5_000), statement_timeout_ms: None, application_name: None }
+    }
+}
+
+impl SessionConfig {
+    fn sql(&self) -> String {
+        let mut sql = String::new();
+        if let Some(ms) = self.lock_timeout_ms {
+            sql.push_str(&format!("SET lock_timeout = {ms};"));
+        }
+        if let Some(ms) = self.statement_timeout_ms {
+            sql.push_str(&format!("SET statement_timeout = {ms};"));
+        }
+        if let Some(name) = &self.application_name {
+            // Keep it to a safe alphabet rather than quoting arbitrary text into SQL.
+            let clean: String = name
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || "-_.:/ ".contains(*c))
+                .take(63)
+                .collect();
+            sql.push_str(&format!("SET application_name = '{clean}';"));
+        }
+        sql
+    }
+
+    /// Applies the settings to an open connection.
+    pub fn apply(&self, conn: &mut PgConnection) -> Result<(), LedgerError> {
+        let sql = self.sql();
+        if !sql.is_empty() {
+            conn.batch_execute(&sql)?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens one connection and applies `session`.
+pub fn connect(url: &str, session: &SessionConfig) -> Result<PgConnection, LedgerError> {
+    let mut conn = PgConnection::establish(url)
+        .map_err(|e| LedgerError::Pool(format!("connecting to {}: {e}", redact_url(url))))?;
+    session.apply(&mut conn)?;
+    Ok(conn)
+}
+
+struct ApplySession {
+    session: SessionConfig,
+    #[cfg(feature = "testing")]
+    guard: Option<crate::testing::LockGuard>,
+}
+
+impl std::fmt::Debug for ApplySession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApplySession").field("session", &self.session).finish()
+    }
+}
+
+impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for ApplySession {
+    fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+        #[cfg(feature = "testing")]
+        if let Some(guard) = &self.guard {
+            guard.install(conn);
+        }
+        self.session.apply(conn).map_err(|e| match e {
+            LedgerError::Database(d) => diesel::r2d2::Error::QueryError(d),
+            other => diesel::r2d2::Error::QueryError(diesel::result::Error::QueryBuilderError(other.to_string().into())),
+        })
+    }
+}
+
+/// Pool limits. Everything is bounded: connections, and how long a caller waits for one.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub max_size: u32,
+    /// Connections kept open while idle; `None` means `max_size` (all opened up front).
+    pub min_idle: Option<u32>,
+    pub connection_timeout_ms: u64,
+    pub session: SessionConfig,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { max_size: 8, min_idle: None, connection_timeout_ms: 10_000, session: SessionConfig::default() }
+    }
+}
+
+/// Builds an r2d2 pool; fails fast if the database cannot be reached.
+pub fn pool(url: &str, config: &PoolConfig) -> Result<Pool, LedgerError> {
+    build_pool(
+        url,
+        config,
+        ApplySession {
+            session: config.session.clone(),
+            #[cfg(feature = "testing")]
+            guard: None,
+        },
+    )
+}
+
+/// A pool whose connections are watched by the test harness's lock guard.
+#[cfg(feature = "testing")]
+pub fn pool_with_guard(
+    url: &str,
+    config: &PoolConfig,
+    guard: Option<crate::testing::LockGuard>,
+) -> Result<Pool, LedgerError> {
+    build_pool(url, config, ApplySession { session: config.session.clone(), guard })
+}
+
+fn build_pool(url: &str, config: &PoolConfig, customizer: ApplySession) -> Result<Pool, LedgerError> {
+    assert!(config.max_size > 0, "a pool needs at least one connection");
+    diesel::r2d2::Pool::builder()
+        .max_size(config.max_size)
+        .min_idle(config.min_idle)
+        .connection_timeout(Duration::from_millis(config.connection_timeout_ms))
+        .connection_customizer(Box::new(customizer))
+        .build(ConnectionManager::<PgConnection>::new(url))
+        .map_err(|e| LedgerError::Pool(format!("building a pool for {}: {e}", redact_url(url))))
+}
+
+/// Hides the password in a connection URL, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    // postgres://user:secret@host/db -> postgres://user:***@host/db
+    let Some(scheme_end) = url.find("://") else { return url.to_string() };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else { return redact_query_password(url) };
+    let userinfo = &authority[..at];
+    let redacted_userinfo = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => userinfo.to_string(),
+    };
+    let out = format!("{}{}{}", &url[..scheme_end + 3], redacted_userinfo, &rest[at..]);
+    redact_query_password(&out)
+}
+
+fn redact_query_password(url: &str) -> String {
+    let Some(q) = url.find('?') else { return url.to_string() };
+    let params: Vec<String> = url[q + 1..]
+        .split('&')
+        .map(|p| if p.starts_with("password=") { "password=***".to_string() } else { p.to_string() })
+        .collect();
+    format!("{}?{}", &url[..q], params.join("&"))
+}
+
+/// Replaces the database name in a libpq URL (`scheme://authority/dbname?params`).
+pub fn with_database(url: &str, dbname: &str) -> String {
+    let Some(scheme_end) = url.find("://") else { return url.to_string() };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let after_authority = &rest[authority_end..];
+    let query = after_authority.find('?').map(|q| &after_authority[q..]).unwrap_or("");
+    format!("{}{}/{}{}", &url[..scheme_end + 3], &rest[..authority_end], dbname, query)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_appear_in_redacted_urls() {
+        assert_eq!(redact_url("postgres://app:s3cret@db:5432/ledger"), "postgres://app:***@db:5432/ledger");
+        assert_eq!(redact_url("postgres://app@db/ledger"), "postgres://app@db/ledger");
+        assert_eq!(
+            redact_url("postgresql:///ledger?host=/tmp&password=s3cret&user=x"),
+            "postgresql:///ledger?host=/tmp&password=***&user=x"
+        );
+        assert!(!redact_url("postgres://a:p%40ss@h/d").contains("p%40ss"));
+    }
+
+    #[test]
+    fn the_database_name_can_be_swapped() {
+        assert_eq!(with_database("postgres://u:p@h:1/a?sslmode=off", "b"), "postgres://u:p@h:1/b?sslmode=off");
+        assert_eq!(with_database("postgresql:///a?host=/tmp", "b"), "postgresql:///b?host=/tmp");
+        assert_eq!(with_database("postgres://h", "b"), "postgres://h/b");
+    }
+}

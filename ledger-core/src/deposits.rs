@@ -1,0 +1,60 @@
+//! Deposits: money entering the ledger from outside into a customer account.
+
+use diesel::pg::PgConnection;
+
+use crate::accounts::{self, SystemRole};
+use crate::error::LedgerError;
+use crate::idempotency::{self, Begun};
+use crate::ids::{AccountId, EntryId, IdempotencyKey};
+use crate::journal::{self, EntryKind, Leg};
+use crate::money::{Amount, Currency};
+use crate::tx::{self, Tx, TxOptions};
+
+#[derive(Clone, Debug)]
+pub struct Deposit {
+    pub account: AccountId,
+    pub amount: Amount,
+    pub currency: Currency,
+    pub key: IdempotencyKey,
+}
+
+/// The result of a write: the journal entry, and whether this call replayed an earlier one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub entry: EntryId,
+    pub replayed: bool,
+}
+
+impl Deposit {
+    fn fingerprint(&self) -> String {
+        format!("account={}|amount={}|currency={}", self.account, self.amount.minor(), self.currency)
+    }
+}
+
+pub fn deposit(conn: &mut PgConnection, req: &Deposit) -> Result<Receipt, LedgerError> {
+    tx::transaction(conn, &TxOptions::default(), |tx| deposit_tx(tx, req))
+}
+
+pub fn deposit_tx(tx: &mut Tx<'_>, req: &Deposit) -> Result<Receipt, LedgerError> {
+    if let Begun::Replay(id) = idempotency::begin(tx, &req.key, "deposit", &req.fingerprint())? {
+        return Ok(Receipt { entry: EntryId::from_db(id), replayed: true });
+    }
+    let account = accounts::lock(tx, req.account)?;
+    account.expect_currency(req.currency)?;
+    let after = account.balance_after_credit(req.amount)?;
+    let funding = accounts::system_account(tx.conn(), SystemRole::ExternalFunding, req.currency)?;
+    let reference = format!("deposit:{}", req.key);
+    let entry = journal::post(
+        tx,
+        EntryKind::Deposit,
+        Some(&reference),
+        req.currency,
+        &[
+            Leg { account: funding, amount_minor: -req.amount.minor(), balance_after_minor: None },
+            Leg { account: account.id(), amount_minor: req.amount.minor(), balance_after_minor: Some(after) },
+        ],
+    )?;
+    accounts::set_balance(tx, &account, after)?;
+    idempotency::finish(tx, &req.key, entry.get())?;
+    Ok(Receipt { entry, replayed: false })
+}

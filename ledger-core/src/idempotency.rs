@@ -1,0 +1,62 @@
+//! Idempotency keys: the same key with the same request returns the first result; the
+//! same key with a different request is a conflict; nothing is applied twice.
+//!
+//! The first request under a key inserts its row inside the operation's transaction. A
+//! concurrent request with the same key blocks on that row's unique index entry until
+//! the first commits (then it sees the row and replays) or rolls back (then it proceeds
+//! as the first). A request that fails rolls back its key with everything else, so a
+//! refused request leaves no trace and may be retried under the same key.
+
+use diesel::prelude::*;
+
+use crate::error::LedgerError;
+use crate::ids::IdempotencyKey;
+use crate::schema::idempotency_keys;
+use crate::tx::Tx;
+
+/// What `begin` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Begun {
+    /// First use of the key: do the work, then call `finish`.
+    Fresh,
+    /// The key was used before for the same request: here is its result id.
+    Replay(i64),
+}
+
+/// Claims `key` for `operation` with a canonical description of the request.
+pub fn begin(tx: &mut Tx<'_>, key: &IdempotencyKey, operation: &str, fingerprint: &str) -> Result<Begun, LedgerError> {
+    let inserted = diesel::insert_into(idempotency_keys::table)
+        .values((
+            idempotency_keys::key.eq(key.as_str()),
+            idempotency_keys::operation.eq(operation),
+            idempotency_keys::request_fingerprint.eq(fingerprint),
+        ))
+        .on_conflict_do_nothing()
+        .execute(tx.conn())?;
+    if inserted == 1 {
+        return Ok(Begun::Fresh);
+    }
+    let (stored_op, stored_fp, result_id): (String, String, Option<i64>) = idempotency_keys::table
+        .find(key.as_str())
+        .select((
+            idempotency_keys::operation,
+            idempotency_keys::request_fingerprint,
+            idempotency_keys::result_id,
+        ))
+        .first(tx.conn())?;
+    if stored_op != operation || stored_fp != fingerprint {
+        return Err(LedgerError::IdempotencyConflict { key: key.as_str().to_string(), operation: stored_op });
+    }
+    // finish() runs in the same transaction as the insert, so a committed key has a result.
+    let id = result_id.expect("a committed idempotency key always has its result id");
+    Ok(Begun::Replay(id))
+}
+
+/// Records the result of the work done under `key` (same transaction as `begin`).
+pub fn finish(tx: &mut Tx<'_>, key: &IdempotencyKey, result_id: i64) -> Result<(), LedgerError> {
+    let updated = diesel::update(idempotency_keys::table.find(key.as_str()))
+        .set(idempotency_keys::result_id.eq(Some(result_id)))
+        .execute(tx.conn())?;
+    assert_eq!(updated, 1, "finish() without begin()");
+    Ok(())
+}

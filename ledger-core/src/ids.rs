@@ -1,0 +1,119 @@
+//! Typed identifiers, so an account id can never be passed where a withdrawal id is
+//! expected, and the caller-supplied idempotency key, which can only be built valid.
+
+use std::fmt;
+
+use crate::error::InvalidInput;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+        pub struct $name(i64);
+
+        impl $name {
+            /// Wraps a database id. Ids are positive; anything else cannot name a row.
+            pub fn new(id: i64) -> Result<Self, InvalidInput> {
+                if id <= 0 {
+                    return Err(InvalidInput::BadId { kind: stringify!($name), value: id });
+                }
+                Ok($name(id))
+            }
+
+            /// For ids read back from the database, which are positive by construction.
+            pub(crate) fn from_db(id: i64) -> Self {
+                debug_assert!(id > 0, "database ids are positive");
+                $name(id)
+            }
+
+            pub fn get(self) -> i64 {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}", self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = InvalidInput;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                let id = s.parse::<i64>().map_err(|_| InvalidInput::BadId {
+                    kind: stringify!($name),
+                    value: 0,
+                })?;
+                $name::new(id)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// An account (customer or system).
+    AccountId
+);
+id_type!(
+    /// A withdrawal request, which is also the worker's job.
+    WithdrawalId
+);
+id_type!(
+    /// A journal entry: one balanced movement of money.
+    EntryId
+);
+id_type!(
+    /// A payout outbox row.
+    PayoutId
+);
+
+/// A caller-supplied idempotency key: 1 to 128 printable ASCII characters, no spaces.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub const MAX_LEN: usize = 128;
+
+    pub fn new(key: impl Into<String>) -> Result<IdempotencyKey, InvalidInput> {
+        let key = key.into();
+        let printable = key.bytes().all(|b| b.is_ascii_graphic());
+        if key.is_empty() || key.len() > Self::MAX_LEN || !printable {
+            let shown: String = key.chars().take(40).collect();
+            return Err(InvalidInput::BadIdempotencyKey(shown));
+        }
+        Ok(IdempotencyKey(key))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_must_be_positive() {
+        assert!(AccountId::new(0).is_err());
+        assert!(AccountId::new(-3).is_err());
+        assert_eq!(AccountId::new(7).unwrap().get(), 7);
+        assert!("abc".parse::<WithdrawalId>().is_err());
+        assert_eq!("12".parse::<WithdrawalId>().unwrap().get(), 12);
+    }
+
+    #[test]
+    fn idempotency_keys_are_short_printable_and_non_empty() {
+        assert!(IdempotencyKey::new("k-1").is_ok());
+        assert!(IdempotencyKey::new("x".repeat(128)).is_ok());
+        for bad in [String::new(), "x".repeat(129), "has space".into(), "tab\t".into(), "é".into()] {
+            assert!(IdempotencyKey::new(bad.clone()).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

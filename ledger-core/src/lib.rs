@@ -1,0 +1,35 @@
+//! ledger-core: a synchronous PostgreSQL ledger.
+//!
+//! Money moves only in balanced journal entries; customer balances change only under a
+//! row lock (`SELECT ... FOR UPDATE`) taken inside a transaction, several rows always in
+//! ascending id order; every write is idempotent under a caller-supplied key; money
+//! leaves only through a payout outbox row written in the debiting transaction.
+//!
+//! Every operation comes in two forms: `op(conn, ..)` runs its own transaction (retrying
+//! transient failures), and `op_tx(tx, ..)` joins the caller's transaction, so an
+//! embedding service can combine ledger writes with its own in one commit.
+
+pub mod accounts;
+pub mod audit;
+pub mod db;
+pub mod deposits;
+pub mod error;
+pub mod idempotency;
+pub mod ids;
+pub mod journal;
+pub mod locks;
+pub mod money;
+pub mod payouts;
+#[rustfmt::skip]
+pub mod schema;
+pub mod transfers;
+pub mod tx;
+pub mod withdrawals;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use error::{InvalidInput, LedgerError};
+pub use ids::{AccountId, EntryId, IdempotencyKey, PayoutId, WithdrawalId};
+pub use money::{Amount, Currency};
+pub use tx::{transaction, LockSet, Tx, TxOptions};

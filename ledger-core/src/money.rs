@@ -1,0 +1,304 @@
+//! Money as integers in minor units: `Currency` (ISO 4217 code and scale) and `Amount`
+//! (a positive number of minor units). Both can only be built valid.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::InvalidInput;
+
+/// The currencies the ledger holds, with their ISO 4217 minor-unit scale.
+/// The `currencies` table is seeded with exactly this list (a test compares them).
+pub const SUPPORTED_CURRENCIES: &[(&str, u8)] = &[
+    ("AUD", 2),
+    ("BHD", 3),
+    ("BRL", 2),
+    ("CAD", 2),
+    ("CHF", 2),
+    ("CLP", 0),
+    ("CNY", 2),
+    ("CZK", 2),
+    ("DKK", 2),
+    ("EUR", 2),
+    ("GBP", 2),
+    ("HKD", 2),
+    ("HUF", 2),
+    ("INR", 2),
+    ("ISK", 0),
+    ("JOD", 3),
+    ("JPY", 0),
+    ("KRW", 0),
+    ("KWD", 3),
+    ("MXN", 2),
+    ("NOK", 2),
+    ("NZD", 2),
+    ("OMR", 3),
+    ("PLN", 2),
+    ("SEK", 2),
+    ("SGD", 2),
+    ("TND", 3),
+    ("USD", 2),
+    ("ZAR", 2),
+];
+
+/// An ISO 4217 currency the ledger supports. Copyable, compared by code.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Currency {
+    code: [u8; 3],
+    minor_units: u8,
+}
+
+impl Currency {
+    pub const EUR: Currency = Currency { code: *b"EUR", minor_units: 2 };
+    pub const USD: Currency = Currency { code: *b"USD", minor_units: 2 };
+    pub const GBP: Currency = Currency { code: *b"GBP", minor_units: 2 };
+    pub const JPY: Currency = Currency { code: *b"JPY", minor_units: 0 };
+    pub const KWD: Currency = Currency { code: *b"KWD", minor_units: 3 };
+
+    /// Looks up a currency by its three-letter code (upper case, as ISO 4217 writes it).
+    pub fn from_code(code: &str) -> Result<Currency, InvalidInput> {
+        SUPPORTED_CURRENCIES
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map(|(c, units)| {
+                let b = c.as_bytes();
+                Currency { code: [b[0], b[1], b[2]], minor_units: *units }
+            })
+            .ok_or_else(|| InvalidInput::UnknownCurrency(code.chars().take(16).collect()))
+    }
+
+    pub fn code(&self) -> &str {
+        // The code bytes come from SUPPORTED_CURRENCIES, which is ASCII.
+        std::str::from_utf8(&self.code).expect("currency codes are ASCII")
+    }
+
+    /// Digits after the decimal point (2 for EUR, 0 for JPY, 3 for KWD).
+    pub fn minor_units(&self) -> u8 {
+        self.minor_units
+    }
+
+    fn scale(&self) -> i64 {
+        10_i64.pow(u32::from(self.minor_units))
+    }
+
+    /// Formats a signed number of minor units as a decimal string, e.g. `-12.50`.
+    pub fn format_minor(&self, minor: i64) -> String {
+        let scale = self.scale();
+        let sign = if minor < 0 { "-" } else { "" };
+        let abs = minor.unsigned_abs();
+        if self.minor_units == 0 {
+            return format!("{sign}{abs}");
+        }
+        let scale = scale as u64;
+        format!(
+            "{sign}{}.{:0width$}",
+            abs / scale,
+            abs % scale,
+            width = usize::from(self.minor_units)
+        )
+    }
+}
+
+impl FromStr for Currency {
+    type Err = InvalidInput;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Currency::from_code(s)
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A strictly positive amount of money in minor units (cents for EUR). The currency
+/// travels beside it (on the account); an `Amount` alone is just a count of minor units.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct Amount(i64);
+
+impl Amount {
+    /// Builds an amount from minor units; zero and negative values are refused.
+    pub fn from_minor(minor: i64) -> Result<Amount, InvalidInput> {
+        if minor <= 0 {
+            return Err(InvalidInput::NonPositiveAmount(minor.to_string()));
+        }
+        Ok(Amount(minor))
+    }
+
+    /// Parses a decimal string in `currency`'s scale exactly: `"50.00"`, `"50.5"` and
+    /// `"50"` are fine in EUR; `"50.001"` is over-precise; signs, exponents, spaces,
+    /// thousands separators and values beyond i64 minor units are refused.
+    pub fn parse(text: &str, currency: Currency) -> Result<Amount, InvalidInput> {
+        let bad = || InvalidInput::MalformedAmount(text.chars().take(40).collect());
+        if text.is_empty() || text.len() > 40 {
+            return Err(bad());
+        }
+        if text.starts_with('-') {
+            return Err(InvalidInput::NonPositiveAmount(text.chars().take(40).collect()));
+        }
+        let (whole, frac) = match text.split_once('.') {
+            Some((w, f)) => (w, Some(f)),
+            None => (text, None),
+        };
+        let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !all_digits(whole) {
+            return Err(bad());
+        }
+        let frac = match frac {
+            None => "",
+            Some(f) if all_digits(f) => f,
+            Some(_) => return Err(bad()),
+        };
+        if frac.len() > usize::from(currency.minor_units) {
+            return Err(InvalidInput::OverPreciseAmount {
+                amount: text.to_string(),
+                currency: currency.code().to_string(),
+                minor_units: currency.minor_units,
+            });
+        }
+        let overflow = || InvalidInput::AmountOverflow(text.chars().take(40).collect());
+        let whole_minor = whole
+            .parse::<i64>()
+            .map_err(|_| overflow())?
+            .checked_mul(currency.scale())
+            .ok_or_else(overflow)?;
+        let mut frac_minor: i64 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| bad())? };
+        for _ in frac.len()..usize::from(currency.minor_units) {
+            frac_minor *= 10;
+        }
+        let minor = whole_minor.checked_add(frac_minor).ok_or_else(overflow)?;
+        Amount::from_minor(minor).map_err(|_| InvalidInput::NonPositiveAmount(text.to_string()))
+    }
+
+    pub fn minor(self) -> i64 {
+        self.0
+    }
+
+    pub fn checked_add(self, other: Amount) -> Option<Amount> {
+        self.0.checked_add(other.0).map(Amount)
+    }
+
+    /// `self - other`, only when the result is still a positive amount.
+    pub fn checked_sub(self, other: Amount) -> Option<Amount> {
+        self.0.checked_sub(other.0).filter(|m| *m > 0).map(Amount)
+    }
+
+    pub fn format(self, currency: Currency) -> String {
+        currency.format_minor(self.0)
+    }
+}
+
+/// Applies a signed change to a balance, refusing overflow instead of wrapping.
+pub fn checked_balance(balance_minor: i64, delta_minor: i64) -> Result<i64, InvalidInput> {
+    balance_minor
+        .checked_add(delta_minor)
+        .ok_or_else(|| InvalidInput::AmountOverflow(format!("{balance_minor} + {delta_minor}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_strings_parse_exactly_in_the_currency_scale() {
+        assert_eq!(Amount::parse("50.00", Currency::EUR).unwrap().minor(), 5000);
+        assert_eq!(Amount::parse("50.5", Currency::EUR).unwrap().minor(), 5050);
+        assert_eq!(Amount::parse("50", Currency::EUR).unwrap().minor(), 5000);
+        assert_eq!(Amount::parse("0.01", Currency::EUR).unwrap().minor(), 1);
+        assert_eq!(Amount::parse("1500", Currency::JPY).unwrap().minor(), 1500);
+        assert_eq!(Amount::parse("1.234", Currency::KWD).unwrap().minor(), 1234);
+        assert_eq!(Amount::parse("007.10", Currency::USD).unwrap().minor(), 710);
+    }
+
+    #[test]
+    fn over_precise_amounts_are_refused() {
+        assert!(matches!(
+            Amount::parse("50.001", Currency::EUR),
+            Err(InvalidInput::OverPreciseAmount { minor_units: 2, .. })
+        ));
+        assert!(matches!(
+            Amount::parse("1.5", Currency::JPY),
+            Err(InvalidInput::OverPreciseAmount { minor_units: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn zero_and_negative_amounts_are_refused() {
+        for text in ["0", "0.00", "-1.00", "-0"] {
+            assert!(
+                matches!(Amount::parse(text, Currency::EUR), Err(InvalidInput::NonPositiveAmount(_))),
+                "{text}"
+            );
+        }
+        assert!(Amount::from_minor(0).is_err());
+        assert!(Amount::from_minor(-5).is_err());
+        assert_eq!(Amount::from_minor(5).unwrap().minor(), 5);
+    }
+
+    #[test]
+    fn malformed_amounts_are_refused() {
+        for text in ["", "abc", "1,00", "1.", ".5", "+1", "1e3", " 1", "1 ", "1.2.3", "١٢"] {
+            assert!(
+                matches!(Amount::parse(text, Currency::EUR), Err(InvalidInput::MalformedAmount(_))),
+                "{text:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn overflowing_amounts_are_refused() {
+        // i64::MAX minor units is 92233720368547758.07 EUR; one cent more overflows.
+        assert_eq!(Amount::parse("92233720368547758.07", Currency::EUR).unwrap().minor(), i64::MAX);
+        for text in ["92233720368547758.08", "99999999999999999999", "92233720368547759"] {
+            assert!(
+                matches!(Amount::parse(text, Currency::EUR), Err(InvalidInput::AmountOverflow(_))),
+                "{text}"
+            );
+        }
+        let max = Amount::from_minor(i64::MAX).unwrap();
+        assert_eq!(max.checked_add(Amount::from_minor(1).unwrap()), None);
+        assert!(checked_balance(i64::MIN, -1).is_err());
+    }
+
+    #[test]
+    fn subtraction_never_produces_a_non_positive_amount() {
+        let ten = Amount::from_minor(10).unwrap();
+        let three = Amount::from_minor(3).unwrap();
+        assert_eq!(ten.checked_sub(three).map(Amount::minor), Some(7));
+        assert_eq!(ten.checked_sub(ten), None);
+        assert_eq!(three.checked_sub(ten), None);
+    }
+
+    #[test]
+    fn unknown_or_lowercase_currencies_are_refused() {
+        assert!(Currency::from_code("EUR").is_ok());
+        for code in ["eur", "XXX", "EURO", "", "E"] {
+            assert!(matches!(Currency::from_code(code), Err(InvalidInput::UnknownCurrency(_))), "{code}");
+        }
+    }
+
+    #[test]
+    fn amounts_format_back_to_the_string_they_came_from() {
+        assert_eq!(Currency::EUR.format_minor(5000), "50.00");
+        assert_eq!(Currency::EUR.format_minor(-5), "-0.05");
+        assert_eq!(Currency::JPY.format_minor(1500), "1500");
+        assert_eq!(Currency::KWD.format_minor(1234), "1.234");
+        assert_eq!(Currency::EUR.format_minor(i64::MIN), "-92233720368547758.08");
+        for text in ["0.01", "50.00", "123456.78"] {
+            assert_eq!(Amount::parse(text, Currency::EUR).unwrap().format(Currency::EUR), text);
+        }
+    }
+
+    #[test]
+    fn named_constants_agree_with_the_table() {
+        for c in [Currency::EUR, Currency::USD, Currency::GBP, Currency::JPY, Currency::KWD] {
+            assert_eq!(Currency::from_code(c.code()).unwrap(), c);
+        }
+    }
+}

@@ -1,0 +1,106 @@
+// @generated automatically by Diesel CLI.
+
+diesel::table! {
+    accounts (id) {
+        id -> Int8,
+        owner -> Text,
+        currency -> Text,
+        kind -> Text,
+        system_role -> Nullable<Text>,
+        balance_minor -> Nullable<Int8>,
+        overdraft_limit_minor -> Int8,
+        status -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    currencies (code) {
+        code -> Text,
+        minor_units -> Int2,
+    }
+}
+
+diesel::table! {
+    idempotency_keys (key) {
+        key -> Text,
+        operation -> Text,
+        request_fingerprint -> Text,
+        result_id -> Nullable<Int8>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    journal_entries (id) {
+        id -> Int8,
+        kind -> Text,
+        reference -> Nullable<Text>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    payouts (id) {
+        id -> Int8,
+        withdrawal_id -> Int8,
+        account_id -> Int8,
+        currency -> Text,
+        amount_minor -> Int8,
+        destination -> Text,
+        idempotency_key -> Text,
+        status -> Text,
+        attempts -> Int4,
+        next_attempt_at -> Timestamptz,
+        last_error -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    postings (id) {
+        id -> Int8,
+        entry_id -> Int8,
+        account_id -> Int8,
+        currency -> Text,
+        amount_minor -> Int8,
+        balance_after_minor -> Nullable<Int8>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    withdrawals (id) {
+        id -> Int8,
+        account_id -> Int8,
+        currency -> Text,
+        amount_minor -> Int8,
+        destination -> Text,
+        idempotency_key -> Text,
+        status -> Text,
+        reason -> Nullable<Text>,
+        attempts -> Int4,
+        last_error -> Nullable<Text>,
+        entry_id -> Nullable<Int8>,
+        created_at -> Timestamptz,
+        finished_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::joinable!(accounts -> currencies (currency));
+diesel::joinable!(payouts -> accounts (account_id));
+diesel::joinable!(payouts -> currencies (currency));
+diesel::joinable!(payouts -> withdrawals (withdrawal_id));
+diesel::joinable!(postings -> journal_entries (entry_id));
+diesel::joinable!(withdrawals -> journal_entries (entry_id));
+
+diesel::allow_tables_to_appear_in_same_query!(
+    accounts,
+    currencies,
+    idempotency_keys,
+    journal_entries,
+    payouts,
+    postings,
+    withdrawals,
+);

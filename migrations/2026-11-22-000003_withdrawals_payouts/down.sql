@@ -1,0 +1,3 @@
+DROP TABLE payouts;
+DROP TABLE withdrawals;
+DROP FUNCTION ledger_notify_withdrawals();

@@ -77,6 +77,12 @@ impl LockGuard {
     pub fn violations(&self) -> Vec<LockViolation> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).violations.clone()
     }
+
+    /// Returns and forgets what was recorded (for tests that provoke a violation on
+    /// purpose and do not want the harness to fail them for it).
+    pub fn take_violations(&self) -> Vec<LockViolation> {
+        std::mem::take(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()).violations)
+    }
 }
 
 pub(crate) fn describe(violations: &[LockViolation]) -> String {

@@ -1,0 +1,374 @@
+//! Ledger operations end to end on a real PostgreSQL: money movements, statements,
+//! idempotency, savepoint batches, refusals that leave the database unchanged, and the
+//! constraints the database enforces on its own.
+
+mod common;
+
+use std::sync::Barrier;
+use std::thread;
+
+use common::{assert_audit_clean, balance, eur, withdrawal, IBAN};
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use ledger_core::accounts::{self, NewAccount, SystemRole};
+use ledger_core::deposits::{self, Deposit};
+use ledger_core::error::InvalidInput;
+use ledger_core::testing;
+use ledger_core::transfers::{self, Transfer};
+use ledger_core::withdrawals::{self, Iban, Processed, WithdrawalStatus};
+use ledger_core::{AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
+
+fn deposit_req(account: AccountId, amount: &str) -> Deposit {
+    Deposit { account, amount: eur(amount), currency: Currency::EUR, key: testing::key("dep") }
+}
+
+#[test]
+fn deposit_transfer_and_withdraw_move_money_in_balanced_entries() {
+    testing::with_rollback(|conn| {
+        let alice = testing::funded_account(conn, "alice", Currency::EUR, "100.00");
+        let bob = testing::funded_account(conn, "bob", Currency::EUR, "5.00");
+        transfers::transfer(
+            conn,
+            &Transfer { from: alice, to: bob, amount: eur("30.25"), currency: Currency::EUR, key: testing::key("t") },
+        )
+        .unwrap();
+        let w = withdrawals::withdraw(conn, &withdrawal(bob, "10.00", "w")).unwrap();
+        assert_eq!(w.status(), WithdrawalStatus::Completed);
+        assert_eq!(balance(conn, alice), 6975);
+        assert_eq!(balance(conn, bob), 2525);
+        let in_transit = accounts::system_account(conn, SystemRole::PayoutsInTransit, Currency::EUR).unwrap();
+        let payout = ledger_core::payouts::for_withdrawal(conn, ledger_core::WithdrawalId::new(w.id).unwrap())
+            .unwrap()
+            .expect("a payout row is written with the debit");
+        assert_eq!((payout.amount_minor, payout.destination.as_str(), payout.status.as_str()), (1000, IBAN, "pending"));
+        // The in-transit account holds what is owed to the bank: this payout and any
+        // other test's committed ones, never less than this one.
+        assert!(balance(conn, in_transit) >= 1000);
+        assert_audit_clean(conn);
+    });
+}
+
+#[test]
+fn a_statement_shows_each_posting_with_its_running_balance() {
+    testing::with_rollback(|conn| {
+        let a = testing::funded_account(conn, "a", Currency::EUR, "10.00");
+        let b = testing::funded_account(conn, "b", Currency::EUR, "0.01");
+        deposits::deposit(conn, &deposit_req(a, "2.50")).unwrap();
+        transfers::transfer(
+            conn,
+            &Transfer { from: a, to: b, amount: eur("7.00"), currency: Currency::EUR, key: testing::key("t") },
+        )
+        .unwrap();
+        let lines = ledger_core::journal::statement(conn, a, 100).unwrap();
+        let got: Vec<(String, i64, i64)> =
+            lines.iter().map(|l| (l.kind.clone(), l.amount_minor, l.balance_after_minor)).collect();
+        assert_eq!(
+            got,
+            vec![("deposit".into(), 1000, 1000), ("deposit".into(), 250, 1250), ("transfer".into(), -700, 550)]
+        );
+    });
+}
+
+#[test]
+fn a_withdrawal_job_is_processed_once_and_a_refusal_is_recorded_with_its_reason() {
+    testing::with_rollback(|conn| {
+        let a = testing::funded_account(conn, "a", Currency::EUR, "60.00");
+        let (first, replayed) = withdrawals::request(conn, &withdrawal(a, "50.00", "job")).unwrap();
+        assert!(!replayed);
+        let (second, _) = withdrawals::request(conn, &withdrawal(a, "50.00", "job")).unwrap();
+        assert_eq!(withdrawals::get(conn, first).unwrap().status(), WithdrawalStatus::Pending);
+        assert_eq!(balance(conn, a), 6000, "requesting moves no money");
+
+        let run = |conn: &mut PgConnection, id| {
+            ledger_core::transaction(conn, &TxOptions::default(), |tx| withdrawals::process_tx(tx, id)).unwrap()
+        };
+        assert!(matches!(run(conn, first), Processed::Completed { .. }));
+        assert_eq!(run(conn, first), Processed::AlreadyFinal(WithdrawalStatus::Completed));
+        assert!(matches!(run(conn, second), Processed::Rejected { code: "insufficient_funds", .. }));
+        let job = withdrawals::get(conn, second).unwrap();
+        assert_eq!(job.status(), WithdrawalStatus::Rejected);
+        assert!(job.reason.unwrap().contains("insufficient funds"));
+        assert_eq!(job.entry_id, None);
+        assert_eq!(balance(conn, a), 1000);
+        assert_audit_clean(conn);
+    });
+}
+
+#[test]
+fn an_overdraft_limit_lowers_the_floor_and_no_further() {
+    testing::with_rollback(|conn| {
+        let a = accounts::open(conn, &NewAccount::new("o", Currency::EUR).with_overdraft(2000), None).unwrap();
+        withdrawals::withdraw(conn, &withdrawal(a.id, "20.00", "od")).unwrap();
+        assert_eq!(balance(conn, a.id), -2000);
+        let err = withdrawals::withdraw(conn, &withdrawal(a.id, "0.01", "od")).unwrap_err();
+        assert!(matches!(err, LedgerError::InsufficientFunds { floor_minor: -2000, .. }), "{err}");
+        assert_audit_clean(conn);
+    });
+}
+
+#[test]
+fn the_same_key_with_the_same_request_replays_the_first_result() {
+    testing::with_rollback(|conn| {
+        let a = testing::funded_account(conn, "a", Currency::EUR, "0.00");
+        let req = deposit_req(a, "10.00");
+        let first = deposits::deposit(conn, &req).unwrap();
+        let again = deposits::deposit(conn, &req).unwrap();
+        assert!(!first.replayed && again.replayed);
+        assert_eq!(first.entry, again.entry);
+        assert_eq!(balance(conn, a), 1000, "applied once");
+
+        let w = withdrawal(a, "4.00", "w");
+        let w1 = withdrawals::withdraw(conn, &w).unwrap();
+        let w2 = withdrawals::withdraw(conn, &w).unwrap();
+        assert_eq!(w1, w2);
+        assert_eq!(balance(conn, a), 600);
+    });
+}
+
+#[test]
+fn concurrent_requests_with_one_key_apply_once() {
+    let db = testing::committed();
+    let mut setup = db.conn();
+    let a = testing::funded_account(&mut setup, "a", Currency::EUR, "0.00");
+    let req = deposit_req(a, "10.00");
+    let start = Barrier::new(8);
+    let receipts: Vec<_> = thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                let mut conn = db.conn();
+                let (start, req) = (&start, &req);
+                s.spawn(move || {
+                    start.wait();
+                    deposits::deposit(&mut conn, req).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(receipts.iter().filter(|r| !r.replayed).count(), 1);
+    assert!(receipts.iter().all(|r| r.entry == receipts[0].entry));
+    assert_eq!(balance(&mut setup, a), 1000);
+    assert_audit_clean(&mut setup);
+}
+
+/// Runs `op` and checks that it failed with the expected error and changed nothing.
+fn refused(conn: &mut PgConnection, op: impl FnOnce(&mut PgConnection) -> Result<(), LedgerError>) -> LedgerError {
+    let before = testing::snapshot(conn);
+    let err = op(conn).expect_err("the request should be refused");
+    assert_eq!(testing::snapshot(conn), before, "a refused request changed the database: {err}");
+    err
+}
+
+#[test]
+fn bad_input_gets_a_typed_error_and_changes_nothing() {
+    // Values that cannot even be built never reach the database.
+    assert!(matches!(Amount::parse("-5.00", Currency::EUR), Err(InvalidInput::NonPositiveAmount(_))));
+    assert!(matches!(Amount::parse("0", Currency::EUR), Err(InvalidInput::NonPositiveAmount(_))));
+    assert!(matches!(Amount::parse("50.001", Currency::EUR), Err(InvalidInput::OverPreciseAmount { .. })));
+    assert!(matches!(Amount::parse("1e99", Currency::EUR), Err(InvalidInput::MalformedAmount(_))));
+    assert!(matches!(Amount::parse("99999999999999999999.00", Currency::EUR), Err(InvalidInput::AmountOverflow(_))));
+    assert!(Iban::parse("DE00370400440532013000").is_err());
+    assert!(IdempotencyKey::new("").is_err());
+
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let eur_acct = testing::funded_account(&mut conn, "eur", Currency::EUR, "100.00");
+    let usd_acct = testing::funded_account(&mut conn, "usd", Currency::USD, "100.00");
+    let rich = accounts::open(&mut conn, &NewAccount::new("rich", Currency::EUR), None).unwrap().id;
+    // A balance near i64::MAX, so one more deposit would overflow.
+    deposits::deposit(
+        &mut conn,
+        &Deposit {
+            account: rich,
+            amount: Amount::from_minor(i64::MAX - 10).unwrap(),
+            currency: Currency::EUR,
+            key: testing::key("big"),
+        },
+    )
+    .unwrap();
+    let unknown = AccountId::new(999_999).unwrap();
+    let closed = accounts::open(&mut conn, &NewAccount::new("gone", Currency::EUR), None).unwrap().id;
+    accounts::close(&mut conn, closed).unwrap();
+    let in_transit = accounts::system_account(&mut conn, SystemRole::PayoutsInTransit, Currency::EUR).unwrap();
+
+    let e = refused(&mut conn, |c| deposits::deposit(c, &deposit_req(unknown, "1.00")).map(drop));
+    assert!(matches!(e, LedgerError::UnknownAccount(id) if id == unknown));
+    let e = refused(&mut conn, |c| withdrawals::withdraw(c, &withdrawal(unknown, "1.00", "w")).map(drop));
+    assert!(matches!(e, LedgerError::UnknownAccount(_)));
+    let e = refused(&mut conn, |c| deposits::deposit(c, &deposit_req(usd_acct, "1.00")).map(drop));
+    assert!(matches!(e, LedgerError::CurrencyMismatch { .. }), "{e}");
+    let e = refused(&mut conn, |c| {
+        transfers::transfer(
+            c,
+            &Transfer { from: eur_acct, to: usd_acct, amount: eur("1.00"), currency: Currency::EUR, key: testing::key("t") },
+        )
+        .map(drop)
+    });
+    assert!(matches!(e, LedgerError::CurrencyMismatch { .. }), "{e}");
+    let e = refused(&mut conn, |c| withdrawals::withdraw(c, &withdrawal(eur_acct, "100.01", "w")).map(drop));
+    assert!(matches!(e, LedgerError::InsufficientFunds { balance_minor: 10000, requested_minor: 10001, .. }), "{e}");
+    let e = refused(&mut conn, |c| withdrawals::withdraw(c, &withdrawal(closed, "1.00", "w")).map(drop));
+    assert!(matches!(e, LedgerError::AccountClosed(_)), "{e}");
+    let e = refused(&mut conn, |c| deposits::deposit(c, &deposit_req(closed, "1.00")).map(drop));
+    assert!(matches!(e, LedgerError::AccountClosed(_)), "{e}");
+    let e = refused(&mut conn, |c| deposits::deposit(c, &deposit_req(in_transit, "1.00")).map(drop));
+    assert!(matches!(e, LedgerError::SystemAccount(_)), "{e}");
+    let e = refused(&mut conn, |c| deposits::deposit(c, &deposit_req(rich, "1.00")).map(drop));
+    assert!(matches!(e, LedgerError::BalanceOverflow(_)), "{e}");
+    let e = refused(&mut conn, |c| {
+        transfers::transfer(
+            c,
+            &Transfer { from: eur_acct, to: eur_acct, amount: eur("1.00"), currency: Currency::EUR, key: testing::key("t") },
+        )
+        .map(drop)
+    });
+    assert!(matches!(e, LedgerError::SameAccount(_)), "{e}");
+    let e = refused(&mut conn, |c| {
+        accounts::open(c, &NewAccount::new("", Currency::EUR), None).map(drop)
+    });
+    assert!(matches!(e, LedgerError::Invalid(InvalidInput::BadField { field: "owner", .. })), "{e}");
+    let e = refused(&mut conn, |c| {
+        accounts::open(c, &NewAccount::new("neg", Currency::EUR).with_overdraft(-1), None).map(drop)
+    });
+    assert!(matches!(e, LedgerError::Invalid(_)), "{e}");
+
+    // A key reused for a different request: conflict, and the first result stands.
+    let mut req = deposit_req(eur_acct, "1.00");
+    deposits::deposit(&mut conn, &req).unwrap();
+    req.amount = eur("2.00");
+    let e = refused(&mut conn, |c| deposits::deposit(c, &req).map(drop));
+    assert!(matches!(e, LedgerError::IdempotencyConflict { .. }), "{e}");
+    let w = withdrawal(eur_acct, "1.00", "w");
+    let mut other = w.clone();
+    other.key = req.key.clone();
+    let e = refused(&mut conn, |c| withdrawals::withdraw(c, &other).map(drop));
+    assert!(matches!(e, LedgerError::IdempotencyConflict { .. }), "{e}");
+    assert_audit_clean(&mut conn);
+}
+
+#[test]
+fn a_batch_commits_the_good_items_and_reports_the_bad_one() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let a = testing::funded_account(&mut conn, "a", Currency::EUR, "0.00");
+    let unknown = AccountId::new(424_242).unwrap();
+    let targets: Vec<AccountId> = (1..=10).map(|i| if i == 5 { unknown } else { a }).collect();
+    let outcomes = ledger_core::transaction(&mut conn, &TxOptions::default(), |tx| {
+        tx.batch(targets.iter().copied(), |tx, account| deposits::deposit_tx(tx, &deposit_req(account, "1.00")))
+    })
+    .unwrap();
+    assert_eq!(outcomes.len(), 10);
+    for (i, o) in outcomes.iter().enumerate() {
+        if i == 4 {
+            assert!(matches!(o, Err(LedgerError::UnknownAccount(id)) if *id == unknown), "{o:?}");
+        } else {
+            assert!(o.is_ok(), "item {i}: {o:?}");
+        }
+    }
+    // Read back on a fresh connection: the nine are committed.
+    let mut other = db.conn();
+    assert_eq!(balance(&mut other, a), 900);
+    assert_audit_clean(&mut other);
+}
+
+#[test]
+fn a_failing_inner_block_rolls_back_only_itself_as_in_the_talk() {
+    // with atomic(): foo(); try: with atomic(): bar(); raise ... except: pass; baz()
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let foo = accounts::open(&mut conn, &NewAccount::new("foo", Currency::EUR), None).unwrap().id;
+    let bar = accounts::open(&mut conn, &NewAccount::new("bar", Currency::EUR), None).unwrap().id;
+    let baz = accounts::open(&mut conn, &NewAccount::new("baz", Currency::EUR), None).unwrap().id;
+    ledger_core::transaction(&mut conn, &TxOptions::default(), |tx| {
+        deposits::deposit_tx(tx, &deposit_req(foo, "1.00"))?;
+        let inner: Result<(), LedgerError> = tx.savepoint(|tx| {
+            deposits::deposit_tx(tx, &deposit_req(bar, "1.00"))?;
+            Err(LedgerError::Pool("bar raised".into()))
+        });
+        assert!(inner.is_err());
+        deposits::deposit_tx(tx, &deposit_req(baz, "1.00"))?;
+        Ok::<_, LedgerError>(())
+    })
+    .unwrap();
+    let mut other = db.conn();
+    assert_eq!((balance(&mut other, foo), balance(&mut other, bar), balance(&mut other, baz)), (100, 0, 100));
+    assert_audit_clean(&mut other);
+}
+
+#[test]
+fn the_database_itself_refuses_overdrafts_edits_and_unbalanced_entries() {
+    testing::with_rollback(|conn| {
+        let a = testing::funded_account(conn, "a", Currency::EUR, "1.00");
+        let id = a.get();
+        let e = ledger_core::transaction(conn, &TxOptions::default(), |tx| {
+            tx.savepoint(|tx| tx.conn().batch_execute(&format!("UPDATE accounts SET balance_minor = -1 WHERE id = {id}")))
+        });
+        assert!(e.unwrap_err().to_string().contains("accounts_balance_floor"));
+
+        let attempts = [
+            (format!("UPDATE postings SET amount_minor = 1 WHERE account_id = {id}"), "append-only"),
+            (format!("DELETE FROM postings WHERE account_id = {id}"), "append-only"),
+            ("DELETE FROM journal_entries".to_string(), "append-only"),
+            (
+                format!(
+                    "WITH e AS (INSERT INTO journal_entries (kind) VALUES ('deposit') RETURNING id)
+                     INSERT INTO postings (entry_id, account_id, currency, amount_minor)
+                     SELECT e.id, {id}, 'EUR', 5 FROM e"
+                ),
+                "unbalanced",
+            ),
+            (
+                format!("INSERT INTO postings (entry_id, account_id, currency, amount_minor) SELECT max(id), {id}, 'USD', 1 FROM journal_entries"),
+                "postings_account_currency_fkey",
+            ),
+            ("INSERT INTO accounts (owner, currency, balance_minor) VALUES ('x', 'XXX', 0)".to_string(), "currency"),
+            (
+                format!("INSERT INTO withdrawals (account_id, currency, amount_minor, destination, idempotency_key, status)
+                         VALUES ({id}, 'EUR', 100, 'x', 'k-status', 'completed')"),
+                "withdrawals_entry_matches_status",
+            ),
+        ];
+        for (sql, expected) in &attempts {
+            let msg = ledger_core::transaction(conn, &TxOptions::default(), |tx| {
+                tx.savepoint(|tx| tx.conn().batch_execute(sql))
+            })
+            .expect_err(sql)
+            .to_string();
+            assert!(msg.contains(expected), "{sql}: {msg}");
+        }
+        assert_audit_clean(conn);
+    });
+}
+
+#[test]
+fn the_currency_table_and_the_code_agree() {
+    testing::with_rollback(|conn| {
+        let rows: Vec<(String, i16)> = ledger_core::schema::currencies::table
+            .select((ledger_core::schema::currencies::code, ledger_core::schema::currencies::minor_units))
+            .order(ledger_core::schema::currencies::code)
+            .load(conn)
+            .unwrap();
+        let code: Vec<(String, i16)> =
+            ledger_core::money::SUPPORTED_CURRENCIES.iter().map(|(c, u)| (c.to_string(), i16::from(*u))).collect();
+        assert_eq!(rows, code);
+    });
+}
+
+#[test]
+fn migrations_revert_cleanly_and_apply_again() {
+    use diesel_migrations::MigrationHarness;
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let reverted = conn.revert_all_migrations(ledger_core::db::MIGRATIONS).unwrap();
+    assert_eq!(reverted.len(), 4);
+    let left: i64 = diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "(SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename <> '__diesel_schema_migrations')",
+    ))
+    .get_result(&mut conn)
+    .unwrap();
+    assert_eq!(left, 0, "down.sql leaves no table behind");
+    assert_eq!(ledger_core::db::run_migrations(&mut conn).unwrap(), 4);
+    let a = testing::funded_account(&mut conn, "after-redo", Currency::EUR, "1.00");
+    assert_eq!(balance(&mut conn, a), 100);
+}

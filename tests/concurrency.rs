@@ -109,7 +109,9 @@ fn unlocked_withdraw(conn: &mut PgConnection, account: AccountId, all_checked: &
                 requested_minor: amount,
             });
         }
-        diesel::update(a::table.find(account.get())).set(a::balance_minor.eq(Some(balance - amount))).execute(tx.conn())?;
+        diesel::update(a::table.find(account.get()))
+            .set(a::balance_minor.eq(Some(balance - amount)))
+            .execute(tx.conn())?;
         let in_transit = accounts::system_account(tx.conn(), SystemRole::PayoutsInTransit, Currency::EUR)?;
         journal::post(
             tx,
@@ -197,7 +199,11 @@ fn two_thousand_crossing_transfers_never_deadlock_because_locks_are_ordered() {
 /// Two transactions each lock their "from" row, then their "to" row: A->B and B->A.
 /// Returns each side's result. The interleaving is forced with barriers and
 /// `wait_until_blocked`, not sleeps.
-fn crossing_lockers<F>(db: &TestDb, opts: &TxOptions, lock_pair: F) -> (Result<(), LedgerError>, Result<(), LedgerError>)
+fn crossing_lockers<F>(
+    db: &TestDb,
+    opts: &TxOptions,
+    lock_pair: F,
+) -> (Result<(), LedgerError>, Result<(), LedgerError>)
 where
     F: Fn(&mut ledger_core::Tx<'_>, AccountId, AccountId, &dyn Fn()) -> Result<(), LedgerError> + Sync,
 {
@@ -241,7 +247,12 @@ where
     })
 }
 
-fn lock_in_request_order(tx: &mut ledger_core::Tx<'_>, from: AccountId, to: AccountId, between: &dyn Fn()) -> Result<(), LedgerError> {
+fn lock_in_request_order(
+    tx: &mut ledger_core::Tx<'_>,
+    from: AccountId,
+    to: AccountId,
+    between: &dyn Fn(),
+) -> Result<(), LedgerError> {
     accounts::lock(tx, from)?;
     between();
     accounts::lock(tx, to)?;
@@ -252,7 +263,8 @@ fn lock_in_request_order(tx: &mut ledger_core::Tx<'_>, from: AccountId, to: Acco
 fn locking_in_request_order_deadlocks_and_postgres_detects_it() {
     let db = testing::committed();
     let (r1, r2) = crossing_lockers(&db, &TxOptions::no_retry(), lock_in_request_order);
-    let deadlocks = [&r1, &r2].iter().filter(|r| matches!(r, Err(e) if e.transient() == Some(Transient::Deadlock))).count();
+    let deadlocks =
+        [&r1, &r2].iter().filter(|r| matches!(r, Err(e) if e.transient() == Some(Transient::Deadlock))).count();
     assert_eq!(deadlocks, 1, "exactly one victim: {r1:?} / {r2:?}");
     assert!(r1.is_ok() || r2.is_ok(), "the survivor commits");
 }

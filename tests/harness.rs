@@ -169,8 +169,9 @@ fn a_named_lock_is_exclusive_shows_its_holder_and_ends_with_the_transaction() {
             assert!(matches!(err, LedgerError::LockTimeout(_)), "{err}");
             // The timeout ran in a savepoint: this transaction is still usable, and its
             // lock_timeout is what it was.
-            let lt: String = diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('lock_timeout')"))
-                .get_result(tx.conn())?;
+            let lt: String =
+                diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('lock_timeout')"))
+                    .get_result(tx.conn())?;
             assert_eq!(lt, "0");
             assert!(locks::try_acquire(tx, "another-name")?);
             Ok::<_, LedgerError>(())
@@ -202,7 +203,12 @@ fn a_dropped_connection_is_retried_on_a_fresh_pooled_connection() {
         }
         ledger_core::deposits::deposit_tx(
             tx,
-            &ledger_core::deposits::Deposit { account: a, amount: common::eur("3.00"), currency: Currency::EUR, key: key.clone() },
+            &ledger_core::deposits::Deposit {
+                account: a,
+                amount: common::eur("3.00"),
+                currency: Currency::EUR,
+                key: key.clone(),
+            },
         )
     })
     .unwrap();
@@ -217,8 +223,9 @@ fn a_throwaway_cluster_starts_serves_and_leaves_nothing_behind() {
     let cluster = TempCluster::start(Durability::Durable).unwrap();
     let dir = cluster.socket_dir().to_path_buf();
     let mut conn = PgConnection::establish(&cluster.url("postgres")).unwrap();
-    let fsync: String =
-        diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('fsync')")).get_result(&mut conn).unwrap();
+    let fsync: String = diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('fsync')"))
+        .get_result(&mut conn)
+        .unwrap();
     assert_eq!(fsync, "on", "durable clusters keep fsync on");
     drop(conn);
     assert!(dir.exists());

@@ -201,7 +201,13 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     let e = refused(&mut conn, |c| {
         transfers::transfer(
             c,
-            &Transfer { from: eur_acct, to: usd_acct, amount: eur("1.00"), currency: Currency::EUR, key: testing::key("t") },
+            &Transfer {
+                from: eur_acct,
+                to: usd_acct,
+                amount: eur("1.00"),
+                currency: Currency::EUR,
+                key: testing::key("t"),
+            },
         )
         .map(drop)
     });
@@ -219,14 +225,18 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     let e = refused(&mut conn, |c| {
         transfers::transfer(
             c,
-            &Transfer { from: eur_acct, to: eur_acct, amount: eur("1.00"), currency: Currency::EUR, key: testing::key("t") },
+            &Transfer {
+                from: eur_acct,
+                to: eur_acct,
+                amount: eur("1.00"),
+                currency: Currency::EUR,
+                key: testing::key("t"),
+            },
         )
         .map(drop)
     });
     assert!(matches!(e, LedgerError::SameAccount(_)), "{e}");
-    let e = refused(&mut conn, |c| {
-        accounts::open(c, &NewAccount::new("", Currency::EUR), None).map(drop)
-    });
+    let e = refused(&mut conn, |c| accounts::open(c, &NewAccount::new("", Currency::EUR), None).map(drop));
     assert!(matches!(e, LedgerError::Invalid(InvalidInput::BadField { field: "owner", .. })), "{e}");
     let e = refused(&mut conn, |c| {
         accounts::open(c, &NewAccount::new("neg", Currency::EUR).with_overdraft(-1), None).map(drop)
@@ -302,7 +312,9 @@ fn the_database_itself_refuses_overdrafts_edits_and_unbalanced_entries() {
         let a = testing::funded_account(conn, "a", Currency::EUR, "1.00");
         let id = a.get();
         let e = ledger_core::transaction(conn, &TxOptions::default(), |tx| {
-            tx.savepoint(|tx| tx.conn().batch_execute(&format!("UPDATE accounts SET balance_minor = -1 WHERE id = {id}")))
+            tx.savepoint(|tx| {
+                tx.conn().batch_execute(&format!("UPDATE accounts SET balance_minor = -1 WHERE id = {id}"))
+            })
         });
         assert!(e.unwrap_err().to_string().contains("accounts_balance_floor"));
 
@@ -371,4 +383,66 @@ fn migrations_revert_cleanly_and_apply_again() {
     assert_eq!(ledger_core::db::run_migrations(&mut conn).unwrap(), 4);
     let a = testing::funded_account(&mut conn, "after-redo", Currency::EUR, "1.00");
     assert_eq!(balance(&mut conn, a), 100);
+}
+
+/// `diesel print-schema` output is committed as ledger-core/src/schema.rs and must
+/// match the migrated database. This re-derives each table's column list from
+/// information_schema the way print-schema does and compares it with the file.
+#[test]
+fn the_committed_schema_file_matches_the_migrated_database() {
+    let committed = include_str!("../ledger-core/src/schema.rs");
+    let mut from_file: Vec<(String, Vec<String>)> = vec![];
+    let mut in_table = false;
+    for line in committed.lines().map(str::trim) {
+        if let Some(table) = line.strip_suffix('{').and_then(|l| l.split_once(" (")).map(|(t, _)| t.to_string()) {
+            from_file.push((table, vec![]));
+            in_table = true;
+        } else if line == "}" {
+            in_table = false;
+        } else if let (true, Some((name, ty)), Some(current)) =
+            (in_table, line.split_once(" -> "), from_file.last_mut())
+        {
+            current.1.push(format!("{name} -> {}", ty.trim_end_matches(',')));
+        }
+    }
+    assert!(from_file.len() >= 7, "parsed {from_file:?}");
+    testing::with_rollback(|conn| {
+        #[derive(QueryableByName)]
+        struct Col {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            table_name: String,
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            column_name: String,
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            data_type: String,
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            is_nullable: String,
+        }
+        let cols: Vec<Col> = diesel::sql_query(
+            "SELECT table_name::text, column_name::text, data_type::text, is_nullable::text
+             FROM information_schema.columns
+             WHERE table_schema = 'public' AND table_name <> '__diesel_schema_migrations'
+             ORDER BY table_name, ordinal_position",
+        )
+        .load(conn)
+        .unwrap();
+        let mut from_db: Vec<(String, Vec<String>)> = vec![];
+        for c in cols {
+            let ty = match c.data_type.as_str() {
+                "bigint" => "Int8",
+                "integer" => "Int4",
+                "smallint" => "Int2",
+                "text" => "Text",
+                "boolean" => "Bool",
+                "timestamp with time zone" => "Timestamptz",
+                other => panic!("no mapping for {other} (extend this test)"),
+            };
+            let ty = if c.is_nullable == "YES" { format!("Nullable<{ty}>") } else { ty.to_string() };
+            if from_db.last().map(|(t, _)| t != &c.table_name).unwrap_or(true) {
+                from_db.push((c.table_name.clone(), vec![]));
+            }
+            from_db.last_mut().unwrap().1.push(format!("{} -> {ty}", c.column_name));
+        }
+        assert_eq!(from_file, from_db, "regenerate with `diesel print-schema` (see README)");
+    });
 }

@@ -1,8 +1,8 @@
 //! Accounts: opening, reading, locking (`FOR UPDATE`, in ascending id order) and
 //! writing a locked account's balance.
 
-use diesel::prelude::*;
 use diesel::pg::PgConnection;
+use diesel::prelude::*;
 
 use crate::error::{InvalidInput, LedgerError};
 use crate::idempotency::{self, Begun};
@@ -245,9 +245,10 @@ pub fn system_balance(conn: &mut PgConnection, id: AccountId) -> Result<i64, Led
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         total: i64,
     }
-    let row: Sum = diesel::sql_query("SELECT COALESCE(SUM(amount_minor), 0)::bigint AS total FROM postings WHERE account_id = $1")
-        .bind::<diesel::sql_types::BigInt, _>(id.get())
-        .get_result(conn)?;
+    let row: Sum =
+        diesel::sql_query("SELECT COALESCE(SUM(amount_minor), 0)::bigint AS total FROM postings WHERE account_id = $1")
+            .bind::<diesel::sql_types::BigInt, _>(id.get())
+            .get_result(conn)?;
     Ok(row.total)
 }
 

@@ -33,14 +33,12 @@ impl fmt::Display for Violation {
                 write!(f, "entry {entry}: postings in {currency} sum to {sum_minor}, not 0")
             }
             Violation::TooFewPostings { entry, postings } => write!(f, "entry {entry}: {postings} posting(s), need 2+"),
-            Violation::BalanceMismatch { account, stored_minor, postings_sum_minor } => write!(
-                f,
-                "account {account}: stored balance {stored_minor} != sum of postings {postings_sum_minor}"
-            ),
-            Violation::RunningBalanceWrong { posting, stored_minor, expected_minor } => write!(
-                f,
-                "posting {posting}: running balance {stored_minor}, expected {expected_minor}"
-            ),
+            Violation::BalanceMismatch { account, stored_minor, postings_sum_minor } => {
+                write!(f, "account {account}: stored balance {stored_minor} != sum of postings {postings_sum_minor}")
+            }
+            Violation::RunningBalanceWrong { posting, stored_minor, expected_minor } => {
+                write!(f, "posting {posting}: running balance {stored_minor}, expected {expected_minor}")
+            }
             Violation::BelowFloor { account, balance_minor, floor_minor } => {
                 write!(f, "account {account}: balance {balance_minor} below floor {floor_minor}")
             }
@@ -135,7 +133,11 @@ fn checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
         "SELECT entry_id AS a, SUM(amount_minor)::bigint AS b, NULL::bigint AS c, currency AS t
          FROM postings GROUP BY entry_id, currency HAVING SUM(amount_minor) <> 0 ORDER BY entry_id",
     )? {
-        v.push(Violation::UnbalancedEntry { entry: r.a, currency: r.t.unwrap_or_default(), sum_minor: r.b.unwrap_or(0) });
+        v.push(Violation::UnbalancedEntry {
+            entry: r.a,
+            currency: r.t.unwrap_or_default(),
+            sum_minor: r.b.unwrap_or(0),
+        });
     }
     for r in rows(
         conn,

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::r2d2::{ConnectionManager, CustomizeConnection};
-use diesel::connection::SimpleConnection;
 use diesel::Connection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
@@ -18,9 +18,8 @@ pub type PooledConnection = diesel::r2d2::PooledConnection<ConnectionManager<PgC
 
 /// Applies every pending migration; returns how many ran.
 pub fn run_migrations(conn: &mut PgConnection) -> Result<usize, LedgerError> {
-    let applied = conn
-        .run_pending_migrations(MIGRATIONS)
-        .map_err(|e| LedgerError::Pool(format!("running migrations: {e}")))?;
+    let applied =
+        conn.run_pending_migrations(MIGRATIONS).map_err(|e| LedgerError::Pool(format!("running migrations: {e}")))?;
     Ok(applied.len())
 }
 
@@ -54,11 +53,8 @@ impl SessionConfig {
         }
         if let Some(name) = &self.application_name {
             // Keep it to a safe alphabet rather than quoting arbitrary text into SQL.
-            let clean: String = name
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || "-_.:/ ".contains(*c))
-                .take(63)
-                .collect();
+            let clean: String =
+                name.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.:/ ".contains(*c)).take(63).collect();
             sql.push_str(&format!("SET application_name = '{clean}';"));
         }
         sql
@@ -102,7 +98,9 @@ impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for ApplySession {
         }
         self.session.apply(conn).map_err(|e| match e {
             LedgerError::Database(d) => diesel::r2d2::Error::QueryError(d),
-            other => diesel::r2d2::Error::QueryError(diesel::result::Error::QueryBuilderError(other.to_string().into())),
+            other => {
+                diesel::r2d2::Error::QueryError(diesel::result::Error::QueryBuilderError(other.to_string().into()))
+            }
         })
     }
 }

@@ -90,9 +90,7 @@ impl RetryClass for DieselError {
                 Some(Transient::SerializationFailure)
             }
             DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => Some(Transient::ConnectionLost),
-            DieselError::DatabaseError(DatabaseErrorKind::UnableToSendCommand, _) => {
-                Some(Transient::ConnectionLost)
-            }
+            DieselError::DatabaseError(DatabaseErrorKind::UnableToSendCommand, _) => Some(Transient::ConnectionLost),
             DieselError::BrokenTransactionManager => Some(Transient::ConnectionLost),
             // Diesel maps neither 40P01 nor 55P03 to a kind of its own and does not expose
             // the SQLSTATE, so these are recognised by PostgreSQL's primary message. That is

@@ -38,11 +38,7 @@ pub fn begin(tx: &mut Tx<'_>, key: &IdempotencyKey, operation: &str, fingerprint
     }
     let (stored_op, stored_fp, result_id): (String, String, Option<i64>) = idempotency_keys::table
         .find(key.as_str())
-        .select((
-            idempotency_keys::operation,
-            idempotency_keys::request_fingerprint,
-            idempotency_keys::result_id,
-        ))
+        .select((idempotency_keys::operation, idempotency_keys::request_fingerprint, idempotency_keys::result_id))
         .first(tx.conn())?;
     if stored_op != operation || stored_fp != fingerprint {
         return Err(LedgerError::IdempotencyConflict { key: key.as_str().to_string(), operation: stored_op });

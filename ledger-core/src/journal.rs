@@ -1,7 +1,7 @@
 //! The double-entry journal: entries whose postings sum to zero, and statements.
 
-use diesel::prelude::*;
 use diesel::pg::PgConnection;
+use diesel::prelude::*;
 
 use crate::error::LedgerError;
 use crate::ids::{AccountId, EntryId};
@@ -92,7 +92,8 @@ pub struct StatementLine {
 /// system account it is computed.
 pub fn statement(conn: &mut PgConnection, account: AccountId, limit: i64) -> Result<Vec<StatementLine>, LedgerError> {
     assert!(limit > 0, "a statement needs a positive limit");
-    let rows: Vec<(i64, i64, String, Option<String>, i64, Option<i64>)> = postings::table
+    type Row = (i64, i64, String, Option<String>, i64, Option<i64>);
+    let rows: Vec<Row> = postings::table
         .inner_join(journal_entries::table)
         .filter(postings::account_id.eq(account.get()))
         .order(postings::id.asc())

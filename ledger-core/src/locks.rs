@@ -13,7 +13,7 @@ use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
 
-use crate::error::{LedgerError, Transient, RetryClass};
+use crate::error::{LedgerError, RetryClass, Transient};
 use crate::tx::Tx;
 
 #[derive(QueryableByName)]
@@ -24,11 +24,7 @@ struct Acquired {
 
 fn check_name(name: &str) -> Result<(), LedgerError> {
     if name.is_empty() || name.len() > 200 {
-        return Err(crate::error::InvalidInput::BadField {
-            field: "lock name",
-            reason: "1 to 200 bytes".into(),
-        }
-        .into());
+        return Err(crate::error::InvalidInput::BadField { field: "lock name", reason: "1 to 200 bytes".into() }.into());
     }
     Ok(())
 }

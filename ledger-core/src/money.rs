@@ -89,12 +89,7 @@ impl Currency {
             return format!("{sign}{abs}");
         }
         let scale = scale as u64;
-        format!(
-            "{sign}{}.{:0width$}",
-            abs / scale,
-            abs % scale,
-            width = usize::from(self.minor_units)
-        )
+        format!("{sign}{}.{:0width$}", abs / scale, abs % scale, width = usize::from(self.minor_units))
     }
 }
 
@@ -163,11 +158,8 @@ impl Amount {
             });
         }
         let overflow = || InvalidInput::AmountOverflow(text.chars().take(40).collect());
-        let whole_minor = whole
-            .parse::<i64>()
-            .map_err(|_| overflow())?
-            .checked_mul(currency.scale())
-            .ok_or_else(overflow)?;
+        let whole_minor =
+            whole.parse::<i64>().map_err(|_| overflow())?.checked_mul(currency.scale()).ok_or_else(overflow)?;
         let mut frac_minor: i64 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| bad())? };
         for _ in frac.len()..usize::from(currency.minor_units) {
             frac_minor *= 10;
@@ -231,10 +223,7 @@ mod tests {
     #[test]
     fn zero_and_negative_amounts_are_refused() {
         for text in ["0", "0.00", "-1.00", "-0"] {
-            assert!(
-                matches!(Amount::parse(text, Currency::EUR), Err(InvalidInput::NonPositiveAmount(_))),
-                "{text}"
-            );
+            assert!(matches!(Amount::parse(text, Currency::EUR), Err(InvalidInput::NonPositiveAmount(_))), "{text}");
         }
         assert!(Amount::from_minor(0).is_err());
         assert!(Amount::from_minor(-5).is_err());
@@ -256,10 +245,7 @@ mod tests {
         // i64::MAX minor units is 92233720368547758.07 EUR; one cent more overflows.
         assert_eq!(Amount::parse("92233720368547758.07", Currency::EUR).unwrap().minor(), i64::MAX);
         for text in ["92233720368547758.08", "99999999999999999999", "92233720368547759"] {
-            assert!(
-                matches!(Amount::parse(text, Currency::EUR), Err(InvalidInput::AmountOverflow(_))),
-                "{text}"
-            );
+            assert!(matches!(Amount::parse(text, Currency::EUR), Err(InvalidInput::AmountOverflow(_))), "{text}");
         }
         let max = Amount::from_minor(i64::MAX).unwrap();
         assert_eq!(max.checked_add(Amount::from_minor(1).unwrap()), None);

@@ -2,8 +2,8 @@
 //! customer, so money can only leave through a committed row; the external call
 //! happens after commit and carries the row's idempotency key.
 
-use diesel::prelude::*;
 use diesel::pg::PgConnection;
+use diesel::prelude::*;
 
 use crate::error::LedgerError;
 use crate::ids::{AccountId, PayoutId, WithdrawalId};

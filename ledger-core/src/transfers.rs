@@ -63,8 +63,8 @@ pub fn transfer_tx(tx: &mut Tx<'_>, req: &Transfer) -> Result<Receipt, LedgerErr
             Leg { account: dest.id(), amount_minor: req.amount.minor(), balance_after_minor: Some(dest_after) },
         ],
     )?;
-    accounts::set_balance(tx, &source, source_after)?;
-    accounts::set_balance(tx, &dest, dest_after)?;
+    accounts::set_balance(tx, source, source_after)?;
+    accounts::set_balance(tx, dest, dest_after)?;
     idempotency::finish(tx, &req.key, entry.get())?;
     Ok(Receipt { entry, replayed: false })
 }

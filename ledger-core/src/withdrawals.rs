@@ -6,8 +6,8 @@
 //! balance, the payout outbox row and the job's final status. Funds move to the
 //! payouts-in-transit system account: held, not gone, until the payout settles.
 
-use diesel::prelude::*;
 use diesel::pg::PgConnection;
+use diesel::prelude::*;
 
 use crate::accounts::{self, AccountStatus, SystemRole};
 use crate::error::{InvalidInput, LedgerError};

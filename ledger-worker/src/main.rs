@@ -1,3 +1,5 @@
-fn main() {
-    println!("placeholder");
+//! `ledger-worker`: see `ledger-worker --help`.
+
+fn main() -> std::process::ExitCode {
+    ledger_worker::cli::main()
 }

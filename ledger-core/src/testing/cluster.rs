@@ -66,10 +66,8 @@ impl TempCluster {
         // rather than a TMPDIR that may sit under /root.
         let tmp = if root { PathBuf::from("/tmp") } else { std::env::temp_dir() };
         let n = CLUSTER_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         let base = tmp.join(format!("ledger-pg-{}-{}-{:x}", std::process::id(), n, nanos));
         fs::create_dir(&base).map_err(io_err(format!("creating {}", base.display())))?;
         let cluster = TempCluster { base, bindir, run_as, port: 5432, stopped: false };
@@ -120,10 +118,7 @@ impl TempCluster {
     }
 
     fn run(&self, step: &'static str, mut cmd: Command) -> Result<(), ClusterError> {
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| ClusterError::Step { step, detail: e.to_string() })?;
+        let out = cmd.stdin(Stdio::null()).output().map_err(|e| ClusterError::Step { step, detail: e.to_string() })?;
         if !out.status.success() {
             let mut detail = String::from_utf8_lossy(&out.stderr).trim().to_string();
             if let Ok(log) = fs::read_to_string(self.log_file()) {
@@ -138,9 +133,14 @@ impl TempCluster {
 
     fn init(&self, durability: Durability) -> Result<(), ClusterError> {
         let mut cmd = self.command("initdb");
-        cmd.arg("-D")
-            .arg(self.data_dir())
-            .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"]);
+        cmd.arg("-D").arg(self.data_dir()).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]);
         self.run("initdb", cmd)?;
         let mut settings = vec![
             "listen_addresses = ''".to_string(),
@@ -160,10 +160,8 @@ impl TempCluster {
             settings.extend(["fsync = off", "synchronous_commit = off", "full_page_writes = off"].map(String::from));
         }
         let conf = self.data_dir().join("postgresql.conf");
-        let mut f = fs::OpenOptions::new()
-            .append(true)
-            .open(&conf)
-            .map_err(io_err(format!("opening {}", conf.display())))?;
+        let mut f =
+            fs::OpenOptions::new().append(true).open(&conf).map_err(io_err(format!("opening {}", conf.display())))?;
         writeln!(f, "\n# ledger-core throwaway cluster\n{}", settings.join("\n"))
             .map_err(io_err("writing postgresql.conf"))?;
         Ok(())
@@ -244,9 +242,7 @@ fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+            s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
         })
         .unwrap_or(false)
 }

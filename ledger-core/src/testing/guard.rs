@@ -38,9 +38,16 @@ struct Watcher {
 fn takes_transaction_lock(sql: &str) -> bool {
     // Ignore Diesel's appended "-- binds: [...]" so a bound value cannot match.
     let sql = sql.split(" -- binds: ").next().unwrap_or(sql).to_ascii_uppercase();
-    [" FOR UPDATE", " FOR NO KEY UPDATE", " FOR SHARE", " FOR KEY SHARE", "PG_ADVISORY_XACT_LOCK", "PG_TRY_ADVISORY_XACT_LOCK"]
-        .iter()
-        .any(|needle| sql.contains(needle))
+    [
+        " FOR UPDATE",
+        " FOR NO KEY UPDATE",
+        " FOR SHARE",
+        " FOR KEY SHARE",
+        "PG_ADVISORY_XACT_LOCK",
+        "PG_TRY_ADVISORY_XACT_LOCK",
+    ]
+    .iter()
+    .any(|needle| sql.contains(needle))
 }
 
 impl Instrumentation for Watcher {
@@ -49,13 +56,11 @@ impl Instrumentation for Watcher {
             InstrumentationEvent::BeginTransaction { depth, .. } => self.depth = depth.get(),
             InstrumentationEvent::CommitTransaction { depth, .. }
             | InstrumentationEvent::RollbackTransaction { depth, .. } => self.depth = depth.get() - 1,
-            InstrumentationEvent::StartQuery { query, .. } => {
-                if self.depth <= self.base_depth {
-                    let sql = query.to_string();
-                    if takes_transaction_lock(&sql) {
-                        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                        state.violations.push(LockViolation { depth: self.depth, sql });
-                    }
+            InstrumentationEvent::StartQuery { query, .. } if self.depth <= self.base_depth => {
+                let sql = query.to_string();
+                if takes_transaction_lock(&sql) {
+                    let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    state.violations.push(LockViolation { depth: self.depth, sql });
                 }
             }
             _ => {}

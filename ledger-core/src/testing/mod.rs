@@ -158,7 +158,8 @@ impl TestDb {
 
     /// A new dedicated connection (watched by the lock guard).
     pub fn conn(&self) -> PgConnection {
-        let mut conn = PgConnection::establish(&self.url).unwrap_or_else(|e| panic!("connecting to {}: {e}", self.name));
+        let mut conn =
+            PgConnection::establish(&self.url).unwrap_or_else(|e| panic!("connecting to {}: {e}", self.name));
         self.guard.install(&mut conn);
         conn
     }
@@ -186,7 +187,8 @@ impl Drop for TestDb {
         let violations = self.guard.violations();
         let server = server();
         if let Ok(mut admin) = PgConnection::establish(&server.admin_url) {
-            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut admin);
+            let _ =
+                diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut admin);
         }
         if !violations.is_empty() {
             panic!("{}", guard::describe(&violations));
@@ -206,7 +208,12 @@ pub fn backend_pid(conn: &mut PgConnection) -> i32 {
 
 /// Waits until backend `waiter` is blocked by a lock that backend `holder` holds, as
 /// PostgreSQL reports it (`pg_blocking_pids`). `observer` must be a third connection.
-pub fn wait_until_blocked(observer: &mut PgConnection, waiter: i32, holder: i32, timeout: Duration) -> Result<(), String> {
+pub fn wait_until_blocked(
+    observer: &mut PgConnection,
+    waiter: i32,
+    holder: i32,
+    timeout: Duration,
+) -> Result<(), String> {
     #[derive(QueryableByName)]
     struct Blocked {
         #[diesel(sql_type = Bool)]

@@ -1,0 +1,297 @@
+//! `ledger-worker demo`: the talk's race, unlocked and then locked, followed by a few
+//! thousand concurrent withdrawals, an audit and a summary. Needs nothing running: with
+//! no DATABASE_URL it starts (and removes) its own PostgreSQL.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Barrier;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use ledger_core::accounts::{self, NewAccount, SystemRole};
+use ledger_core::deposits::{self, Deposit};
+use ledger_core::journal::{self, EntryKind, Leg};
+use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
+use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
+
+use crate::database::Database;
+
+const IBAN: &str = "DE89370400440532013000";
+
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    pub database_url: Option<String>,
+    pub accounts: usize,
+    pub withdrawals: usize,
+    pub threads: usize,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions { database_url: None, accounts: 50, withdrawals: 3_000, threads: 8 }
+    }
+}
+
+fn eur(text: &str) -> Amount {
+    Amount::parse(text, Currency::EUR).expect("demo amounts are valid")
+}
+
+fn key(text: String) -> IdempotencyKey {
+    IdempotencyKey::new(text).expect("demo keys are valid")
+}
+
+fn open_funded(conn: &mut PgConnection, owner: &str, amount: &str) -> Result<AccountId> {
+    let account = accounts::open(conn, &NewAccount::new(owner, Currency::EUR), None)?;
+    deposits::deposit(
+        conn,
+        &Deposit {
+            account: account.id,
+            amount: eur(amount),
+            currency: Currency::EUR,
+            key: key(format!("demo-fund-{}", account.id)),
+        },
+    )?;
+    Ok(account.id)
+}
+
+pub fn run(opts: &DemoOptions) -> Result<()> {
+    let database = Database::given_or_throwaway(opts.database_url.clone(), "ledger_demo")?;
+    let result = run_in(&database, opts);
+    let shutdown = database.shutdown();
+    result.and(shutdown)
+}
+
+fn run_in(database: &Database, opts: &DemoOptions) -> Result<()> {
+    let mut conn = db::connect(&database.url, &db::SessionConfig::default())?;
+    let applied = db::run_migrations(&mut conn)?;
+    println!("migrated the ledger schema ({applied} migration(s) applied)\n");
+
+    println!("1) The talk's race, WITHOUT a row lock: two workers check the balance, then reduce it.");
+    let scratch = format!("ledger_demo_unlocked_{}", std::process::id());
+    let scratch_url = database.create_sibling(&scratch)?;
+    let unlocked = unlocked_race(&scratch_url);
+    database.drop_sibling(&scratch)?;
+    unlocked?;
+
+    println!("\n2) The same race with ledger-core: the account row is locked inside the transaction.");
+    locked_race(&database.url)?;
+
+    println!(
+        "\n3) {} concurrent withdrawals over {} accounts from {} threads:",
+        opts.withdrawals, opts.accounts, opts.threads
+    );
+    many_withdrawals(&database.url, opts)?;
+    Ok(())
+}
+
+/// Version 1 of the talk, on a scratch database: read, check, write, no lock. A barrier
+/// makes both workers read before either writes, the interleaving that loses money.
+fn unlocked_race(url: &str) -> Result<()> {
+    let mut conn = db::connect(url, &db::SessionConfig::default())?;
+    db::run_migrations(&mut conn)?;
+    let account = open_funded(&mut conn, "darren", "100.00")?;
+    let both_checked = Barrier::new(2);
+    let amounts = ["100.00", "50.00"];
+    let results: Vec<Result<()>> = thread::scope(|s| {
+        let handles: Vec<_> = amounts
+            .iter()
+            .map(|amount| {
+                let both_checked = &both_checked;
+                s.spawn(move || -> Result<()> {
+                    let mut conn = db::connect(url, &db::SessionConfig::default())?;
+                    unlocked_withdraw(&mut conn, account, eur(amount), both_checked)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("worker panicked")).collect()
+    });
+    for (amount, r) in amounts.iter().zip(&results) {
+        match r {
+            Ok(()) => println!("   worker withdrawing {amount:>6}: balance check passed, paid out"),
+            Err(e) => println!("   worker withdrawing {amount:>6}: {e}"),
+        }
+    }
+    let paid: i64 = amounts.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(a, _)| eur(a).minor()).sum();
+    let stored = accounts::get(&mut conn, account)?.balance_minor;
+    let report = audit::run(&mut conn)?;
+    println!(
+        "   paid out {} from an account holding 100.00; the stored balance now says {} -> {}",
+        Currency::EUR.format_minor(paid),
+        Currency::EUR.format_minor(stored),
+        if report.is_clean() {
+            "audit clean".to_string()
+        } else {
+            format!("audit: {} violation(s)", report.violations.len())
+        }
+    );
+    for v in report.violations.iter().take(2) {
+        println!("      {v}");
+    }
+    Ok(())
+}
+
+fn unlocked_withdraw(
+    conn: &mut PgConnection,
+    account: AccountId,
+    amount: Amount,
+    both_checked: &Barrier,
+) -> Result<()> {
+    use ledger_core::schema::accounts as a;
+    let outcome = ledger_core::transaction(conn, &TxOptions::no_retry(), |tx| {
+        let balance =
+            a::table.find(account.get()).select(a::balance_minor).first::<Option<i64>>(tx.conn())?.unwrap_or(0);
+        both_checked.wait();
+        if balance < amount.minor() {
+            return Err(LedgerError::InsufficientFunds {
+                account,
+                balance_minor: balance,
+                floor_minor: 0,
+                requested_minor: amount.minor(),
+            });
+        }
+        let after = balance - amount.minor();
+        diesel::update(a::table.find(account.get())).set(a::balance_minor.eq(Some(after))).execute(tx.conn())?;
+        let in_transit = accounts::system_account(tx.conn(), SystemRole::PayoutsInTransit, Currency::EUR)?;
+        journal::post(
+            tx,
+            EntryKind::Withdrawal,
+            None,
+            Currency::EUR,
+            &[
+                Leg { account, amount_minor: -amount.minor(), balance_after_minor: Some(after) },
+                Leg { account: in_transit, amount_minor: amount.minor(), balance_after_minor: None },
+            ],
+        )?;
+        Ok(())
+    });
+    outcome.map_err(Into::into)
+}
+
+fn request(account: AccountId, amount: Amount, key_text: String) -> WithdrawalRequest {
+    WithdrawalRequest {
+        account,
+        amount,
+        currency: Currency::EUR,
+        destination: Iban::parse(IBAN).expect("demo IBAN is valid"),
+        key: key(key_text),
+    }
+}
+
+fn locked_race(url: &str) -> Result<()> {
+    let mut conn = db::connect(url, &db::SessionConfig::default())?;
+    let account = open_funded(&mut conn, "darren", "100.00")?;
+    let start = Barrier::new(2);
+    let amounts = ["100.00", "50.00"];
+    let results: Vec<Result<withdrawals::Withdrawal, LedgerError>> = thread::scope(|s| {
+        let handles: Vec<_> = amounts
+            .iter()
+            .enumerate()
+            .map(|(i, amount)| {
+                let start = &start;
+                s.spawn(move || {
+                    let mut conn = db::connect(url, &db::SessionConfig::default())?;
+                    start.wait();
+                    withdrawals::withdraw(&mut conn, &request(account, eur(amount), format!("demo-race-{i}")))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("worker panicked")).collect()
+    });
+    for (amount, r) in amounts.iter().zip(&results) {
+        match r {
+            Ok(w) => println!("   worker withdrawing {amount:>6}: {}", w.status),
+            Err(e) => println!("   worker withdrawing {amount:>6}: refused: {e}"),
+        }
+    }
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let balance = accounts::get(&mut conn, account)?;
+    let report = audit::run(&mut conn)?;
+    println!(
+        "   {ok} withdrawal went through; balance {}; {}",
+        balance.balance_display(),
+        if report.is_clean() { "audit clean" } else { "AUDIT FAILED" }
+    );
+    if ok != 1 || !report.is_clean() {
+        bail!("the locked race did not behave: {ok} succeeded\n{report}");
+    }
+    Ok(())
+}
+
+fn many_withdrawals(url: &str, opts: &DemoOptions) -> Result<()> {
+    let pool = db::pool(
+        url,
+        &db::PoolConfig { max_size: opts.threads as u32, min_idle: Some(0), ..db::PoolConfig::default() },
+    )?;
+    let accounts: Vec<AccountId> = {
+        let mut conn = pool.get()?;
+        (0..opts.accounts).map(|i| open_funded(&mut conn, &format!("customer-{i}"), "500.00")).collect::<Result<_>>()?
+    };
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let refused = AtomicUsize::new(0);
+    let started = Instant::now();
+    let total = opts.withdrawals;
+    thread::scope(|s| -> Result<()> {
+        let workers: Vec<_> = (0..opts.threads)
+            .map(|_| {
+                let (pool, accounts, next, done, refused) = (&pool, &accounts, &next, &done, &refused);
+                s.spawn(move || -> Result<()> {
+                    let mut conn = pool.get()?;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= total {
+                            return Ok(());
+                        }
+                        // Amounts 5.00 .. 25.00, so some accounts run dry and refuse.
+                        let amount = Amount::from_minor(500 + (i as i64 * 137) % 2_000).expect("positive");
+                        let account = accounts[fastrand::usize(..accounts.len())];
+                        match withdrawals::withdraw(&mut conn, &request(account, amount, format!("demo-bulk-{i}"))) {
+                            Ok(_) => {}
+                            Err(LedgerError::InsufficientFunds { .. }) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => return Err(e).context("withdrawal failed"),
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        while workers.iter().any(|w| !w.is_finished()) {
+            progress(done.load(Ordering::Relaxed), total, started.elapsed());
+            thread::sleep(Duration::from_millis(100));
+        }
+        progress(done.load(Ordering::Relaxed), total, started.elapsed());
+        eprintln!();
+        for w in workers {
+            w.join().expect("worker panicked")?;
+        }
+        Ok(())
+    })?;
+    let elapsed = started.elapsed();
+    let mut conn = pool.get()?;
+    let report = audit::run(&mut conn)?;
+    let refused = refused.load(Ordering::Relaxed);
+    println!("   {} completed, {} refused for insufficient funds", total - refused, refused);
+    println!(
+        "   {:.0} withdrawals/s ({} in {:.2} s, fsync on)",
+        total as f64 / elapsed.as_secs_f64(),
+        total,
+        elapsed.as_secs_f64()
+    );
+    println!("   {report}");
+    if !report.is_clean() {
+        bail!("audit found violations");
+    }
+    Ok(())
+}
+
+fn progress(done: usize, total: usize, elapsed: Duration) {
+    const WIDTH: usize = 40;
+    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH).min(WIDTH);
+    eprint!("\r   [{}{}] {done}/{total} {:.1}s", "#".repeat(filled), "-".repeat(WIDTH - filled), elapsed.as_secs_f64());
+    let _ = std::io::stderr().flush();
+}

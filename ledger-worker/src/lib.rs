@@ -1,0 +1,6 @@
+//! The ledger's worker daemon and command-line interface. `main.rs` only calls
+//! [`cli::main`]; everything else lives here so it can be tested and embedded.
+
+pub mod cli;
+pub mod database;
+pub mod demo;

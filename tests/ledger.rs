@@ -373,14 +373,14 @@ fn migrations_revert_cleanly_and_apply_again() {
     let db = testing::committed();
     let mut conn = db.conn();
     let reverted = conn.revert_all_migrations(ledger_core::db::MIGRATIONS).unwrap();
-    assert_eq!(reverted.len(), 4);
+    assert_eq!(reverted.len(), 5);
     let left: i64 = diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
         "(SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename <> '__diesel_schema_migrations')",
     ))
     .get_result(&mut conn)
     .unwrap();
     assert_eq!(left, 0, "down.sql leaves no table behind");
-    assert_eq!(ledger_core::db::run_migrations(&mut conn).unwrap(), 4);
+    assert_eq!(ledger_core::db::run_migrations(&mut conn).unwrap(), 5);
     let a = testing::funded_account(&mut conn, "after-redo", Currency::EUR, "1.00");
     assert_eq!(balance(&mut conn, a), 100);
 }

@@ -139,6 +139,12 @@ impl LockedAccount {
         Ok(after)
     }
 
+    /// Records a balance this transaction has written (see `set_balance`), for callers
+    /// that keep the lock and make several movements on the account.
+    pub fn note_balance(&mut self, balance_minor: i64) {
+        self.account.balance_minor = balance_minor;
+    }
+
     pub fn balance_after_credit(&self, amount: Amount) -> Result<i64, LedgerError> {
         self.account.balance_minor.checked_add(amount.minor()).ok_or(LedgerError::BalanceOverflow(self.account.id))
     }
@@ -310,6 +316,28 @@ pub fn lock_many(tx: &mut Tx<'_>, set: &LockSet) -> Result<Vec<LockedAccount>, L
     }
     debug_assert!(rows.windows(2).all(|w| w[0].id < w[1].id), "locked out of order");
     rows.into_iter().map(locked).collect()
+}
+
+/// Locks every account in `set` in ascending id order, like [`lock_many`], but does not
+/// judge them: closed, system or missing accounts are simply reported as they are, so
+/// a batch can refuse the jobs that name them one by one.
+pub fn lock_all(tx: &mut Tx<'_>, set: &LockSet) -> Result<Vec<Result<LockedAccount, LedgerError>>, LedgerError> {
+    let ids: Vec<i64> = set.ids().map(AccountId::get).collect();
+    let rows: Vec<AccountRow> = accounts::table
+        .filter(accounts::id.eq_any(&ids))
+        .order(accounts::id.asc())
+        .select(AccountRow::as_select())
+        .for_no_key_update()
+        .load(tx.conn())?;
+    let mut rows = rows.into_iter().peekable();
+    let mut out = Vec::with_capacity(ids.len());
+    for id in set.ids() {
+        match rows.next_if(|r| r.id == id.get()) {
+            Some(row) => out.push(locked(row)),
+            None => out.push(Err(LedgerError::UnknownAccount(id))),
+        }
+    }
+    Ok(out)
 }
 
 /// Writes the new balance of an account this transaction has locked.

@@ -85,6 +85,7 @@ diesel::table! {
         entry_id -> Nullable<Int8>,
         created_at -> Timestamptz,
         finished_at -> Nullable<Timestamptz>,
+        next_attempt_at -> Timestamptz,
     }
 }
 

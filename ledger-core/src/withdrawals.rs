@@ -10,7 +10,7 @@ use diesel::pg::PgConnection;
 use diesel::prelude::*;
 
 use crate::accounts::{self, AccountStatus, SystemRole};
-use crate::error::{InvalidInput, LedgerError};
+use crate::error::{InvalidInput, LedgerError, RetryClass};
 use crate::idempotency::{self, Begun};
 use crate::ids::{AccountId, EntryId, IdempotencyKey, PayoutId, WithdrawalId};
 use crate::journal::{self, EntryKind, Leg};
@@ -214,26 +214,12 @@ pub fn process_tx(tx: &mut Tx<'_>, id: WithdrawalId) -> Result<Processed, Ledger
     }
     match debit_tx(tx, &job) {
         Ok((entry, payout)) => {
-            diesel::update(withdrawals::table.find(id.get()))
-                .set((
-                    withdrawals::status.eq(WithdrawalStatus::Completed.as_str()),
-                    withdrawals::entry_id.eq(Some(entry.get())),
-                    withdrawals::attempts.eq(withdrawals::attempts + 1),
-                    withdrawals::finished_at.eq(now_tz()),
-                ))
-                .execute(tx.conn())?;
+            mark_completed(tx, job.id, entry)?;
             Ok(Processed::Completed { entry, payout })
         }
         Err(e) if e.is_business_rejection() => {
             let reason = e.to_string();
-            diesel::update(withdrawals::table.find(id.get()))
-                .set((
-                    withdrawals::status.eq(WithdrawalStatus::Rejected.as_str()),
-                    withdrawals::reason.eq(Some(&reason)),
-                    withdrawals::attempts.eq(withdrawals::attempts + 1),
-                    withdrawals::finished_at.eq(now_tz()),
-                ))
-                .execute(tx.conn())?;
+            mark_rejected(tx, job.id, &reason)?;
             Ok(Processed::Rejected { code: e.code(), reason })
         }
         Err(e) => Err(e),
@@ -243,28 +229,274 @@ pub fn process_tx(tx: &mut Tx<'_>, id: WithdrawalId) -> Result<Processed, Ledger
 /// The money movement of a withdrawal, run in a savepoint so a refusal undoes only it.
 fn debit_tx(tx: &mut Tx<'_>, job: &Withdrawal) -> Result<(EntryId, PayoutId), LedgerError> {
     tx.savepoint(|tx| {
-        let withdrawal = WithdrawalId::from_db(job.id);
-        let currency = Currency::from_code(&job.currency)?;
-        let amount = Amount::from_minor(job.amount_minor)?;
         let account = accounts::lock(tx, AccountId::from_db(job.account_id))?;
-        account.expect_currency(currency)?;
-        let after = account.balance_after_debit(amount)?;
+        let currency = Currency::from_code(&job.currency)?;
         let in_transit = accounts::system_account(tx.conn(), SystemRole::PayoutsInTransit, currency)?;
-        let reference = format!("withdrawal:{}", job.id);
-        let entry = journal::post(
-            tx,
-            EntryKind::Withdrawal,
-            Some(&reference),
-            currency,
-            &[
-                Leg { account: account.id(), amount_minor: -amount.minor(), balance_after_minor: Some(after) },
-                Leg { account: in_transit, amount_minor: amount.minor(), balance_after_minor: None },
-            ],
-        )?;
-        accounts::set_balance(tx, &account, after)?;
-        let payout = payouts::enqueue(tx, withdrawal, account.id(), amount, currency, &job.destination)?;
+        let (entry, payout, _after) = debit_locked(tx, job, &account, in_transit)?;
         Ok((entry, payout))
     })
+}
+
+/// Debits a job's amount from its account, which this transaction has locked: checks
+/// currency and floor, writes the entry (customer -> payouts in transit), the new
+/// balance and the payout outbox row. Returns the entry, the payout and the balance after.
+fn debit_locked(
+    tx: &mut Tx<'_>,
+    job: &Withdrawal,
+    account: &accounts::LockedAccount,
+    in_transit: AccountId,
+) -> Result<(EntryId, PayoutId, i64), LedgerError> {
+    assert_eq!(account.id().get(), job.account_id, "debit_locked needs the job's own account");
+    let withdrawal = WithdrawalId::from_db(job.id);
+    let currency = Currency::from_code(&job.currency)?;
+    let amount = Amount::from_minor(job.amount_minor)?;
+    account.expect_currency(currency)?;
+    let after = account.balance_after_debit(amount)?;
+    let reference = format!("withdrawal:{}", job.id);
+    let entry = journal::post(
+        tx,
+        EntryKind::Withdrawal,
+        Some(&reference),
+        currency,
+        &[
+            Leg { account: account.id(), amount_minor: -amount.minor(), balance_after_minor: Some(after) },
+            Leg { account: in_transit, amount_minor: amount.minor(), balance_after_minor: None },
+        ],
+    )?;
+    accounts::set_balance(tx, account, after)?;
+    let payout = payouts::enqueue(tx, withdrawal, account.id(), amount, currency, &job.destination)?;
+    Ok((entry, payout, after))
+}
+
+fn mark_completed(tx: &mut Tx<'_>, id: i64, entry: EntryId) -> Result<(), LedgerError> {
+    let updated = diesel::update(withdrawals::table.find(id))
+        .set((
+            withdrawals::status.eq(WithdrawalStatus::Completed.as_str()),
+            withdrawals::entry_id.eq(Some(entry.get())),
+            withdrawals::attempts.eq(withdrawals::attempts + 1),
+            withdrawals::finished_at.eq(now_tz()),
+        ))
+        .execute(tx.conn())?;
+    assert_eq!(updated, 1);
+    Ok(())
+}
+
+fn mark_rejected(tx: &mut Tx<'_>, id: i64, reason: &str) -> Result<(), LedgerError> {
+    let updated = diesel::update(withdrawals::table.find(id))
+        .set((
+            withdrawals::status.eq(WithdrawalStatus::Rejected.as_str()),
+            withdrawals::reason.eq(Some(reason)),
+            withdrawals::attempts.eq(withdrawals::attempts + 1),
+            withdrawals::finished_at.eq(now_tz()),
+        ))
+        .execute(tx.conn())?;
+    assert_eq!(updated, 1);
+    Ok(())
+}
+
+/// What happened to one job of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// Debited; entry and payout written; job completed.
+    Completed { entry: EntryId, payout: PayoutId },
+    /// A business refusal, recorded on the job.
+    Rejected { code: &'static str, reason: String },
+    /// Not processed here: another worker holds it, or it is no longer pending.
+    Skipped,
+    /// An infrastructure error rolled this job back (its savepoint) and left it pending;
+    /// the caller records the attempt.
+    Errored { error: String, transient: bool },
+}
+
+/// One job's result, with when it was enqueued (µs since the Unix epoch, database clock).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchItem {
+    pub id: WithdrawalId,
+    pub outcome: JobOutcome,
+    pub enqueued_at_us: Option<i64>,
+}
+
+/// Processes several jobs in the caller's transaction, one commit for all of them.
+///
+/// 1. The pending jobs among `ids` are locked with `FOR UPDATE SKIP LOCKED`: a job
+///    another worker (or daemon) is processing is skipped, not waited for.
+/// 2. All their accounts are locked at once, in ascending id order, so two batches can
+///    never deadlock however their jobs interleave.
+/// 3. Each job runs in its own savepoint: a refusal or error undoes that job only.
+///
+/// Returns `Err` only when the whole transaction is unusable (then nothing commits).
+pub fn process_batch_tx(tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<BatchItem>, LedgerError> {
+    use std::collections::HashMap;
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    let raw: Vec<i64> = ids.iter().map(|i| i.get()).collect();
+    let jobs: Vec<(Withdrawal, i64)> = withdrawals::table
+        .filter(withdrawals::id.eq_any(&raw))
+        .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
+        .order(withdrawals::id.asc())
+        .select((
+            Withdrawal::as_select(),
+            diesel::dsl::sql::<diesel::sql_types::BigInt>("(EXTRACT(EPOCH FROM withdrawals.created_at) * 1000000)::bigint"),
+        ))
+        .for_update()
+        .skip_locked()
+        .load(tx.conn())?;
+    let lock_set: tx::LockSet = jobs.iter().map(|(j, _)| AccountId::from_db(j.account_id)).collect();
+    let mut locked: HashMap<i64, Result<accounts::LockedAccount, LedgerError>> = lock_set
+        .ids()
+        .map(AccountId::get)
+        .zip(accounts::lock_all(tx, &lock_set)?)
+        .collect();
+    let mut in_transit: HashMap<String, AccountId> = HashMap::new();
+    let mut items: Vec<BatchItem> = Vec::with_capacity(ids.len());
+    for (job, enqueued_at_us) in &jobs {
+        let outcome = match locked.get_mut(&job.account_id).expect("every job's account was looked up") {
+            Err(e) => {
+                // Rebuild the account-level refusal for this job (errors are not Clone).
+                let reason = e.to_string();
+                mark_rejected(tx, job.id, &reason)?;
+                JobOutcome::Rejected { code: e.code(), reason }
+            }
+            Ok(account) => {
+                let transit = match in_transit.get(&job.currency) {
+                    Some(id) => *id,
+                    None => {
+                        let currency = Currency::from_code(&job.currency)?;
+                        let id = accounts::system_account(tx.conn(), SystemRole::PayoutsInTransit, currency)?;
+                        in_transit.insert(job.currency.clone(), id);
+                        id
+                    }
+                };
+                let result = tx.savepoint(|tx| {
+                    let (entry, payout, after) = debit_locked(tx, job, account, transit)?;
+                    mark_completed(tx, job.id, entry)?;
+                    Ok::<_, LedgerError>((entry, payout, after))
+                });
+                match result {
+                    Ok((entry, payout, after)) => {
+                        account.note_balance(after);
+                        JobOutcome::Completed { entry, payout }
+                    }
+                    Err(e) if e.is_business_rejection() => {
+                        let reason = e.to_string();
+                        mark_rejected(tx, job.id, &reason)?;
+                        JobOutcome::Rejected { code: e.code(), reason }
+                    }
+                    Err(e) if e.transient() == Some(crate::error::Transient::ConnectionLost) => return Err(e),
+                    Err(e) => JobOutcome::Errored { error: e.to_string(), transient: e.is_transient() },
+                }
+            }
+        };
+        items.push(BatchItem { id: WithdrawalId::from_db(job.id), outcome, enqueued_at_us: Some(*enqueued_at_us) });
+    }
+    for id in ids {
+        if !items.iter().any(|i| i.id == *id) {
+            items.push(BatchItem { id: *id, outcome: JobOutcome::Skipped, enqueued_at_us: None });
+        }
+    }
+    Ok(items)
+}
+
+/// Records a failed attempt on a pending job: it waits (exponential backoff with jitter,
+/// capped at `max_backoff_ms`) before it is claimed again, and after `max_attempts`
+/// attempts it ends as `failed` with its last error. Returns the job's status after.
+pub fn record_failed_attempt(
+    conn: &mut PgConnection,
+    id: WithdrawalId,
+    error: &str,
+    max_attempts: u32,
+    max_backoff_ms: u64,
+) -> Result<Option<WithdrawalStatus>, LedgerError> {
+    #[derive(QueryableByName)]
+    struct Status {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        status: String,
+    }
+    let error: String = error.chars().take(500).collect();
+    let row: Option<Status> = diesel::sql_query(
+        "UPDATE withdrawals SET
+             attempts = attempts + 1,
+             last_error = $2,
+             next_attempt_at = now() + make_interval(secs =>
+                 least($4::float8 / 1000, 0.05 * power(2, attempts)) * (0.5 + random() / 2)),
+             status = CASE WHEN attempts + 1 >= $3 THEN 'failed' ELSE status END,
+             reason = CASE WHEN attempts + 1 >= $3 THEN 'gave up after ' || (attempts + 1) || ' attempts: ' || $2
+                           ELSE reason END,
+             finished_at = CASE WHEN attempts + 1 >= $3 THEN now() ELSE finished_at END
+         WHERE id = $1 AND status = 'pending'
+         RETURNING status",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(id.get())
+    .bind::<diesel::sql_types::Text, _>(&error)
+    .bind::<diesel::sql_types::Integer, _>(i32::try_from(max_attempts).unwrap_or(i32::MAX))
+    .bind::<diesel::sql_types::BigInt, _>(i64::try_from(max_backoff_ms).unwrap_or(i64::MAX))
+    .get_result(conn)
+    .optional()?;
+    Ok(row.and_then(|r| WithdrawalStatus::parse(&r.status)))
+}
+
+/// Ends a pending job as `failed` at once (a panic while processing it: retrying a
+/// programmer error will not help, and an operator must look).
+pub fn fail_now(conn: &mut PgConnection, id: WithdrawalId, reason: &str) -> Result<bool, LedgerError> {
+    let reason: String = reason.chars().take(500).collect();
+    let updated = diesel::update(
+        withdrawals::table.find(id.get()).filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str())),
+    )
+    .set((
+        withdrawals::status.eq(WithdrawalStatus::Failed.as_str()),
+        withdrawals::reason.eq(Some(&reason)),
+        withdrawals::last_error.eq(Some(&reason)),
+        withdrawals::attempts.eq(withdrawals::attempts + 1),
+        withdrawals::finished_at.eq(now_tz()),
+    ))
+    .execute(conn)?;
+    Ok(updated == 1)
+}
+
+/// Due jobs for a claimer: pending, past their `next_attempt_at`, not locked by a worker
+/// right now (`SKIP LOCKED`), not in `exclude` (already queued here). Oldest first.
+pub fn claim_due(conn: &mut PgConnection, limit: i64, exclude: &[i64]) -> Result<Vec<WithdrawalId>, LedgerError> {
+    assert!(limit > 0, "claim at least one job");
+    let ids: Vec<i64> = tx::transaction(conn, &TxOptions::default(), |tx| {
+        withdrawals::table
+            .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
+            .filter(withdrawals::next_attempt_at.le(diesel::dsl::now))
+            .filter(withdrawals::id.ne_all(exclude))
+            .order((withdrawals::next_attempt_at.asc(), withdrawals::id.asc()))
+            .limit(limit)
+            .select(withdrawals::id)
+            .for_update()
+            .skip_locked()
+            .load(tx.conn())
+            .map_err(LedgerError::from)
+    })?;
+    Ok(ids.into_iter().map(WithdrawalId::from_db).collect())
+}
+
+/// How many jobs are still pending (due or waiting for a retry).
+pub fn pending_count(conn: &mut PgConnection) -> Result<i64, LedgerError> {
+    Ok(withdrawals::table
+        .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
+        .count()
+        .get_result(conn)?)
+}
+
+/// Lists withdrawals, newest first, optionally by status and account.
+pub fn list(
+    conn: &mut PgConnection,
+    status: Option<WithdrawalStatus>,
+    account: Option<AccountId>,
+    limit: i64,
+) -> Result<Vec<Withdrawal>, LedgerError> {
+    let mut query = withdrawals::table.select(Withdrawal::as_select()).order(withdrawals::id.desc()).limit(limit).into_boxed();
+    if let Some(s) = status {
+        query = query.filter(withdrawals::status.eq(s.as_str()));
+    }
+    if let Some(a) = account {
+        query = query.filter(withdrawals::account_id.eq(a.get()));
+    }
+    Ok(query.load(conn)?)
 }
 
 /// Withdraws synchronously: records the request and processes it in one transaction.
@@ -289,14 +521,7 @@ pub fn withdraw_tx(tx: &mut Tx<'_>, req: &WithdrawalRequest) -> Result<Withdrawa
         // Run the debit directly (not process_tx): a refusal here must roll back the
         // request too, not be recorded as a rejected job.
         let (entry, _payout) = debit_tx(tx, &job)?;
-        diesel::update(withdrawals::table.find(id.get()))
-            .set((
-                withdrawals::status.eq(WithdrawalStatus::Completed.as_str()),
-                withdrawals::entry_id.eq(Some(entry.get())),
-                withdrawals::attempts.eq(1),
-                withdrawals::finished_at.eq(now_tz()),
-            ))
-            .execute(tx.conn())?;
+        mark_completed(tx, job.id, entry)?;
     }
     get(tx.conn(), id)
 }

@@ -1,78 +1,194 @@
-//! Command-line parsing and dispatch. `main` maps `run`'s result to an exit code.
+//! Command-line parsing. `main` maps `commands::run`'s result to an exit code and prints
+//! errors as one line on stderr.
 
 use std::process::ExitCode;
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
-use ledger_core::{audit, db};
-
-use crate::demo::{self, DemoOptions};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "ledger-worker", version, about = "PostgreSQL ledger: withdrawal worker and CLI")]
+#[command(name = "ledger-worker", version, about = "PostgreSQL ledger: withdrawal daemon and CLI")]
 pub struct Cli {
-    /// PostgreSQL connection URL.
+    /// PostgreSQL connection URL (the password is never printed).
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// Print one JSON object per result.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Log format for the daemon's logs on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Apply pending schema migrations.
     Migrate,
+    /// Open or show customer accounts.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Deposit money into an account (idempotent under --key).
+    Deposit {
+        #[arg(long)]
+        account: i64,
+        /// Decimal amount in the account's currency, e.g. 100.00.
+        #[arg(long)]
+        amount: String,
+        #[arg(long)]
+        key: String,
+    },
+    /// Move money between two accounts of the same currency (idempotent under --key).
+    Transfer {
+        #[arg(long)]
+        from: i64,
+        #[arg(long)]
+        to: i64,
+        #[arg(long)]
+        amount: String,
+        #[arg(long)]
+        key: String,
+    },
+    /// Enqueue a withdrawal to an IBAN; the daemon processes it.
+    Withdraw {
+        #[arg(long)]
+        account: i64,
+        /// Destination IBAN.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        amount: String,
+        #[arg(long)]
+        key: String,
+    },
+    /// Enqueue withdrawals read as JSON lines on stdin:
+    /// {"account": 7, "to": "DE89...", "amount": "50.00", "key": "k-1"}
+    Submit,
+    /// Show or list withdrawals.
+    #[command(subcommand)]
+    Withdrawal(WithdrawalCommand),
+    /// Run the worker daemon until SIGTERM/SIGINT (or until idle with --exit-when-idle).
+    Run(RunArgs),
     /// Check the ledger's invariants; exits non-zero on any violation.
     Audit,
-    /// Show the talk's race being prevented, then run concurrent withdrawals. With no
-    /// DATABASE_URL it starts and removes its own throwaway PostgreSQL.
+    /// Show the talk's race being prevented, then run withdrawals through the daemon.
+    /// With no DATABASE_URL it starts and removes its own throwaway PostgreSQL.
     Demo {
         #[arg(long, default_value_t = 50)]
         accounts: usize,
         #[arg(long, default_value_t = 3_000)]
         withdrawals: usize,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 4)]
         threads: usize,
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum AccountCommand {
+    /// Open a customer account with a zero balance.
+    Open {
+        #[arg(long)]
+        owner: String,
+        /// ISO 4217 code, e.g. EUR.
+        #[arg(long)]
+        currency: String,
+        /// How far below zero the balance may go, e.g. 100.00.
+        #[arg(long, default_value = "0")]
+        overdraft_limit: String,
+        /// Makes opening idempotent.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Show an account's balance, currency and status.
+    Show { id: i64 },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WithdrawalCommand {
+    /// Show a withdrawal's status, reason and attempts.
+    Show { id: i64 },
+    /// List withdrawals, newest first.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        account: Option<i64>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Worker threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Pooled connections (workers plus bookkeeping).
+    #[arg(long)]
+    pub pool_size: Option<u32>,
+    /// Jobs queued between the claimer and the workers.
+    #[arg(long, default_value_t = 256)]
+    pub channel_capacity: usize,
+    /// Jobs per transaction (each in its own savepoint).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Poll for work this often when no NOTIFY arrives.
+    #[arg(long, default_value_t = 1_000)]
+    pub poll_interval_ms: u64,
+    /// Longest wait for a row lock before the transaction is retried.
+    #[arg(long, default_value_t = 2_000)]
+    pub lock_timeout_ms: u64,
+    /// In-process attempts of one batch transaction on transient errors.
+    #[arg(long, default_value_t = 5)]
+    pub tx_attempts: u32,
+    /// Attempts of one job before it ends as failed.
+    #[arg(long, default_value_t = 10)]
+    pub max_attempts: u32,
+    /// Longest pause between two attempts of one job.
+    #[arg(long, default_value_t = 30_000)]
+    pub max_backoff_ms: u64,
+    /// On SIGTERM, queued jobs not started within this time stay pending.
+    #[arg(long, default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+    /// Exit (0) once no withdrawal is pending.
+    #[arg(long)]
+    pub exit_when_idle: bool,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9187.
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
+}
+
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line, as scripts expect; `--help` has the rest.
+            let text = e.to_string();
+            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+            eprintln!("{} (see --help)", line.trim());
+            return ExitCode::from(2);
+        }
+    };
+    match crate::commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let message = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
-}
-
-fn require_url(url: Option<String>) -> Result<String> {
-    url.filter(|u| !u.is_empty()).ok_or_else(|| anyhow::anyhow!("no database: pass --database-url or set DATABASE_URL"))
-}
-
-pub fn run(cli: Cli) -> Result<ExitCode> {
-    match cli.command {
-        Command::Migrate => {
-            let mut conn = db::connect(&require_url(cli.database_url)?, &db::SessionConfig::default())?;
-            let n = db::run_migrations(&mut conn)?;
-            println!("{n} migration(s) applied");
-        }
-        Command::Audit => {
-            let mut conn = db::connect(&require_url(cli.database_url)?, &db::SessionConfig::default())?;
-            let report = audit::run(&mut conn)?;
-            println!("{report}");
-            if !report.is_clean() {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-        Command::Demo { accounts, withdrawals, threads } => {
-            if accounts == 0 || threads == 0 {
-                anyhow::bail!("--accounts and --threads must be at least 1");
-            }
-            demo::run(&DemoOptions { database_url: cli.database_url, accounts, withdrawals, threads })?;
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }

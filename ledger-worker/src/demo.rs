@@ -3,12 +3,11 @@
 //! no DATABASE_URL it starts (and removes) its own PostgreSQL.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use ledger_core::accounts::{self, NewAccount, SystemRole};
@@ -17,7 +16,9 @@ use ledger_core::journal::{self, EntryKind, Leg};
 use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
 use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
 
+use crate::daemon::{WorkerConfig, WorkerPool};
 use crate::database::Database;
+use crate::metrics::Metrics;
 
 const IBAN: &str = "DE89370400440532013000";
 
@@ -221,70 +222,62 @@ fn locked_race(url: &str) -> Result<()> {
 }
 
 fn many_withdrawals(url: &str, opts: &DemoOptions) -> Result<()> {
-    let pool = db::pool(
-        url,
-        &db::PoolConfig { max_size: opts.threads as u32, min_idle: Some(0), ..db::PoolConfig::default() },
-    )?;
-    let accounts: Vec<AccountId> = {
-        let mut conn = pool.get()?;
-        (0..opts.accounts).map(|i| open_funded(&mut conn, &format!("customer-{i}"), "500.00")).collect::<Result<_>>()?
-    };
-    let next = AtomicUsize::new(0);
-    let done = AtomicUsize::new(0);
-    let refused = AtomicUsize::new(0);
-    let started = Instant::now();
+    let mut conn = db::connect(url, &db::SessionConfig::default())?;
+    let accounts: Vec<AccountId> =
+        (0..opts.accounts).map(|i| open_funded(&mut conn, &format!("customer-{i}"), "500.00")).collect::<Result<_>>()?;
+    // Enqueue everything first (500 requests per commit), then let the daemon's worker
+    // pool drain the queue: the same code `ledger-worker run` runs.
     let total = opts.withdrawals;
-    thread::scope(|s| -> Result<()> {
-        let workers: Vec<_> = (0..opts.threads)
-            .map(|_| {
-                let (pool, accounts, next, done, refused) = (&pool, &accounts, &next, &done, &refused);
-                s.spawn(move || -> Result<()> {
-                    let mut conn = pool.get()?;
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= total {
-                            return Ok(());
-                        }
-                        // Amounts 5.00 .. 25.00, so some accounts run dry and refuse.
-                        let amount = Amount::from_minor(500 + (i as i64 * 137) % 2_000).expect("positive");
-                        let account = accounts[fastrand::usize(..accounts.len())];
-                        match withdrawals::withdraw(&mut conn, &request(account, amount, format!("demo-bulk-{i}"))) {
-                            Ok(_) => {}
-                            Err(LedgerError::InsufficientFunds { .. }) => {
-                                refused.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => return Err(e).context("withdrawal failed"),
-                        }
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        while workers.iter().any(|w| !w.is_finished()) {
-            progress(done.load(Ordering::Relaxed), total, started.elapsed());
-            thread::sleep(Duration::from_millis(100));
+    for chunk_start in (0..total).step_by(500) {
+        let chunk: Vec<usize> = (chunk_start..(chunk_start + 500).min(total)).collect();
+        ledger_core::transaction(&mut conn, &TxOptions::default(), |tx| {
+            for &i in &chunk {
+                // Amounts 5.00 .. 24.99, so some accounts run dry and refuse.
+                let amount = Amount::from_minor(500 + (i as i64 * 137) % 2_000).expect("positive");
+                let account = accounts[fastrand::usize(..accounts.len())];
+                withdrawals::request_tx(tx, &request(account, amount, format!("demo-bulk-{i}")))?;
+            }
+            Ok::<_, LedgerError>(())
+        })?;
+    }
+    let config = WorkerConfig {
+        threads: opts.threads,
+        pool_size: opts.threads as u32 + 2,
+        application_name: "ledger-demo".into(),
+        ..WorkerConfig::default()
+    };
+    let started = Instant::now();
+    let pool = WorkerPool::start(url, config)?;
+    let metrics = pool.metrics().clone();
+    loop {
+        let finished = metrics.finished() as usize;
+        progress(finished.min(total), total, started.elapsed());
+        if finished >= total || (pool.is_idle() && started.elapsed() > Duration::from_secs(1)) {
+            break;
         }
-        progress(done.load(Ordering::Relaxed), total, started.elapsed());
-        eprintln!();
-        for w in workers {
-            w.join().expect("worker panicked")?;
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("the withdrawals did not finish within 10 minutes");
         }
-        Ok(())
-    })?;
+        thread::sleep(Duration::from_millis(100));
+    }
     let elapsed = started.elapsed();
-    let mut conn = pool.get()?;
+    eprintln!();
+    pool.shutdown();
+    let (completed, rejected, failed) =
+        (Metrics::get(&metrics.completed), Metrics::get(&metrics.rejected), Metrics::get(&metrics.failed));
     let report = audit::run(&mut conn)?;
-    let refused = refused.load(Ordering::Relaxed);
-    println!("   {} completed, {} refused for insufficient funds", total - refused, refused);
+    println!("   {completed} completed, {rejected} refused for insufficient funds, {failed} failed");
     println!(
-        "   {:.0} withdrawals/s ({} in {:.2} s, fsync on)",
+        "   {:.0} withdrawals/s ({} in {:.2} s; {} worker threads, batches of up to {}, fsync on)",
         total as f64 / elapsed.as_secs_f64(),
         total,
-        elapsed.as_secs_f64()
+        elapsed.as_secs_f64(),
+        opts.threads,
+        WorkerConfig::default().batch_size,
     );
     println!("   {report}");
-    if !report.is_clean() {
-        bail!("audit found violations");
+    if !report.is_clean() || completed + rejected + failed != total as u64 {
+        bail!("the run did not end cleanly");
     }
     Ok(())
 }

@@ -2,5 +2,8 @@
 //! [`cli::main`]; everything else lives here so it can be tested and embedded.
 
 pub mod cli;
+pub mod commands;
+pub mod daemon;
 pub mod database;
 pub mod demo;
+pub mod metrics;

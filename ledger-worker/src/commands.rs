@@ -1,0 +1,377 @@
+//! What each CLI command does. Input is parsed into domain types before anything is
+//! written, so bad input is refused with the database unchanged.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use diesel::pg::PgConnection;
+use diesel_migrations::MigrationHarness;
+use ledger_core::accounts::{self, Account, NewAccount};
+use ledger_core::deposits::{self, Deposit};
+use ledger_core::transfers::{self, Transfer};
+use ledger_core::withdrawals::{self, Iban, Withdrawal, WithdrawalRequest, WithdrawalStatus};
+use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, WithdrawalId};
+use serde_json::{json, Value};
+use tracing::info;
+
+use crate::cli::{AccountCommand, Cli, Command, LogFormat, RunArgs, WithdrawalCommand};
+use crate::daemon::{WorkerConfig, WorkerPool};
+use crate::demo::{self, DemoOptions};
+use crate::metrics::{self, Metrics};
+
+/// Prints results as JSON lines (`--json`) or as short human lines.
+struct Output {
+    json: bool,
+}
+
+impl Output {
+    fn print(&self, value: Value, human: impl FnOnce() -> String) {
+        let mut stdout = std::io::stdout().lock();
+        let line = if self.json { value.to_string() } else { human() };
+        let _ = writeln!(stdout, "{line}");
+    }
+}
+
+fn require_url(url: Option<String>) -> Result<String> {
+    url.filter(|u| !u.is_empty()).ok_or_else(|| anyhow!("no database: pass --database-url or set DATABASE_URL"))
+}
+
+fn connect(url: Option<String>) -> Result<PgConnection> {
+    let url = require_url(url)?;
+    let mut conn = db::connect(&url, &db::SessionConfig::default())?;
+    let pending = conn.has_pending_migration(db::MIGRATIONS).map_err(|e| anyhow!("checking migrations: {e}"))?;
+    if pending {
+        bail!("the database schema is not up to date: run `ledger-worker migrate` first");
+    }
+    Ok(conn)
+}
+
+pub fn init_logging(format: LogFormat, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+fn account_json(a: &Account) -> Value {
+    json!({
+        "id": a.id.get(),
+        "owner": a.owner,
+        "currency": a.currency.code(),
+        "balance": a.balance_display(),
+        "overdraft_limit": a.currency.format_minor(a.overdraft_limit_minor),
+        "status": match a.status { accounts::AccountStatus::Open => "open", accounts::AccountStatus::Closed => "closed" },
+    })
+}
+
+fn withdrawal_json(w: &Withdrawal) -> Value {
+    let amount = Currency::from_code(&w.currency).map(|c| c.format_minor(w.amount_minor)).unwrap_or_default();
+    json!({
+        "id": w.id,
+        "account": w.account_id,
+        "amount": amount,
+        "currency": w.currency,
+        "to": w.destination,
+        "key": w.idempotency_key,
+        "status": w.status,
+        "reason": w.reason,
+        "attempts": w.attempts,
+        "last_error": w.last_error,
+    })
+}
+
+fn account_id(raw: i64) -> Result<AccountId> {
+    Ok(AccountId::new(raw)?)
+}
+
+/// Parses an amount in the account's currency (looked up, so it must exist).
+fn amount_for(conn: &mut PgConnection, account: AccountId, text: &str) -> Result<(Amount, Currency)> {
+    let currency = accounts::get(conn, account)?.currency;
+    Ok((Amount::parse(text, currency)?, currency))
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let out = Output { json: cli.json };
+    match cli.command {
+        Command::Migrate => {
+            let mut conn = db::connect(&require_url(cli.database_url)?, &db::SessionConfig::default())?;
+            let n = db::run_migrations(&mut conn)?;
+            out.print(json!({ "applied": n }), || format!("{n} migration(s) applied"));
+        }
+        Command::Account(AccountCommand::Open { owner, currency, overdraft_limit, key }) => {
+            let currency = Currency::from_code(&currency)?;
+            let limit = match overdraft_limit.as_str() {
+                "0" | "0.0" | "0.00" | "0.000" => 0,
+                text => Amount::parse(text, currency)?.minor(),
+            };
+            let key = key.map(IdempotencyKey::new).transpose()?;
+            let mut conn = connect(cli.database_url)?;
+            let account =
+                accounts::open(&mut conn, &NewAccount::new(owner, currency).with_overdraft(limit), key.as_ref())?;
+            out.print(account_json(&account), || format!("opened account {} ({})", account.id, account.currency));
+        }
+        Command::Account(AccountCommand::Show { id }) => {
+            let id = account_id(id)?;
+            let mut conn = connect(cli.database_url)?;
+            let a = accounts::get(&mut conn, id)?;
+            out.print(account_json(&a), || {
+                format!(
+                    "account {}: {} {} ({}), owner {}",
+                    a.id,
+                    a.balance_display(),
+                    a.currency,
+                    account_json(&a)["status"].as_str().unwrap_or(""),
+                    a.owner
+                )
+            });
+        }
+        Command::Deposit { account, amount, key } => {
+            let (account, key) = (account_id(account)?, IdempotencyKey::new(key)?);
+            let mut conn = connect(cli.database_url)?;
+            let (amount, currency) = amount_for(&mut conn, account, &amount)?;
+            let receipt = deposits::deposit(&mut conn, &Deposit { account, amount, currency, key })?;
+            let balance = accounts::get(&mut conn, account)?;
+            out.print(
+                json!({ "entry": receipt.entry.get(), "replayed": receipt.replayed, "account": account.get(),
+                        "balance": balance.balance_display() }),
+                || {
+                    format!(
+                        "deposited {} {currency} into account {account} (entry {}{}); balance {}",
+                        amount.format(currency),
+                        receipt.entry,
+                        if receipt.replayed { ", replayed" } else { "" },
+                        balance.balance_display()
+                    )
+                },
+            );
+        }
+        Command::Transfer { from, to, amount, key } => {
+            let (from, to, key) = (account_id(from)?, account_id(to)?, IdempotencyKey::new(key)?);
+            let mut conn = connect(cli.database_url)?;
+            let (amount, currency) = amount_for(&mut conn, from, &amount)?;
+            let receipt = transfers::transfer(&mut conn, &Transfer { from, to, amount, currency, key })?;
+            out.print(json!({ "entry": receipt.entry.get(), "replayed": receipt.replayed }), || {
+                format!(
+                    "transferred {} {currency} from {from} to {to} (entry {}{})",
+                    amount.format(currency),
+                    receipt.entry,
+                    if receipt.replayed { ", replayed" } else { "" }
+                )
+            });
+        }
+        Command::Withdraw { account, to, amount, key } => {
+            let (account, key, destination) = (account_id(account)?, IdempotencyKey::new(key)?, Iban::parse(&to)?);
+            let mut conn = connect(cli.database_url)?;
+            let (amount, currency) = amount_for(&mut conn, account, &amount)?;
+            let (id, replayed) =
+                withdrawals::request(&mut conn, &WithdrawalRequest { account, amount, currency, destination, key })?;
+            let w = withdrawals::get(&mut conn, id)?;
+            out.print(json!({ "id": id.get(), "status": w.status, "replayed": replayed }), || {
+                format!("withdrawal {id}: {}{}", w.status, if replayed { " (replayed)" } else { "" })
+            });
+        }
+        Command::Submit => return submit(cli.database_url),
+        Command::Withdrawal(WithdrawalCommand::Show { id }) => {
+            let id = WithdrawalId::new(id)?;
+            let mut conn = connect(cli.database_url)?;
+            let w = withdrawals::get(&mut conn, id)?;
+            out.print(withdrawal_json(&w), || {
+                format!(
+                    "withdrawal {}: {} {} {} from account {} to {}, {} attempt(s){}",
+                    w.id,
+                    w.status,
+                    withdrawal_json(&w)["amount"].as_str().unwrap_or(""),
+                    w.currency,
+                    w.account_id,
+                    w.destination,
+                    w.attempts,
+                    w.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+                )
+            });
+        }
+        Command::Withdrawal(WithdrawalCommand::List { status, account, limit }) => {
+            let status = status
+                .map(|s| WithdrawalStatus::parse(&s).ok_or_else(|| anyhow!("unknown status {s:?}: pending, completed, rejected, failed or returned")))
+                .transpose()?;
+            let account = account.map(account_id).transpose()?;
+            if !(1..=100_000).contains(&limit) {
+                bail!("--limit must be 1..=100000");
+            }
+            let mut conn = connect(cli.database_url)?;
+            for w in withdrawals::list(&mut conn, status, account, limit)? {
+                out.print(withdrawal_json(&w), || {
+                    format!("{:>8}  {:<10} {:>12} {}  account {}", w.id, w.status, withdrawal_json(&w)["amount"].as_str().unwrap_or(""), w.currency, w.account_id)
+                });
+            }
+        }
+        Command::Run(args) => {
+            init_logging(cli.log_format, "info");
+            return run_daemon(require_url(cli.database_url)?, &args);
+        }
+        Command::Audit => {
+            let mut conn = connect(cli.database_url)?;
+            let report = audit::run(&mut conn)?;
+            let violations: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
+            out.print(
+                json!({ "clean": report.is_clean(), "entries": report.entries, "postings": report.postings,
+                        "accounts": report.accounts, "violations": violations }),
+                || report.to_string(),
+            );
+            if !report.is_clean() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Demo { accounts, withdrawals, threads } => {
+            init_logging(cli.log_format, "warn");
+            if accounts == 0 || threads == 0 || withdrawals == 0 {
+                bail!("--accounts, --withdrawals and --threads must be at least 1");
+            }
+            demo::run(&DemoOptions { database_url: cli.database_url, accounts, withdrawals, threads })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitLine {
+    account: i64,
+    to: String,
+    amount: Value,
+    key: String,
+}
+
+/// Longest accepted input line; longer lines are refused, not buffered without bound.
+const MAX_LINE_BYTES: usize = 16 * 1024;
+
+fn submit(url: Option<String>) -> Result<ExitCode> {
+    let mut conn = connect(url)?;
+    let stdin = std::io::stdin().lock();
+    let mut currencies: HashMap<i64, Currency> = HashMap::new();
+    let (mut ok, mut bad) = (0_usize, 0_usize);
+    let mut stdout = std::io::stdout().lock();
+    for (n, line) in stdin.split(b'\n').enumerate() {
+        let number = n + 1;
+        let line = line.context("reading stdin")?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let result = if line.len() > MAX_LINE_BYTES {
+            Err(anyhow!("line longer than {MAX_LINE_BYTES} bytes"))
+        } else {
+            submit_line(&mut conn, &mut currencies, &line)
+        };
+        let value = match result {
+            Ok((id, replayed)) => {
+                ok += 1;
+                json!({ "line": number, "id": id.get(), "status": "pending", "replayed": replayed })
+            }
+            Err(e) => {
+                bad += 1;
+                json!({ "line": number, "error": format!("{e:#}") })
+            }
+        };
+        writeln!(stdout, "{value}")?;
+    }
+    stdout.flush()?;
+    if bad > 0 {
+        eprintln!("error: {bad} of {} line(s) refused; the other {ok} were enqueued", ok + bad);
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn submit_line(
+    conn: &mut PgConnection,
+    currencies: &mut HashMap<i64, Currency>,
+    line: &[u8],
+) -> Result<(WithdrawalId, bool)> {
+    let req: SubmitLine = serde_json::from_slice(line).map_err(|e| anyhow!("bad JSON: {e}"))?;
+    let Value::String(amount) = req.amount else {
+        bail!("amount must be a decimal string like \"50.00\", not a JSON number");
+    };
+    let account = account_id(req.account)?;
+    let key = IdempotencyKey::new(req.key)?;
+    let destination = Iban::parse(&req.to)?;
+    let currency = match currencies.get(&account.get()) {
+        Some(c) => *c,
+        None => {
+            let c = accounts::get(conn, account)?.currency;
+            currencies.insert(account.get(), c);
+            c
+        }
+    };
+    let amount = Amount::parse(&amount, currency)?;
+    Ok(withdrawals::request(conn, &WithdrawalRequest { account, amount, currency, destination, key })?)
+}
+
+fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
+    // Fail fast, with one clear line, on an unreachable or unmigrated database.
+    drop(connect(Some(url.clone()))?);
+    let config = WorkerConfig {
+        threads: args.threads,
+        pool_size: args.pool_size.unwrap_or(args.threads as u32 + 2),
+        channel_capacity: args.channel_capacity,
+        batch_size: args.batch_size,
+        poll_interval_ms: args.poll_interval_ms,
+        lock_timeout_ms: args.lock_timeout_ms,
+        tx_attempts: args.tx_attempts,
+        job_max_attempts: args.max_attempts,
+        job_max_backoff_ms: args.max_backoff_ms,
+        claim: true,
+        shutdown_grace_ms: args.shutdown_grace_ms,
+        application_name: "ledger-worker".into(),
+    };
+    config.validate().map_err(|e| anyhow!(e))?;
+    let terminate = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, terminate.clone()).context("installing signal handlers")?;
+    }
+    let metrics = Metrics::new();
+    if let Some(addr) = &args.metrics_addr {
+        let bound = metrics::serve(addr, metrics.clone()).with_context(|| format!("serving metrics on {addr}"))?;
+        info!(%bound, "serving Prometheus metrics");
+    }
+    info!(database = %db::redact_url(&url), "starting");
+    let pool = WorkerPool::start_with(&url, config, Arc::new(crate::daemon::LedgerProcessor), metrics.clone())?;
+    let mut last_report = Instant::now();
+    loop {
+        if terminate.load(Ordering::SeqCst) {
+            info!("signal received: finishing in-flight jobs");
+            break;
+        }
+        if args.exit_when_idle && pool.is_idle() {
+            info!("no withdrawal pending: exiting");
+            break;
+        }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            last_report = Instant::now();
+            info!(
+                claimed = Metrics::get(&metrics.claimed),
+                completed = Metrics::get(&metrics.completed),
+                rejected = Metrics::get(&metrics.rejected),
+                failed = Metrics::get(&metrics.failed),
+                retried = Metrics::get(&metrics.retried),
+                "progress"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let report = pool.shutdown();
+    info!(
+        completed = Metrics::get(&metrics.completed),
+        rejected = Metrics::get(&metrics.rejected),
+        failed = Metrics::get(&metrics.failed),
+        left_pending = report.left_pending,
+        "stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,137 @@
+//! Counters and a latency histogram for the daemon, rendered in Prometheus text format
+//! and served on `--metrics-addr` (off by default).
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in milliseconds (enqueue -> final state).
+const BUCKETS_MS: [u64; 14] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 60_000];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub claimed: AtomicU64,
+    pub completed: AtomicU64,
+    pub rejected: AtomicU64,
+    pub failed: AtomicU64,
+    /// Transaction attempts that hit a transient error and ran again.
+    pub retried: AtomicU64,
+    /// Jobs put back to pending with a recorded failed attempt.
+    pub deferred: AtomicU64,
+    /// Jobs another worker or daemon already had.
+    pub skipped: AtomicU64,
+    pub panics: AtomicU64,
+    pub workers_replaced: AtomicU64,
+    pub batches: AtomicU64,
+    latency_buckets: [AtomicU64; BUCKETS_MS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+    latency_max_us: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
+    pub fn observe_latency(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let ms = us / 1_000;
+        for (bucket, bound) in self.latency_buckets.iter().zip(BUCKETS_MS) {
+            if ms < bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+        self.latency_max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// Final states reached (completed, rejected or failed).
+    pub fn finished(&self) -> u64 {
+        Self::get(&self.completed) + Self::get(&self.rejected) + Self::get(&self.failed)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counters: [(&str, &AtomicU64, &str); 10] = [
+            ("claimed", &self.claimed, "jobs handed to workers by the claimer"),
+            ("completed", &self.completed, "withdrawals debited and queued for payout"),
+            ("rejected", &self.rejected, "withdrawals refused for a business reason"),
+            ("failed", &self.failed, "withdrawals given up after repeated non-business failures"),
+            ("retried", &self.retried, "transaction attempts retried after a transient error"),
+            ("deferred", &self.deferred, "jobs put back to pending after a failed attempt"),
+            ("skipped", &self.skipped, "jobs already taken by another worker"),
+            ("panics", &self.panics, "worker panics"),
+            ("workers_replaced", &self.workers_replaced, "worker threads replaced after a panic"),
+            ("batches", &self.batches, "batch transactions run"),
+        ];
+        for (name, value, help) in counters {
+            out.push_str(&format!(
+                "# HELP ledger_jobs_{name}_total {help}\n# TYPE ledger_jobs_{name}_total counter\nledger_jobs_{name}_total {}\n",
+                Self::get(value)
+            ));
+        }
+        out.push_str("# HELP ledger_job_latency_seconds enqueue to final state\n");
+        out.push_str("# TYPE ledger_job_latency_seconds histogram\n");
+        for (bucket, bound) in self.latency_buckets.iter().zip(BUCKETS_MS) {
+            out.push_str(&format!(
+                "ledger_job_latency_seconds_bucket{{le=\"{}\"}} {}\n",
+                bound as f64 / 1000.0,
+                Self::get(bucket)
+            ));
+        }
+        let count = Self::get(&self.latency_count);
+        out.push_str(&format!("ledger_job_latency_seconds_bucket{{le=\"+Inf\"}} {count}\n"));
+        out.push_str(&format!(
+            "ledger_job_latency_seconds_sum {}\n",
+            Self::get(&self.latency_sum_us) as f64 / 1_000_000.0
+        ));
+        out.push_str(&format!("ledger_job_latency_seconds_count {count}\n"));
+        out
+    }
+}
+
+/// Serves `metrics.render()` to any HTTP request on `addr`, from a background thread.
+pub fn serve(addr: &str, metrics: Arc<Metrics>) -> std::io::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut request = [0_u8; 1024];
+            let _ = stream.read(&mut request);
+            let body = metrics.render();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    })?;
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_land_in_cumulative_buckets() {
+        let m = Metrics::default();
+        m.observe_latency(Duration::from_micros(500));
+        m.observe_latency(Duration::from_millis(30));
+        let text = m.render();
+        assert!(text.contains("ledger_job_latency_seconds_bucket{le=\"0.001\"} 1\n"), "{text}");
+        assert!(text.contains("ledger_job_latency_seconds_bucket{le=\"0.025\"} 1\n"), "{text}");
+        assert!(text.contains("ledger_job_latency_seconds_bucket{le=\"0.05\"} 2\n"), "{text}");
+        assert!(text.contains("ledger_job_latency_seconds_count 2\n"), "{text}");
+    }
+}

@@ -1,0 +1,153 @@
+//! Shared set-up and checks for the daemon and CLI tests.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
+use ledger_core::{testing, AccountId, Amount, Currency, LedgerError, TxOptions, WithdrawalId};
+
+pub const IBAN: &str = "DE89370400440532013000";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ledger-worker")
+}
+
+/// Opens `accounts` accounts holding `funds` each and enqueues `jobs` withdrawals of
+/// 1.00 to 30.00 spread over them (more than the funds: some will be refused).
+pub fn seed(conn: &mut PgConnection, accounts: usize, funds: &str, jobs: usize) -> (Vec<AccountId>, Vec<WithdrawalId>) {
+    let ids: Vec<AccountId> =
+        (0..accounts).map(|i| testing::funded_account(conn, &format!("c{i}"), Currency::EUR, funds)).collect();
+    let mut jobs_out = Vec::with_capacity(jobs);
+    for chunk in (0..jobs).collect::<Vec<_>>().chunks(1_000) {
+        let made = ledger_core::transaction(conn, &TxOptions::default(), |tx| {
+            chunk
+                .iter()
+                .map(|&i| {
+                    let req = WithdrawalRequest {
+                        account: ids[i % ids.len()],
+                        amount: Amount::from_minor(100 + (i as i64 * 7_919) % 2_900).unwrap(),
+                        currency: Currency::EUR,
+                        destination: Iban::parse(IBAN).unwrap(),
+                        key: testing::key("job"),
+                    };
+                    withdrawals::request_tx(tx, &req).map(|(id, _)| id)
+                })
+                .collect::<Result<Vec<_>, LedgerError>>()
+        })
+        .unwrap();
+        jobs_out.extend(made);
+    }
+    (ids, jobs_out)
+}
+
+#[derive(QueryableByName, Debug)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+pub fn count(conn: &mut PgConnection, sql: &str) -> i64 {
+    diesel::sql_query(sql).get_result::<Count>(conn).unwrap_or_else(|e| panic!("{sql}: {e}")).n
+}
+
+pub fn pending(conn: &mut PgConnection) -> i64 {
+    count(conn, "SELECT count(*) AS n FROM withdrawals WHERE status = 'pending'")
+}
+
+pub fn finished(conn: &mut PgConnection) -> i64 {
+    count(conn, "SELECT count(*) AS n FROM withdrawals WHERE status <> 'pending'")
+}
+
+/// Every withdrawal's effect applied exactly once: completed ones have exactly one
+/// journal entry debiting exactly their amount and exactly one payout; nothing else
+/// moved money out; the audit is clean.
+pub fn assert_exactly_once(conn: &mut PgConnection) {
+    let completed = count(conn, "SELECT count(*) AS n FROM withdrawals WHERE status = 'completed'");
+    let entries = count(conn, "SELECT count(*) AS n FROM journal_entries WHERE kind = 'withdrawal'");
+    let payouts = count(conn, "SELECT count(*) AS n FROM payouts");
+    assert_eq!((entries, payouts), (completed, completed), "completed withdrawals = debits = payouts");
+    let mismatched = count(
+        conn,
+        "SELECT count(*) AS n FROM withdrawals w
+         LEFT JOIN payouts p ON p.withdrawal_id = w.id
+         WHERE (w.status = 'completed') <> (p.id IS NOT NULL)
+            OR (p.id IS NOT NULL AND p.amount_minor <> w.amount_minor)",
+    );
+    assert_eq!(mismatched, 0, "each completed withdrawal has its own payout of its amount");
+    let debited_twice = count(
+        conn,
+        "SELECT count(*) AS n FROM (SELECT reference FROM journal_entries WHERE kind = 'withdrawal'
+                                    GROUP BY reference HAVING count(*) > 1) d",
+    );
+    assert_eq!(debited_twice, 0, "no withdrawal debited twice");
+    let below_floor = count(conn, "SELECT count(*) AS n FROM accounts WHERE balance_minor < -overdraft_limit_minor");
+    assert_eq!(below_floor, 0);
+    let report = ledger_core::audit::run(conn).unwrap();
+    assert!(report.is_clean(), "{report}");
+}
+
+/// The statuses present, for messages.
+pub fn statuses(conn: &mut PgConnection) -> String {
+    #[derive(QueryableByName)]
+    struct S {
+        #[diesel(sql_type = Text)]
+        s: String,
+    }
+    diesel::sql_query(
+        "SELECT string_agg(status || '=' || n, ', ') AS s FROM
+           (SELECT status, count(*) AS n FROM withdrawals GROUP BY status ORDER BY status) x",
+    )
+    .get_result::<S>(conn)
+    .map(|r| r.s)
+    .unwrap_or_default()
+}
+
+pub fn spawn_daemon(url: &str, extra: &[&str]) -> Child {
+    Command::new(bin())
+        .args(["run", "--database-url", url, "--log-format", "json"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the daemon")
+}
+
+/// Waits for `cond`, polling; panics with `what` after `timeout`.
+pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits for a child to exit, at most `timeout`; kills it and panics otherwise.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process {} did not exit within {timeout:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn stderr_of(child: &mut Child) -> String {
+    use std::io::Read;
+    let mut s = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut s);
+    }
+    s
+}

@@ -337,17 +337,16 @@ pub fn process_batch_tx(tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<Bat
         .order(withdrawals::id.asc())
         .select((
             Withdrawal::as_select(),
-            diesel::dsl::sql::<diesel::sql_types::BigInt>("(EXTRACT(EPOCH FROM withdrawals.created_at) * 1000000)::bigint"),
+            diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                "(EXTRACT(EPOCH FROM withdrawals.created_at) * 1000000)::bigint",
+            ),
         ))
         .for_update()
         .skip_locked()
         .load(tx.conn())?;
     let lock_set: tx::LockSet = jobs.iter().map(|(j, _)| AccountId::from_db(j.account_id)).collect();
-    let mut locked: HashMap<i64, Result<accounts::LockedAccount, LedgerError>> = lock_set
-        .ids()
-        .map(AccountId::get)
-        .zip(accounts::lock_all(tx, &lock_set)?)
-        .collect();
+    let mut locked: HashMap<i64, Result<accounts::LockedAccount, LedgerError>> =
+        lock_set.ids().map(AccountId::get).zip(accounts::lock_all(tx, &lock_set)?).collect();
     let mut in_transit: HashMap<String, AccountId> = HashMap::new();
     let mut items: Vec<BatchItem> = Vec::with_capacity(ids.len());
     for (job, enqueued_at_us) in &jobs {
@@ -489,7 +488,8 @@ pub fn list(
     account: Option<AccountId>,
     limit: i64,
 ) -> Result<Vec<Withdrawal>, LedgerError> {
-    let mut query = withdrawals::table.select(Withdrawal::as_select()).order(withdrawals::id.desc()).limit(limit).into_boxed();
+    let mut query =
+        withdrawals::table.select(Withdrawal::as_select()).order(withdrawals::id.desc()).limit(limit).into_boxed();
     if let Some(s) = status {
         query = query.filter(withdrawals::status.eq(s.as_str()));
     }

@@ -42,7 +42,7 @@ pub enum Command {
         #[arg(long)]
         account: i64,
         /// Decimal amount in the account's currency, e.g. 100.00.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         amount: String,
         #[arg(long)]
         key: String,
@@ -53,7 +53,7 @@ pub enum Command {
         from: i64,
         #[arg(long)]
         to: i64,
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         amount: String,
         #[arg(long)]
         key: String,
@@ -65,7 +65,7 @@ pub enum Command {
         /// Destination IBAN.
         #[arg(long)]
         to: String,
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         amount: String,
         #[arg(long)]
         key: String,
@@ -102,7 +102,7 @@ pub enum AccountCommand {
         #[arg(long)]
         currency: String,
         /// How far below zero the balance may go, e.g. 100.00.
-        #[arg(long, default_value = "0")]
+        #[arg(long, default_value = "0", allow_hyphen_values = true)]
         overdraft_limit: String,
         /// Makes opening idempotent.
         #[arg(long)]
@@ -178,8 +178,13 @@ pub fn main() -> ExitCode {
             }
             // One line, as scripts expect; `--help` has the rest.
             let text = e.to_string();
-            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
-            eprintln!("{} (see --help)", line.trim());
+            let line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            eprintln!("{} (see --help)", line.join(" "));
             return ExitCode::from(2);
         }
     };

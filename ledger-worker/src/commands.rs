@@ -199,7 +199,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Withdrawal(WithdrawalCommand::List { status, account, limit }) => {
             let status = status
-                .map(|s| WithdrawalStatus::parse(&s).ok_or_else(|| anyhow!("unknown status {s:?}: pending, completed, rejected, failed or returned")))
+                .map(|s| {
+                    WithdrawalStatus::parse(&s).ok_or_else(|| {
+                        anyhow!("unknown status {s:?}: pending, completed, rejected, failed or returned")
+                    })
+                })
                 .transpose()?;
             let account = account.map(account_id).transpose()?;
             if !(1..=100_000).contains(&limit) {
@@ -208,7 +212,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let mut conn = connect(cli.database_url)?;
             for w in withdrawals::list(&mut conn, status, account, limit)? {
                 out.print(withdrawal_json(&w), || {
-                    format!("{:>8}  {:<10} {:>12} {}  account {}", w.id, w.status, withdrawal_json(&w)["amount"].as_str().unwrap_or(""), w.currency, w.account_id)
+                    format!(
+                        "{:>8}  {:<10} {:>12} {}  account {}",
+                        w.id,
+                        w.status,
+                        withdrawal_json(&w)["amount"].as_str().unwrap_or(""),
+                        w.currency,
+                        w.account_id
+                    )
                 });
             }
         }

@@ -295,9 +295,8 @@ fn supervise(shared: Arc<Shared>, receiver: Receiver<i64>) {
         let (shared, receiver) = (shared.clone(), receiver.clone());
         thread::Builder::new().name(format!("worker-{n}")).spawn(move || worker_loop(&shared, &receiver))
     };
-    let mut workers: Vec<JoinHandle<WorkerExit>> = (0..shared.config.threads)
-        .map(|n| spawn(n).expect("spawning a worker thread"))
-        .collect();
+    let mut workers: Vec<JoinHandle<WorkerExit>> =
+        (0..shared.config.threads).map(|n| spawn(n).expect("spawning a worker thread")).collect();
     let mut next_name = workers.len();
     loop {
         let mut i = 0;
@@ -404,7 +403,9 @@ fn isolate_panicking_jobs(shared: &Shared, ids: &[WithdrawalId]) {
                     error!(withdrawal = id.get(), %reason, "withdrawal failed");
                 }
                 Ok(false) => {}
-                Err(e) => error!(withdrawal = id.get(), error = %e, "could not record the failure; the job stays pending"),
+                Err(e) => {
+                    error!(withdrawal = id.get(), error = %e, "could not record the failure; the job stays pending")
+                }
             }
         }
     }
@@ -533,7 +534,8 @@ fn claim_loop(shared: Arc<Shared>, sender: Sender<i64>) {
                 shared.metrics.claimed.fetch_add(claimed as u64, Ordering::Relaxed);
                 if claimed < room {
                     // Caught up. Idle when nothing is pending and nothing is in flight.
-                    let idle = shared.inflight().is_empty() && withdrawals::pending_count(c).map(|n| n == 0).unwrap_or(false);
+                    let idle =
+                        shared.inflight().is_empty() && withdrawals::pending_count(c).map(|n| n == 0).unwrap_or(false);
                     shared.idle.store(idle, Ordering::SeqCst);
                     if let Err(e) = wait_for_work(&shared, c) {
                         warn!(error = %e, "lost the LISTEN connection; reconnecting");

@@ -223,8 +223,9 @@ fn locked_race(url: &str) -> Result<()> {
 
 fn many_withdrawals(url: &str, opts: &DemoOptions) -> Result<()> {
     let mut conn = db::connect(url, &db::SessionConfig::default())?;
-    let accounts: Vec<AccountId> =
-        (0..opts.accounts).map(|i| open_funded(&mut conn, &format!("customer-{i}"), "500.00")).collect::<Result<_>>()?;
+    let accounts: Vec<AccountId> = (0..opts.accounts)
+        .map(|i| open_funded(&mut conn, &format!("customer-{i}"), "500.00"))
+        .collect::<Result<_>>()?;
     // Enqueue everything first (500 requests per commit), then let the daemon's worker
     // pool drain the queue: the same code `ledger-worker run` runs.
     let total = opts.withdrawals;

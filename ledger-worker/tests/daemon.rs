@@ -36,7 +36,8 @@ fn five_thousand_withdrawals_two_daemons_and_a_sigkill_end_exactly_once() {
         assert!(status.success(), "daemon exited with {status}: {}", stderr_of(child));
     }
     assert_eq!(pending(&mut conn), 0, "{}", statuses(&mut conn));
-    let failed = common::count(&mut conn, "SELECT count(*) AS n FROM withdrawals WHERE status NOT IN ('completed', 'rejected')");
+    let failed =
+        common::count(&mut conn, "SELECT count(*) AS n FROM withdrawals WHERE status NOT IN ('completed', 'rejected')");
     assert_eq!(failed, 0, "{}", statuses(&mut conn));
     let rejected = common::count(&mut conn, "SELECT count(*) AS n FROM withdrawals WHERE status = 'rejected'");
     assert!(rejected > 0, "the seed asks for more than the funds, so some are refused");
@@ -48,7 +49,8 @@ fn killing_the_daemons_connections_again_and_again_loses_and_doubles_nothing() {
     let db = testing::committed();
     let mut conn = db.conn();
     seed(&mut conn, 20, "500.00", 2_000);
-    let mut daemon = spawn_daemon(db.url(), &["--threads", "3", "--batch-size", "4", "--exit-when-idle", "--max-attempts", "1000"]);
+    let mut daemon =
+        spawn_daemon(db.url(), &["--threads", "3", "--batch-size", "4", "--exit-when-idle", "--max-attempts", "1000"]);
     let stop = AtomicBool::new(false);
     let kills = thread::scope(|s| {
         let killer = s.spawn(|| {
@@ -216,7 +218,8 @@ fn an_embedding_service_feeds_jobs_it_committed_itself_through_the_channel() {
     };
     // The service's own transaction: its order row and the withdrawal commit together.
     let submitted = ledger_core::transaction(&mut conn, &TxOptions::default(), |tx| {
-        tx.conn().batch_execute("CREATE TABLE service_orders (id int PRIMARY KEY); INSERT INTO service_orders VALUES (1)")?;
+        tx.conn()
+            .batch_execute("CREATE TABLE service_orders (id int PRIMARY KEY); INSERT INTO service_orders VALUES (1)")?;
         Ok::<_, LedgerError>(withdrawals::request_tx(tx, &request("svc-1"))?.0)
     })
     .unwrap();
@@ -289,4 +292,32 @@ fn a_locked_account_makes_jobs_wait_and_retry_not_fail() {
         assert_eq!(status_of(&mut conn, id).status(), WithdrawalStatus::Completed);
     }
     assert_exactly_once(&mut conn);
+}
+
+#[test]
+fn the_daemon_rides_out_a_database_restart() {
+    use ledger_core::testing::{Durability, TempCluster};
+    // Its own server, so restarting it disturbs no other test.
+    let cluster = TempCluster::start(Durability::Throwaway).unwrap();
+    let mut admin = ledger_core::db::connect(&cluster.url("postgres"), &Default::default()).unwrap();
+    admin.batch_execute("CREATE DATABASE restart_test").unwrap();
+    let url = cluster.url("restart_test");
+    let mut conn = ledger_core::db::connect(&url, &Default::default()).unwrap();
+    ledger_core::db::run_migrations(&mut conn).unwrap();
+    seed(&mut conn, 20, "500.00", 3_000);
+    let mut daemon =
+        spawn_daemon(&url, &["--threads", "2", "--batch-size", "2", "--exit-when-idle", "--max-attempts", "1000"]);
+    wait_for(Duration::from_secs(60), "progress", || finished(&mut conn) >= 300);
+    drop(conn);
+    cluster.restart().unwrap();
+    let mut conn = ledger_core::db::connect(&url, &Default::default()).unwrap();
+    assert!(pending(&mut conn) > 0, "the restart landed mid-run");
+    let status = wait_exit(&mut daemon, Duration::from_secs(120));
+    assert!(status.success(), "{status}: {}", stderr_of(&mut daemon));
+    assert_eq!(pending(&mut conn), 0, "{}", statuses(&mut conn));
+    assert_eq!(common::count(&mut conn, "SELECT count(*) AS n FROM withdrawals WHERE status = 'failed'"), 0);
+    assert_exactly_once(&mut conn);
+    drop(conn);
+    drop(admin);
+    cluster.stop().unwrap();
 }

@@ -211,6 +211,20 @@ impl TempCluster {
         Ok(())
     }
 
+    /// Restarts the server (fast shutdown: every connection is cut), as a crash-free
+    /// stand-in for a database failover in tests. Returns when it accepts connections.
+    pub fn restart(&self) -> Result<(), ClusterError> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.log_file())
+            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        self.run("pg_ctl restart", cmd)
+    }
+
     /// Stops the server (fast shutdown) and deletes its files.
     pub fn stop(mut self) -> Result<(), ClusterError> {
         self.stop_inner()

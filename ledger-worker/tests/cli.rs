@@ -1,0 +1,174 @@
+//! The CLI contract: names, JSON output, exit codes, one-line errors, and bad input
+//! that leaves the database unchanged.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+use ledger_core::testing;
+use serde_json::Value;
+
+fn cli(url: &str, args: &[&str]) -> Output {
+    Command::new(bin()).args(args).env("DATABASE_URL", url).stdin(Stdio::null()).output().unwrap()
+}
+
+fn ok_json(url: &str, args: &[&str]) -> Value {
+    let out = cli(url, &[&["--json"], args].concat());
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Runs a command that must fail: non-zero exit, exactly one line on stderr, database unchanged.
+fn refused(db: &testing::TestDb, args: &[&str], stdin: Option<&str>) -> String {
+    let mut conn = db.conn();
+    let before = testing::snapshot(&mut conn);
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: one-line error expected, got {stderr:?}");
+    assert_eq!(testing::snapshot(&mut conn), before, "{args:?} changed the database");
+    stderr
+}
+
+#[test]
+fn the_documented_commands_work_end_to_end() {
+    let db = testing::committed();
+    let url = db.url();
+    assert_eq!(ok_json(url, &["migrate"])["applied"], 0);
+    let a = ok_json(url, &["account", "open", "--owner", "alice", "--currency", "EUR"]);
+    let b = ok_json(url, &["account", "open", "--owner", "bob", "--currency", "EUR", "--overdraft-limit", "10.00"]);
+    let (a_id, b_id) = (a["id"].as_i64().unwrap().to_string(), b["id"].as_i64().unwrap().to_string());
+    assert_eq!(b["overdraft_limit"], "10.00");
+    let dep = ok_json(url, &["deposit", "--account", &a_id, "--amount", "100.00", "--key", "d-1"]);
+    assert_eq!((dep["balance"].as_str(), dep["replayed"].as_bool()), (Some("100.00"), Some(false)));
+    let again = ok_json(url, &["deposit", "--account", &a_id, "--amount", "100.00", "--key", "d-1"]);
+    assert_eq!((again["balance"].as_str(), again["replayed"].as_bool()), (Some("100.00"), Some(true)));
+    ok_json(url, &["transfer", "--from", &a_id, "--to", &b_id, "--amount", "10.00", "--key", "t-1"]);
+    let w = ok_json(url, &["withdraw", "--account", &a_id, "--to", IBAN, "--amount", "50.00", "--key", "w-1"]);
+    assert_eq!(w["status"], "pending");
+    let wid = w["id"].as_i64().unwrap().to_string();
+
+    let mut child = Command::new(bin())
+        .args(["submit"])
+        .env("DATABASE_URL", url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = format!(
+        "{{\"account\": {a_id}, \"to\": \"{IBAN}\", \"amount\": \"5.00\", \"key\": \"s-1\"}}\n\
+         not json\n\
+         {{\"account\": {a_id}, \"to\": \"{IBAN}\", \"amount\": \"5.001\", \"key\": \"s-2\"}}\n\
+         \n\
+         {{\"account\": {b_id}, \"to\": \"{IBAN}\", \"amount\": \"1.00\", \"key\": \"s-3\"}}\n"
+    );
+    child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "a refused line makes the exit code non-zero");
+    let results: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(results.len(), 4);
+    assert!(results[0]["id"].is_i64() && results[0]["line"] == 1);
+    assert!(results[1]["error"].as_str().unwrap().contains("bad JSON") && results[1]["line"] == 2);
+    assert!(results[2]["error"].as_str().unwrap().contains("more decimals") && results[2]["line"] == 3);
+    assert!(results[3]["id"].is_i64() && results[3]["line"] == 5);
+
+    let mut daemon = spawn_daemon(url, &["--exit-when-idle"]);
+    assert!(wait_exit(&mut daemon, std::time::Duration::from_secs(60)).success());
+    let shown = ok_json(url, &["withdrawal", "show", &wid]);
+    assert_eq!((shown["status"].as_str(), shown["attempts"].as_i64()), (Some("completed"), Some(1)));
+    let listed = cli(url, &["--json", "withdrawal", "list", "--status", "completed", "--account", &a_id]);
+    let rows: Vec<Value> =
+        String::from_utf8_lossy(&listed.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    let shown_a = ok_json(url, &["account", "show", &a_id]);
+    assert_eq!(shown_a["balance"], "35.00"); // 100 - 10 - 50 - 5
+    let audit = ok_json(url, &["audit"]);
+    assert_eq!(audit["clean"], true);
+}
+
+#[test]
+fn bad_input_gets_a_clear_one_line_error_and_changes_nothing() {
+    let db = testing::committed();
+    let a = ok_json(db.url(), &["account", "open", "--owner", "a", "--currency", "EUR"])["id"].as_i64().unwrap();
+    let a = a.to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["deposit", "--account", "999999", "--amount", "1.00", "--key", "k"], "unknown account 999999"),
+        (vec!["deposit", "--account", &a, "--amount", "1,00", "--key", "k"], "malformed amount"),
+        (vec!["deposit", "--account", &a, "--amount", "-1.00", "--key", "k"], "must be positive"),
+        (vec!["deposit", "--account", &a, "--amount", "0.001", "--key", "k"], "more decimals"),
+        (vec!["deposit", "--account", &a, "--amount", "1.00"], "--key"),
+        (vec!["deposit", "--account", &a, "--amount", "1.00", "--key", "has space"], "idempotency key"),
+        (vec!["withdraw", "--account", &a, "--to", "DE00370400440532013000", "--amount", "1.00", "--key", "k"], "IBAN"),
+        (vec!["withdraw", "--account", "0", "--to", IBAN, "--amount", "1.00", "--key", "k"], "ids are positive"),
+        (vec!["account", "open", "--owner", "x", "--currency", "XYZ"], "unknown currency"),
+        (vec!["account", "show", "424242"], "unknown account"),
+        (vec!["withdrawal", "show", "424242"], "unknown withdrawal"),
+        (vec!["withdrawal", "list", "--status", "done"], "unknown status"),
+        (vec!["transfer", "--from", &a, "--to", &a, "--amount", "1.00", "--key", "k"], "two different accounts"),
+        (vec!["frobnicate"], "unrecognized subcommand"),
+    ];
+    for (args, expected) in cases {
+        let err = refused(&db, &args, None);
+        assert!(err.contains(expected), "{args:?}: expected {expected:?} in {err:?}");
+    }
+    let err = refused(&db, &["submit"], Some("{\"account\": 1, \"to\": \"x\"}\n"));
+    assert!(err.contains("1 of 1 line(s) refused"), "{err}");
+}
+
+#[test]
+fn passwords_never_reach_the_output() {
+    let out = Command::new(bin())
+        .args(["account", "show", "1", "--database-url", "postgres://app:hunter2-secret@127.0.0.1:1/ledger"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!stderr.contains("hunter2-secret"), "{stderr}");
+    assert!(stderr.contains("app:***@"), "{stderr}");
+}
+
+#[test]
+fn metrics_are_served_in_prometheus_format_when_asked() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    seed(&mut conn, 2, "100.00", 10);
+    // Ask the OS for a free port, then hand it to the daemon.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut daemon = spawn_daemon(db.url(), &["--metrics-addr", &addr]);
+    wait_for(std::time::Duration::from_secs(30), "jobs to finish", || pending(&mut conn) == 0);
+    let body = {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    let _ = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status();
+    assert!(wait_exit(&mut daemon, std::time::Duration::from_secs(15)).success());
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    let finished: u64 = ["completed", "rejected"]
+        .iter()
+        .map(|k| {
+            let line = body.lines().find(|l| l.starts_with(&format!("ledger_jobs_{k}_total "))).unwrap();
+            line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(finished, 10, "{body}");
+    assert!(body.contains("ledger_job_latency_seconds_count 10"), "{body}");
+}

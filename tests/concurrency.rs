@@ -82,13 +82,13 @@ fn two_hundred_concurrent_withdrawals_never_overdraw_or_lose_an_update() {
     assert_eq!(outcome.balance_minor, 0);
     assert!(outcome.audit_clean);
     let mut conn = db.conn();
-    let completed: i64 = ledger_core::schema::withdrawals::table
-        .filter(ledger_core::schema::withdrawals::status.eq("completed"))
+    let debited: i64 = ledger_core::schema::withdrawals::table
+        .filter(ledger_core::schema::withdrawals::status.eq("paying_out"))
         .count()
         .get_result(&mut conn)
         .unwrap();
     let payouts: i64 = ledger_core::schema::payouts::table.count().get_result(&mut conn).unwrap();
-    assert_eq!((completed, payouts), (2, 2), "one payout per completed withdrawal, none for refusals");
+    assert_eq!((debited, payouts), (2, 2), "one payout per debited withdrawal, none for refusals");
 }
 
 /// The talk's version 1: check the balance, then write it, without a row lock. Every

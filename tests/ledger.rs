@@ -34,7 +34,7 @@ fn deposit_transfer_and_withdraw_move_money_in_balanced_entries() {
         )
         .unwrap();
         let w = withdrawals::withdraw(conn, &withdrawal(bob, "10.00", "w")).unwrap();
-        assert_eq!(w.status(), WithdrawalStatus::Completed);
+        assert_eq!(w.status(), WithdrawalStatus::PayingOut);
         assert_eq!(balance(conn, alice), 6975);
         assert_eq!(balance(conn, bob), 2525);
         let in_transit = accounts::system_account(conn, SystemRole::PayoutsInTransit, Currency::EUR).unwrap();
@@ -83,8 +83,8 @@ fn a_withdrawal_job_is_processed_once_and_a_refusal_is_recorded_with_its_reason(
         let run = |conn: &mut PgConnection, id| {
             ledger_core::transaction(conn, &TxOptions::default(), |tx| withdrawals::process_tx(tx, id)).unwrap()
         };
-        assert!(matches!(run(conn, first), Processed::Completed { .. }));
-        assert_eq!(run(conn, first), Processed::AlreadyFinal(WithdrawalStatus::Completed));
+        assert!(matches!(run(conn, first), Processed::Debited { .. }));
+        assert_eq!(run(conn, first), Processed::AlreadyFinal(WithdrawalStatus::PayingOut));
         assert!(matches!(run(conn, second), Processed::Rejected { code: "insufficient_funds", .. }));
         let job = withdrawals::get(conn, second).unwrap();
         assert_eq!(job.status(), WithdrawalStatus::Rejected);
@@ -373,14 +373,14 @@ fn migrations_revert_cleanly_and_apply_again() {
     let db = testing::committed();
     let mut conn = db.conn();
     let reverted = conn.revert_all_migrations(ledger_core::db::MIGRATIONS).unwrap();
-    assert_eq!(reverted.len(), 5);
+    assert_eq!(reverted.len(), ledger_core::db::migration_count());
     let left: i64 = diesel::dsl::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
         "(SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename <> '__diesel_schema_migrations')",
     ))
     .get_result(&mut conn)
     .unwrap();
     assert_eq!(left, 0, "down.sql leaves no table behind");
-    assert_eq!(ledger_core::db::run_migrations(&mut conn).unwrap(), 5);
+    assert_eq!(ledger_core::db::run_migrations(&mut conn).unwrap(), ledger_core::db::migration_count());
     let a = testing::funded_account(&mut conn, "after-redo", Currency::EUR, "1.00");
     assert_eq!(balance(&mut conn, a), 100);
 }

@@ -300,6 +300,23 @@ pub fn lock(tx: &mut Tx<'_>, id: AccountId) -> Result<LockedAccount, LedgerError
     locked(row)
 }
 
+/// Locks a customer account even if it is closed: money owed back to a customer (a
+/// returned payout) must reach the account whatever its status.
+pub fn lock_even_if_closed(tx: &mut Tx<'_>, id: AccountId) -> Result<LockedAccount, LedgerError> {
+    let row: AccountRow = accounts::table
+        .find(id.get())
+        .select(AccountRow::as_select())
+        .for_no_key_update()
+        .first(tx.conn())
+        .optional()?
+        .ok_or(LedgerError::UnknownAccount(id))?;
+    let account = Account::try_from(row)?;
+    if account.kind == AccountKind::System {
+        return Err(LedgerError::SystemAccount(account.id));
+    }
+    Ok(LockedAccount { account })
+}
+
 /// Locks several customer accounts in ascending id order (the `LockSet` is sorted), in
 /// one statement: PostgreSQL locks rows in the order `ORDER BY id` returns them.
 /// Returns them in that order; fails with `UnknownAccount` if any is missing.

@@ -3,8 +3,9 @@
 //! 1. Every journal entry has at least two postings and they sum to zero per currency.
 //! 2. Every customer account's stored balance equals the sum of its postings, each
 //!    posting's running balance is right, and no balance is below its floor.
-//! 3. The payouts-in-transit accounts hold exactly the payouts not yet settled/returned,
-//!    and every completed withdrawal has exactly one entry and one payout.
+//! 3. The payouts-in-transit accounts hold exactly the payouts not yet settled or
+//!    returned; the external-settlement accounts hold exactly the settled ones; every
+//!    debited withdrawal has exactly one entry and one payout, in matching states.
 
 use std::fmt;
 
@@ -22,6 +23,8 @@ pub enum Violation {
     RunningBalanceWrong { posting: i64, stored_minor: i64, expected_minor: i64 },
     BelowFloor { account: i64, balance_minor: i64, floor_minor: i64 },
     InTransitMismatch { currency: String, in_transit_minor: i64, open_payouts_minor: i64 },
+    SettlementMismatch { currency: String, settled_minor: i64, settled_payouts_minor: i64 },
+    PayoutStateMismatch { withdrawal: i64, withdrawal_status: String, payout_status: String },
     WithdrawalWithoutPayout { withdrawal: i64 },
     WithdrawalEntryMismatch { withdrawal: i64 },
 }
@@ -46,8 +49,15 @@ impl fmt::Display for Violation {
                 f,
                 "{currency}: payouts in transit hold {in_transit_minor}, open payouts total {open_payouts_minor}"
             ),
+            Violation::SettlementMismatch { currency, settled_minor, settled_payouts_minor } => write!(
+                f,
+                "{currency}: external settlement holds {settled_minor}, settled payouts total {settled_payouts_minor}"
+            ),
+            Violation::PayoutStateMismatch { withdrawal, withdrawal_status, payout_status } => {
+                write!(f, "withdrawal {withdrawal} is {withdrawal_status} but its payout is {payout_status}")
+            }
             Violation::WithdrawalWithoutPayout { withdrawal } => {
-                write!(f, "withdrawal {withdrawal}: completed without exactly one payout")
+                write!(f, "withdrawal {withdrawal}: debited without exactly one payout")
             }
             Violation::WithdrawalEntryMismatch { withdrawal } => {
                 write!(f, "withdrawal {withdrawal}: its journal entry does not move its amount")
@@ -189,7 +199,7 @@ fn checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
              FROM accounts a LEFT JOIN postings p ON p.account_id = a.id
              WHERE a.system_role = 'payouts_in_transit' GROUP BY a.currency) t
          LEFT JOIN (SELECT currency, SUM(amount_minor) AS open FROM payouts
-                    WHERE status IN ('pending', 'sent', 'failed') GROUP BY currency) o
+                    WHERE status IN ('pending', 'failed') GROUP BY currency) o
                 ON o.currency = t.currency
          WHERE t.held <> COALESCE(o.open, 0) ORDER BY t.currency",
     )? {
@@ -202,10 +212,44 @@ fn checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
     for r in rows(
         conn,
         "SELECT w.id AS a, NULL::bigint AS b, NULL::bigint AS c, NULL::text AS t
-         FROM withdrawals w WHERE w.status IN ('completed', 'returned')
+         FROM withdrawals w WHERE w.status IN ('paying_out', 'completed', 'returned')
            AND (SELECT COUNT(*) FROM payouts p WHERE p.withdrawal_id = w.id) <> 1 ORDER BY w.id",
     )? {
         v.push(Violation::WithdrawalWithoutPayout { withdrawal: r.a });
+    }
+    for r in rows(
+        conn,
+        "SELECT 0::bigint AS a, t.held::bigint AS b, COALESCE(o.settled, 0)::bigint AS c, t.currency AS t FROM (
+             SELECT a.currency, COALESCE(SUM(p.amount_minor), 0) AS held
+             FROM accounts a LEFT JOIN postings p ON p.account_id = a.id
+             WHERE a.system_role = 'external_settlement' GROUP BY a.currency) t
+         LEFT JOIN (SELECT currency, SUM(amount_minor) AS settled FROM payouts
+                    WHERE status = 'settled' GROUP BY currency) o
+                ON o.currency = t.currency
+         WHERE t.held <> COALESCE(o.settled, 0) ORDER BY t.currency",
+    )? {
+        v.push(Violation::SettlementMismatch {
+            currency: r.t.unwrap_or_default(),
+            settled_minor: r.b.unwrap_or(0),
+            settled_payouts_minor: r.c.unwrap_or(0),
+        });
+    }
+    for r in rows(
+        conn,
+        "SELECT w.id AS a, NULL::bigint AS b, NULL::bigint AS c, w.status || '/' || p.status AS t
+         FROM withdrawals w JOIN payouts p ON p.withdrawal_id = w.id
+         WHERE NOT ((w.status = 'paying_out' AND p.status IN ('pending', 'failed'))
+                 OR (w.status = 'completed' AND p.status = 'settled')
+                 OR (w.status = 'returned' AND p.status = 'returned'))
+         ORDER BY w.id",
+    )? {
+        let t = r.t.unwrap_or_default();
+        let (w, p) = t.split_once('/').unwrap_or((&t, ""));
+        v.push(Violation::PayoutStateMismatch {
+            withdrawal: r.a,
+            withdrawal_status: w.to_string(),
+            payout_status: p.to_string(),
+        });
     }
     for r in rows(
         conn,

@@ -16,6 +16,13 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
 pub type Pool = diesel::r2d2::Pool<ConnectionManager<PgConnection>>;
 pub type PooledConnection = diesel::r2d2::PooledConnection<ConnectionManager<PgConnection>>;
 
+/// How many migrations the crate embeds.
+pub fn migration_count() -> usize {
+    use diesel::migration::MigrationSource;
+    use diesel::pg::Pg;
+    MigrationSource::<Pg>::migrations(&MIGRATIONS).map(|m| m.len()).unwrap_or(0)
+}
+
 /// Applies every pending migration; returns how many ran.
 pub fn run_migrations(conn: &mut PgConnection) -> Result<usize, LedgerError> {
     let applied =

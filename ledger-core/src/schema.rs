@@ -55,6 +55,8 @@ diesel::table! {
         last_error -> Nullable<Text>,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        resolution_entry_id -> Nullable<Int8>,
+        gateway_reference -> Nullable<Text>,
     }
 }
 
@@ -92,6 +94,7 @@ diesel::table! {
 diesel::joinable!(accounts -> currencies (currency));
 diesel::joinable!(payouts -> accounts (account_id));
 diesel::joinable!(payouts -> currencies (currency));
+diesel::joinable!(payouts -> journal_entries (resolution_entry_id));
 diesel::joinable!(payouts -> withdrawals (withdrawal_id));
 diesel::joinable!(postings -> journal_entries (entry_id));
 diesel::joinable!(withdrawals -> journal_entries (entry_id));

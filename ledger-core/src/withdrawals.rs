@@ -20,7 +20,7 @@ use crate::schema::withdrawals;
 use crate::tx::{self, Tx, TxOptions};
 
 /// The transaction's timestamp, as a nullable timestamptz (Diesel's `now` is a plain timestamp).
-fn now_tz() -> diesel::expression::SqlLiteral<diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>> {
+pub(crate) fn now_tz() -> diesel::expression::SqlLiteral<diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>> {
     diesel::dsl::sql("now()")
 }
 
@@ -85,7 +85,11 @@ impl WithdrawalRequest {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WithdrawalStatus {
+    /// Requested; the worker has not processed it yet.
     Pending,
+    /// Debited: funds held in payouts-in-transit, payout queued.
+    PayingOut,
+    /// The payout settled: the money has left.
     Completed,
     Rejected,
     Failed,
@@ -96,6 +100,7 @@ impl WithdrawalStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             WithdrawalStatus::Pending => "pending",
+            WithdrawalStatus::PayingOut => "paying_out",
             WithdrawalStatus::Completed => "completed",
             WithdrawalStatus::Rejected => "rejected",
             WithdrawalStatus::Failed => "failed",
@@ -106,6 +111,7 @@ impl WithdrawalStatus {
     pub fn parse(s: &str) -> Option<WithdrawalStatus> {
         [
             WithdrawalStatus::Pending,
+            WithdrawalStatus::PayingOut,
             WithdrawalStatus::Completed,
             WithdrawalStatus::Rejected,
             WithdrawalStatus::Failed,
@@ -141,8 +147,8 @@ impl Withdrawal {
 /// What processing a job did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Processed {
-    /// Funds debited, journal entry and payout written, job completed.
-    Completed { entry: EntryId, payout: PayoutId },
+    /// Funds debited into payouts-in-transit, journal entry and payout written.
+    Debited { entry: EntryId, payout: PayoutId },
     /// A business refusal (e.g. insufficient funds), recorded on the job with its reason.
     Rejected { code: &'static str, reason: String },
     /// The job was already final (another worker, or an earlier run, finished it).
@@ -214,8 +220,8 @@ pub fn process_tx(tx: &mut Tx<'_>, id: WithdrawalId) -> Result<Processed, Ledger
     }
     match debit_tx(tx, &job) {
         Ok((entry, payout)) => {
-            mark_completed(tx, job.id, entry)?;
-            Ok(Processed::Completed { entry, payout })
+            mark_debited(tx, job.id, entry)?;
+            Ok(Processed::Debited { entry, payout })
         }
         Err(e) if e.is_business_rejection() => {
             let reason = e.to_string();
@@ -268,10 +274,10 @@ fn debit_locked(
     Ok((entry, payout, after))
 }
 
-fn mark_completed(tx: &mut Tx<'_>, id: i64, entry: EntryId) -> Result<(), LedgerError> {
+fn mark_debited(tx: &mut Tx<'_>, id: i64, entry: EntryId) -> Result<(), LedgerError> {
     let updated = diesel::update(withdrawals::table.find(id))
         .set((
-            withdrawals::status.eq(WithdrawalStatus::Completed.as_str()),
+            withdrawals::status.eq(WithdrawalStatus::PayingOut.as_str()),
             withdrawals::entry_id.eq(Some(entry.get())),
             withdrawals::attempts.eq(withdrawals::attempts + 1),
             withdrawals::finished_at.eq(now_tz()),
@@ -297,8 +303,8 @@ fn mark_rejected(tx: &mut Tx<'_>, id: i64, reason: &str) -> Result<(), LedgerErr
 /// What happened to one job of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobOutcome {
-    /// Debited; entry and payout written; job completed.
-    Completed { entry: EntryId, payout: PayoutId },
+    /// Debited; entry and payout written; the withdrawal is paying out.
+    Debited { entry: EntryId, payout: PayoutId },
     /// A business refusal, recorded on the job.
     Rejected { code: &'static str, reason: String },
     /// Not processed here: another worker holds it, or it is no longer pending.
@@ -369,13 +375,13 @@ pub fn process_batch_tx(tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<Bat
                 };
                 let result = tx.savepoint(|tx| {
                     let (entry, payout, after) = debit_locked(tx, job, account, transit)?;
-                    mark_completed(tx, job.id, entry)?;
+                    mark_debited(tx, job.id, entry)?;
                     Ok::<_, LedgerError>((entry, payout, after))
                 });
                 match result {
                     Ok((entry, payout, after)) => {
                         account.note_balance(after);
-                        JobOutcome::Completed { entry, payout }
+                        JobOutcome::Debited { entry, payout }
                     }
                     Err(e) if e.is_business_rejection() => {
                         let reason = e.to_string();
@@ -521,7 +527,7 @@ pub fn withdraw_tx(tx: &mut Tx<'_>, req: &WithdrawalRequest) -> Result<Withdrawa
         // Run the debit directly (not process_tx): a refusal here must roll back the
         // request too, not be recorded as a rejected job.
         let (entry, _payout) = debit_tx(tx, &job)?;
-        mark_completed(tx, job.id, entry)?;
+        mark_debited(tx, job.id, entry)?;
     }
     get(tx.conn(), id)
 }

@@ -76,6 +76,9 @@ pub enum Command {
     /// Show or list withdrawals.
     #[command(subcommand)]
     Withdrawal(WithdrawalCommand),
+    /// Operator commands for payouts.
+    #[command(subcommand)]
+    Payout(PayoutCommand),
     /// Run the worker daemon until SIGTERM/SIGINT (or until idle with --exit-when-idle).
     Run(RunArgs),
     /// Check the ledger's invariants; exits non-zero on any violation.
@@ -127,6 +130,37 @@ pub enum WithdrawalCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum PayoutCommand {
+    /// List payouts, newest first.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Show one payout.
+    Show { id: i64 },
+    /// Send a failed payout again (its attempts start over).
+    Retry { id: i64 },
+    /// Give up on a failed payout and return the funds to the customer.
+    Return {
+        id: i64,
+        #[arg(long, default_value = "returned by an operator")]
+        reason: String,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatewayKind {
+    /// Accept every payout and log it.
+    Log,
+    /// POST each payout to --payout-webhook.
+    Webhook,
+    /// Do not dispatch payouts in this process.
+    None,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Worker threads.
@@ -165,6 +199,39 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9187.
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// Where payouts go (default: webhook if --payout-webhook is given, else log).
+    #[arg(long, value_enum)]
+    pub gateway: Option<GatewayKind>,
+    /// URL the webhook gateway POSTs payouts to.
+    #[arg(long)]
+    pub payout_webhook: Option<String>,
+    /// Longest a gateway call may take.
+    #[arg(long, default_value_t = 10_000)]
+    pub payout_timeout_ms: u64,
+    /// Longest the webhook gateway waits to connect.
+    #[arg(long, default_value_t = 2_000)]
+    pub payout_connect_timeout_ms: u64,
+    /// Payout dispatcher threads.
+    #[arg(long, default_value_t = 2)]
+    pub payout_threads: usize,
+    /// Payouts claimed per dispatcher round.
+    #[arg(long, default_value_t = 16)]
+    pub payout_batch: usize,
+    /// How long a claimed payout is reserved; must exceed --payout-timeout-ms.
+    #[arg(long, default_value_t = 60_000)]
+    pub payout_lease_ms: u64,
+    /// Gateway attempts before a payout is failed (then `payout retry`/`payout return`).
+    #[arg(long, default_value_t = 12)]
+    pub payout_max_attempts: u32,
+    /// First retry delay; doubles each attempt, with jitter.
+    #[arg(long, default_value_t = 200)]
+    pub payout_base_backoff_ms: u64,
+    /// Longest delay between two gateway attempts.
+    #[arg(long, default_value_t = 60_000)]
+    pub payout_max_backoff_ms: u64,
+    /// How often an idle dispatcher looks for due payouts.
+    #[arg(long, default_value_t = 50)]
+    pub payout_poll_ms: u64,
 }
 
 pub fn main() -> ExitCode {

@@ -13,13 +13,14 @@ use diesel::pg::PgConnection;
 use diesel_migrations::MigrationHarness;
 use ledger_core::accounts::{self, Account, NewAccount};
 use ledger_core::deposits::{self, Deposit};
+use ledger_core::payouts::{self, Payout, PayoutGateway, PayoutStatus, RetryPolicy};
 use ledger_core::transfers::{self, Transfer};
 use ledger_core::withdrawals::{self, Iban, Withdrawal, WithdrawalRequest, WithdrawalStatus};
-use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, WithdrawalId};
+use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, PayoutId, WithdrawalId};
 use serde_json::{json, Value};
 use tracing::info;
 
-use crate::cli::{AccountCommand, Cli, Command, LogFormat, RunArgs, WithdrawalCommand};
+use crate::cli::{AccountCommand, Cli, Command, GatewayKind, LogFormat, PayoutCommand, RunArgs, WithdrawalCommand};
 use crate::daemon::{WorkerConfig, WorkerPool};
 use crate::demo::{self, DemoOptions};
 use crate::metrics::{self, Metrics};
@@ -86,6 +87,36 @@ fn withdrawal_json(w: &Withdrawal) -> Value {
         "attempts": w.attempts,
         "last_error": w.last_error,
     })
+}
+
+fn payout_json(p: &Payout) -> Value {
+    let amount = Currency::from_code(&p.currency).map(|c| c.format_minor(p.amount_minor)).unwrap_or_default();
+    json!({
+        "id": p.id,
+        "withdrawal": p.withdrawal_id,
+        "account": p.account_id,
+        "amount": amount,
+        "currency": p.currency,
+        "to": p.destination,
+        "key": p.idempotency_key,
+        "status": p.status,
+        "attempts": p.attempts,
+        "last_error": p.last_error,
+        "reference": p.gateway_reference,
+    })
+}
+
+fn payout_line(p: &Payout) -> String {
+    format!(
+        "payout {}: {} {} {} for withdrawal {}, {} attempt(s){}",
+        p.id,
+        p.status,
+        payout_json(p)["amount"].as_str().unwrap_or(""),
+        p.currency,
+        p.withdrawal_id,
+        p.attempts,
+        p.last_error.as_ref().map(|e| format!(", last error: {e}")).unwrap_or_default()
+    )
 }
 
 fn account_id(raw: i64) -> Result<AccountId> {
@@ -201,7 +232,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let status = status
                 .map(|s| {
                     WithdrawalStatus::parse(&s).ok_or_else(|| {
-                        anyhow!("unknown status {s:?}: pending, completed, rejected, failed or returned")
+                        anyhow!("unknown status {s:?}: pending, paying_out, completed, rejected, failed or returned")
                     })
                 })
                 .transpose()?;
@@ -222,6 +253,39 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     )
                 });
             }
+        }
+        Command::Payout(PayoutCommand::List { status, limit }) => {
+            let status = status
+                .map(|s| {
+                    PayoutStatus::parse(&s)
+                        .ok_or_else(|| anyhow!("unknown status {s:?}: pending, settled, returned or failed"))
+                })
+                .transpose()?;
+            if !(1..=100_000).contains(&limit) {
+                bail!("--limit must be 1..=100000");
+            }
+            let mut conn = connect(cli.database_url)?;
+            for p in payouts::list(&mut conn, status, limit)? {
+                out.print(payout_json(&p), || payout_line(&p));
+            }
+        }
+        Command::Payout(PayoutCommand::Show { id }) => {
+            let id = PayoutId::new(id)?;
+            let mut conn = connect(cli.database_url)?;
+            let p = payouts::get(&mut conn, id)?;
+            out.print(payout_json(&p), || payout_line(&p));
+        }
+        Command::Payout(PayoutCommand::Retry { id }) => {
+            let id = PayoutId::new(id)?;
+            let mut conn = connect(cli.database_url)?;
+            let p = payouts::retry(&mut conn, id)?;
+            out.print(payout_json(&p), || payout_line(&p));
+        }
+        Command::Payout(PayoutCommand::Return { id, reason }) => {
+            let id = PayoutId::new(id)?;
+            let mut conn = connect(cli.database_url)?;
+            let p = payouts::return_failed(&mut conn, id, &reason)?;
+            out.print(payout_json(&p), || payout_line(&p));
         }
         Command::Run(args) => {
             init_logging(cli.log_format, "info");
@@ -340,8 +404,35 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         claim: true,
         shutdown_grace_ms: args.shutdown_grace_ms,
         application_name: "ledger-worker".into(),
+        payout_threads: args.payout_threads,
+        payout_batch: args.payout_batch,
+        payout_lease_ms: args.payout_lease_ms,
+        payout_poll_ms: args.payout_poll_ms,
+        payout_retry: RetryPolicy {
+            max_attempts: args.payout_max_attempts,
+            base_ms: args.payout_base_backoff_ms,
+            max_backoff_ms: args.payout_max_backoff_ms,
+        },
     };
     config.validate().map_err(|e| anyhow!(e))?;
+    if args.payout_lease_ms <= args.payout_timeout_ms + args.payout_connect_timeout_ms {
+        bail!("--payout-lease-ms must exceed --payout-timeout-ms plus --payout-connect-timeout-ms");
+    }
+    let kind =
+        args.gateway.unwrap_or(if args.payout_webhook.is_some() { GatewayKind::Webhook } else { GatewayKind::Log });
+    let gateway: Option<Arc<dyn PayoutGateway>> = match (kind, &args.payout_webhook) {
+        (GatewayKind::None, _) => None,
+        (GatewayKind::Log, _) => Some(Arc::new(crate::gateway::LogGateway)),
+        (GatewayKind::Webhook, None) => bail!("--gateway webhook needs --payout-webhook URL"),
+        (GatewayKind::Webhook, Some(url)) => Some(Arc::new(
+            crate::gateway::WebhookGateway::new(
+                url,
+                Duration::from_millis(args.payout_connect_timeout_ms),
+                Duration::from_millis(args.payout_timeout_ms),
+            )
+            .map_err(|e| anyhow!(e))?,
+        )),
+    };
     let terminate = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, terminate.clone()).context("installing signal handlers")?;
@@ -352,7 +443,11 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         info!(%bound, "serving Prometheus metrics");
     }
     info!(database = %db::redact_url(&url), "starting");
-    let pool = WorkerPool::start_with(&url, config, Arc::new(crate::daemon::LedgerProcessor), metrics.clone())?;
+    let mut builder = WorkerPool::builder(&url, config).metrics(metrics.clone());
+    if let Some(g) = gateway {
+        builder = builder.gateway(g);
+    }
+    let pool = builder.start()?;
     let mut last_report = Instant::now();
     loop {
         if terminate.load(Ordering::SeqCst) {
@@ -367,10 +462,12 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
             last_report = Instant::now();
             info!(
                 claimed = Metrics::get(&metrics.claimed),
-                completed = Metrics::get(&metrics.completed),
+                debited = Metrics::get(&metrics.debited),
                 rejected = Metrics::get(&metrics.rejected),
                 failed = Metrics::get(&metrics.failed),
                 retried = Metrics::get(&metrics.retried),
+                payouts_settled = Metrics::get(&metrics.payouts_settled),
+                payouts_returned = Metrics::get(&metrics.payouts_returned),
                 "progress"
             );
         }
@@ -378,9 +475,11 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
     }
     let report = pool.shutdown();
     info!(
-        completed = Metrics::get(&metrics.completed),
+        debited = Metrics::get(&metrics.debited),
         rejected = Metrics::get(&metrics.rejected),
         failed = Metrics::get(&metrics.failed),
+        payouts_settled = Metrics::get(&metrics.payouts_settled),
+        payouts_returned = Metrics::get(&metrics.payouts_returned),
         left_pending = report.left_pending,
         "stopped"
     );

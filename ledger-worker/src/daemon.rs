@@ -22,6 +22,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, S
 use diesel::pg::PgConnection;
 use diesel::RunQueryDsl;
 use ledger_core::db::{self, Pool, PoolConfig, SessionConfig};
+use ledger_core::payouts::{self, GatewayOutcome, PayoutGateway, PayoutRequest, Recorded, RetryPolicy};
 use ledger_core::withdrawals::{self, BatchItem, JobOutcome, WithdrawalStatus};
 use ledger_core::{LedgerError, Tx, TxOptions, WithdrawalId};
 use tracing::{debug, error, info, warn};
@@ -51,6 +52,16 @@ pub struct WorkerConfig {
     /// On shutdown, queued jobs not started within this time stay pending for later.
     pub shutdown_grace_ms: u64,
     pub application_name: String,
+    /// Payout dispatcher threads (used only when a gateway is given).
+    pub payout_threads: usize,
+    /// Payouts claimed per dispatcher round.
+    pub payout_batch: usize,
+    /// How long a claimed payout is reserved for its dispatcher. Must exceed the
+    /// gateway's timeout, so two dispatchers never call for one payout at once.
+    pub payout_lease_ms: u64,
+    /// How often an idle dispatcher looks for due payouts.
+    pub payout_poll_ms: u64,
+    pub payout_retry: RetryPolicy,
 }
 
 impl Default for WorkerConfig {
@@ -68,6 +79,11 @@ impl Default for WorkerConfig {
             claim: true,
             shutdown_grace_ms: 10_000,
             application_name: "ledger-worker".into(),
+            payout_threads: 2,
+            payout_batch: 16,
+            payout_lease_ms: 60_000,
+            payout_poll_ms: 50,
+            payout_retry: RetryPolicy::default(),
         }
     }
 }
@@ -82,6 +98,14 @@ impl WorkerConfig {
             (self.poll_interval_ms >= 1, "--poll-interval-ms must be at least 1"),
             (self.tx_attempts >= 1 && self.tx_attempts <= 100, "--tx-attempts must be 1..=100"),
             (self.job_max_attempts >= 1 && self.job_max_attempts <= 1_000, "--max-attempts must be 1..=1000"),
+            (self.payout_threads <= 64, "--payout-threads must be 0..=64"),
+            (self.payout_batch >= 1 && self.payout_batch <= 1_000, "--payout-batch must be 1..=1000"),
+            (self.payout_lease_ms >= 100, "--payout-lease-ms must be at least 100"),
+            (self.payout_poll_ms >= 1, "--payout-poll-ms must be at least 1"),
+            (
+                self.payout_retry.max_attempts >= 1 && self.payout_retry.max_attempts <= 1_000,
+                "--payout-max-attempts must be 1..=1000",
+            ),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, msg)) => Err(msg.to_string()),
@@ -117,6 +141,8 @@ struct Shared {
     drain_deadline: Mutex<Option<Instant>>,
     /// Set by the claimer when nothing is pending or in flight.
     idle: AtomicBool,
+    /// Whether payouts are dispatched here (so idle also waits for them).
+    dispatching: bool,
 }
 
 impl Shared {
@@ -145,6 +171,7 @@ pub struct WorkerPool {
     sender: Option<Sender<i64>>,
     supervisor: Option<JoinHandle<()>>,
     claimer: Option<JoinHandle<()>>,
+    dispatchers: Vec<JoinHandle<()>>,
 }
 
 /// What shutdown saw.
@@ -155,17 +182,56 @@ pub struct ShutdownReport {
     pub elapsed_ms: u128,
 }
 
-impl WorkerPool {
-    pub fn start(url: &str, config: WorkerConfig) -> Result<WorkerPool, LedgerError> {
-        WorkerPool::start_with(url, config, Arc::new(LedgerProcessor), Metrics::new())
+/// Sets up a [`WorkerPool`]: what processes jobs, where metrics go, and which gateway
+/// (if any) the payout dispatcher calls.
+pub struct Builder {
+    url: String,
+    config: WorkerConfig,
+    processor: Arc<dyn Processor>,
+    metrics: Arc<Metrics>,
+    gateway: Option<Arc<dyn PayoutGateway>>,
+}
+
+impl Builder {
+    pub fn processor(mut self, processor: Arc<dyn Processor>) -> Builder {
+        self.processor = processor;
+        self
     }
 
-    pub fn start_with(
-        url: &str,
-        config: WorkerConfig,
-        processor: Arc<dyn Processor>,
-        metrics: Arc<Metrics>,
-    ) -> Result<WorkerPool, LedgerError> {
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Builder {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Dispatches payouts through `gateway` on `payout_threads` threads.
+    pub fn gateway(mut self, gateway: Arc<dyn PayoutGateway>) -> Builder {
+        self.gateway = Some(gateway);
+        self
+    }
+
+    pub fn start(self) -> Result<WorkerPool, LedgerError> {
+        WorkerPool::start_inner(self)
+    }
+}
+
+impl WorkerPool {
+    /// Processes withdrawals with ledger-core; no payout dispatcher.
+    pub fn start(url: &str, config: WorkerConfig) -> Result<WorkerPool, LedgerError> {
+        WorkerPool::builder(url, config).start()
+    }
+
+    pub fn builder(url: &str, config: WorkerConfig) -> Builder {
+        Builder {
+            url: url.to_string(),
+            config,
+            processor: Arc::new(LedgerProcessor),
+            metrics: Metrics::new(),
+            gateway: None,
+        }
+    }
+
+    fn start_inner(b: Builder) -> Result<WorkerPool, LedgerError> {
+        let Builder { url, config, processor, metrics, gateway } = b;
         config.validate().map_err(|reason| {
             LedgerError::Invalid(ledger_core::InvalidInput::BadField { field: "worker configuration", reason })
         })?;
@@ -175,20 +241,22 @@ impl WorkerPool {
             application_name: Some(config.application_name.clone()),
         };
         let pool = db::pool(
-            url,
+            &url,
             &PoolConfig { max_size: config.pool_size, min_idle: Some(0), connection_timeout_ms: 10_000, session },
         )?;
         let (sender, receiver) = bounded::<i64>(config.channel_capacity);
+        let dispatching = gateway.is_some() && config.payout_threads > 0;
         let shared = Arc::new(Shared {
             config: config.clone(),
             pool,
-            url: url.to_string(),
+            url: url.clone(),
             processor,
             metrics,
             inflight: Mutex::new(HashSet::new()),
             stopping: AtomicBool::new(false),
             drain_deadline: Mutex::new(None),
             idle: AtomicBool::new(false),
+            dispatching,
         });
         let supervisor = {
             let shared = shared.clone();
@@ -202,21 +270,45 @@ impl WorkerPool {
             Some(
                 thread::Builder::new()
                     .name("claimer".into())
-                    .spawn(move || claim_loop(shared, sender))
+                    .spawn(move || resilient(&shared.clone(), "claimer", || claim_loop(shared.clone(), sender.clone())))
                     .map_err(|e| LedgerError::Pool(format!("spawning the claimer: {e}")))?,
             )
         } else {
             None
         };
+        let mut dispatchers = Vec::new();
+        if let (true, Some(gateway)) = (dispatching, gateway) {
+            for n in 0..config.payout_threads {
+                let (shared, gateway) = (shared.clone(), gateway.clone());
+                dispatchers.push(
+                    thread::Builder::new()
+                        .name(format!("payouts-{n}"))
+                        .spawn(move || {
+                            resilient(&shared, "payout dispatcher", || dispatch_loop(&shared, gateway.as_ref()))
+                        })
+                        .map_err(|e| LedgerError::Pool(format!("spawning a payout dispatcher: {e}")))?,
+                );
+            }
+        }
         info!(
             threads = config.threads,
             pool_size = config.pool_size,
             batch_size = config.batch_size,
             channel_capacity = config.channel_capacity,
             claim = config.claim,
+            payout_threads = dispatchers.len(),
             "worker pool started"
         );
-        Ok(WorkerPool { shared, sender: Some(sender), supervisor: Some(supervisor), claimer })
+        Ok(WorkerPool { shared, sender: Some(sender), supervisor: Some(supervisor), claimer, dispatchers })
+    }
+
+    pub fn start_with(
+        url: &str,
+        config: WorkerConfig,
+        processor: Arc<dyn Processor>,
+        metrics: Arc<Metrics>,
+    ) -> Result<WorkerPool, LedgerError> {
+        WorkerPool::builder(url, config).processor(processor).metrics(metrics).start()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -273,6 +365,9 @@ impl WorkerPool {
         if let Some(s) = self.supervisor.take() {
             let _ = s.join();
         }
+        for d in self.dispatchers.drain(..) {
+            let _ = d.join();
+        }
         let left_pending = self.shared.inflight().len();
         self.shared.inflight().clear();
         let report = ShutdownReport { left_pending, elapsed_ms: started.elapsed().as_millis() };
@@ -289,34 +384,66 @@ impl Drop for WorkerPool {
     }
 }
 
+/// Runs a long-lived loop (claimer, dispatcher) until shutdown, restarting it in place
+/// after a panic instead of letting the thread die: a daemon that silently stopped
+/// claiming would look alive and do nothing.
+fn resilient(shared: &Shared, what: &str, body: impl Fn()) {
+    loop {
+        match catch_unwind(AssertUnwindSafe(&body)) {
+            Ok(()) => return,
+            Err(panic) => {
+                shared.metrics.panics.fetch_add(1, Ordering::Relaxed);
+                error!(thread = what, panic = panic_message(&panic), "panicked; restarting it");
+                if shared.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
 /// Keeps `threads` workers alive: a worker that panicked is replaced, until shutdown.
 fn supervise(shared: Arc<Shared>, receiver: Receiver<i64>) {
+    let (s, r) = (shared.clone(), receiver.clone());
+    resilient(&shared, "supervisor", move || supervise_workers(s.clone(), r.clone()));
+}
+
+fn supervise_workers(shared: Arc<Shared>, receiver: Receiver<i64>) {
     let spawn = |n: usize| {
         let (shared, receiver) = (shared.clone(), receiver.clone());
         thread::Builder::new().name(format!("worker-{n}")).spawn(move || worker_loop(&shared, &receiver))
     };
-    let mut workers: Vec<JoinHandle<WorkerExit>> =
-        (0..shared.config.threads).map(|n| spawn(n).expect("spawning a worker thread")).collect();
-    let mut next_name = workers.len();
+    let mut workers: Vec<JoinHandle<WorkerExit>> = Vec::new();
+    let mut next_name = 0;
     loop {
+        let stopping = shared.stopping.load(Ordering::SeqCst);
         let mut i = 0;
         while i < workers.len() {
             if workers[i].is_finished() {
                 let exit = workers.swap_remove(i).join().unwrap_or(WorkerExit::Panicked);
-                if exit == WorkerExit::Panicked && !shared.stopping.load(Ordering::SeqCst) {
+                if exit == WorkerExit::Panicked && !stopping {
                     shared.metrics.workers_replaced.fetch_add(1, Ordering::Relaxed);
                     warn!("replacing a worker thread after a panic");
-                    match spawn(next_name) {
-                        Ok(h) => workers.push(h),
-                        Err(e) => error!(error = %e, "could not replace a worker thread"),
-                    }
-                    next_name += 1;
+                } else if !stopping {
+                    error!(?exit, "a worker thread ended unexpectedly; replacing it");
                 }
             } else {
                 i += 1;
             }
         }
-        if workers.is_empty() {
+        // Top up to the configured number (at start, and after any exit).
+        while !stopping && workers.len() < shared.config.threads {
+            match spawn(next_name) {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    error!(error = %e, "could not start a worker thread; retrying");
+                    break;
+                }
+            }
+            next_name += 1;
+        }
+        if stopping && workers.is_empty() {
             return;
         }
         thread::sleep(Duration::from_millis(20));
@@ -431,13 +558,13 @@ fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
         Ok(items) => {
             for item in items {
                 match item.outcome {
-                    JobOutcome::Completed { .. } => {
-                        shared.metrics.completed.fetch_add(1, Ordering::Relaxed);
+                    JobOutcome::Debited { .. } => {
+                        shared.metrics.debited.fetch_add(1, Ordering::Relaxed);
                         if let Some(t) = item.enqueued_at_us {
                             let us = u64::try_from(committed_at - t).unwrap_or(0);
                             shared.metrics.observe_latency(Duration::from_micros(us));
                         }
-                        debug!(withdrawal = item.id.get(), "completed");
+                        debug!(withdrawal = item.id.get(), "debited");
                     }
                     JobOutcome::Rejected { code, .. } => {
                         shared.metrics.rejected.fetch_add(1, Ordering::Relaxed);
@@ -534,8 +661,9 @@ fn claim_loop(shared: Arc<Shared>, sender: Sender<i64>) {
                 shared.metrics.claimed.fetch_add(claimed as u64, Ordering::Relaxed);
                 if claimed < room {
                     // Caught up. Idle when nothing is pending and nothing is in flight.
-                    let idle =
-                        shared.inflight().is_empty() && withdrawals::pending_count(c).map(|n| n == 0).unwrap_or(false);
+                    let idle = shared.inflight().is_empty()
+                        && withdrawals::pending_count(c).map(|n| n == 0).unwrap_or(false)
+                        && (!shared.dispatching || payouts::pending_count(c).map(|n| n == 0).unwrap_or(false));
                     shared.idle.store(idle, Ordering::SeqCst);
                     if let Err(e) = wait_for_work(&shared, c) {
                         warn!(error = %e, "lost the LISTEN connection; reconnecting");
@@ -605,5 +733,84 @@ fn sleep_unless_stopping(shared: &Shared, total: Duration) {
     let until = Instant::now() + total;
     while Instant::now() < until && !shared.stopping.load(Ordering::SeqCst) {
         thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A payout dispatcher: claims due payouts under a lease (a short transaction of its
+/// own), calls the gateway with no connection checked out and so no transaction open,
+/// then records each answer in a new transaction.
+fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
+    let config = &shared.config;
+    let mut failures = 0_u32;
+    while !shared.stopping.load(Ordering::SeqCst) {
+        let claimed = shared
+            .pool
+            .get()
+            .map_err(LedgerError::from)
+            .and_then(|mut conn| payouts::claim_due(&mut conn, config.payout_batch as i64, config.payout_lease_ms)); // the connection goes back to the pool here, before any gateway call
+        let requests = match claimed {
+            Ok(r) => {
+                failures = 0;
+                r
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, "claiming payouts failed; retrying");
+                sleep_unless_stopping(shared, backoff(failures));
+                continue;
+            }
+        };
+        if requests.is_empty() {
+            sleep_unless_stopping(shared, Duration::from_millis(config.payout_poll_ms));
+            continue;
+        }
+        let mut unsent = requests.into_iter();
+        for request in unsent.by_ref() {
+            let outcome = catch_unwind(AssertUnwindSafe(|| gateway.send(&request))).unwrap_or_else(|panic| {
+                GatewayOutcome::Transient { error: format!("gateway panicked: {}", panic_message(&panic)) }
+            });
+            shared.metrics.gateway_calls.fetch_add(1, Ordering::Relaxed);
+            record_payout(shared, &request, &outcome);
+            if shared.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        // Stopping mid-batch: hand back the leases of payouts not sent.
+        for request in unsent {
+            if let Ok(mut conn) = shared.pool.get() {
+                let _ = payouts::release(&mut conn, &request);
+            }
+        }
+    }
+    debug!("payout dispatcher stopped");
+}
+
+fn record_payout(shared: &Shared, request: &PayoutRequest, outcome: &GatewayOutcome) {
+    let opts = TxOptions { max_attempts: shared.config.tx_attempts.max(3), ..TxOptions::default() };
+    let result = ledger_core::tx::transaction_pooled(&shared.pool, &opts, |tx| {
+        payouts::record_tx(tx, request, outcome, &shared.config.payout_retry)
+    });
+    let payout = request.payout.get();
+    match result {
+        Ok(Recorded::Settled { .. }) => {
+            shared.metrics.payouts_settled.fetch_add(1, Ordering::Relaxed);
+            debug!(payout, "payout settled");
+        }
+        Ok(Recorded::Returned { .. }) => {
+            shared.metrics.payouts_returned.fetch_add(1, Ordering::Relaxed);
+            warn!(payout, ?outcome, "payout refused; funds returned to the customer");
+        }
+        Ok(Recorded::Retrying) => {
+            shared.metrics.payouts_retrying.fetch_add(1, Ordering::Relaxed);
+            debug!(payout, ?outcome, "payout will be retried");
+        }
+        Ok(Recorded::Failed) => {
+            shared.metrics.payouts_failed.fetch_add(1, Ordering::Relaxed);
+            error!(payout, ?outcome, "payout failed after its last attempt; an operator must retry or return it");
+        }
+        Ok(Recorded::Superseded) => debug!(payout, "payout lease lost; not recorded"),
+        // The answer is lost with the database; the lease runs out and the payout is
+        // sent again with the same idempotency key.
+        Err(e) => error!(payout, error = %e, "could not record the gateway's answer"),
     }
 }

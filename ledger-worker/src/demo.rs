@@ -3,7 +3,7 @@
 //! no DATABASE_URL it starts (and removes) its own PostgreSQL.
 
 use std::io::Write;
-use std::sync::Barrier;
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, Ledger
 
 use crate::daemon::{WorkerConfig, WorkerPool};
 use crate::database::Database;
+use crate::gateway::LogGateway;
 use crate::metrics::Metrics;
 
 const IBAN: &str = "DE89370400440532013000";
@@ -248,12 +249,14 @@ fn many_withdrawals(url: &str, opts: &DemoOptions) -> Result<()> {
         ..WorkerConfig::default()
     };
     let started = Instant::now();
-    let pool = WorkerPool::start(url, config)?;
+    let pool = WorkerPool::builder(url, config).gateway(Arc::new(LogGateway)).start()?;
     let metrics = pool.metrics().clone();
+    let mut reporter = Progress::new(total);
     loop {
         let finished = metrics.finished() as usize;
-        progress(finished.min(total), total, started.elapsed());
-        if finished >= total || (pool.is_idle() && started.elapsed() > Duration::from_secs(1)) {
+        reporter.show(finished.min(total), started.elapsed());
+        let paid_out = metrics.payouts_resolved() >= Metrics::get(&metrics.debited);
+        if (finished >= total && paid_out) || pool.is_idle() {
             break;
         }
         if started.elapsed() > Duration::from_secs(600) {
@@ -262,12 +265,16 @@ fn many_withdrawals(url: &str, opts: &DemoOptions) -> Result<()> {
         thread::sleep(Duration::from_millis(100));
     }
     let elapsed = started.elapsed();
-    eprintln!();
+    reporter.finish(metrics.finished() as usize, elapsed);
     pool.shutdown();
-    let (completed, rejected, failed) =
-        (Metrics::get(&metrics.completed), Metrics::get(&metrics.rejected), Metrics::get(&metrics.failed));
+    let (debited, rejected, failed) =
+        (Metrics::get(&metrics.debited), Metrics::get(&metrics.rejected), Metrics::get(&metrics.failed));
+    let settled = Metrics::get(&metrics.payouts_settled);
     let report = audit::run(&mut conn)?;
-    println!("   {completed} completed, {rejected} refused for insufficient funds, {failed} failed");
+    println!(
+        "   {debited} debited and paid out ({settled} payouts settled through the log gateway), \
+         {rejected} refused for insufficient funds, {failed} failed"
+    );
     println!(
         "   {:.0} withdrawals/s ({} in {:.2} s; {} worker threads, batches of up to {}, fsync on)",
         total as f64 / elapsed.as_secs_f64(),
@@ -277,15 +284,50 @@ fn many_withdrawals(url: &str, opts: &DemoOptions) -> Result<()> {
         WorkerConfig::default().batch_size,
     );
     println!("   {report}");
-    if !report.is_clean() || completed + rejected + failed != total as u64 {
+    if !report.is_clean() || debited + rejected + failed != total as u64 || settled < debited {
         bail!("the run did not end cleanly");
     }
     Ok(())
 }
 
-fn progress(done: usize, total: usize, elapsed: Duration) {
-    const WIDTH: usize = 40;
-    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH).min(WIDTH);
-    eprint!("\r   [{}{}] {done}/{total} {:.1}s", "#".repeat(filled), "-".repeat(WIDTH - filled), elapsed.as_secs_f64());
-    let _ = std::io::stderr().flush();
+/// A progress bar on a terminal; on a pipe or file, a line at every tenth.
+struct Progress {
+    total: usize,
+    tty: bool,
+    last_tenth: usize,
+}
+
+impl Progress {
+    fn new(total: usize) -> Progress {
+        use std::io::IsTerminal;
+        Progress { total, tty: std::io::stderr().is_terminal(), last_tenth: 0 }
+    }
+
+    fn show(&mut self, done: usize, elapsed: Duration) {
+        const WIDTH: usize = 40;
+        if self.tty {
+            let filled = (done * WIDTH).checked_div(self.total).unwrap_or(WIDTH).min(WIDTH);
+            eprint!(
+                "\r   [{}{}] {done}/{} {:.1}s",
+                "#".repeat(filled),
+                "-".repeat(WIDTH - filled),
+                self.total,
+                elapsed.as_secs_f64()
+            );
+            let _ = std::io::stderr().flush();
+        } else {
+            let tenth = (done * 10).checked_div(self.total).unwrap_or(10);
+            if tenth > self.last_tenth {
+                self.last_tenth = tenth;
+                eprintln!("   {done}/{} processed ({:.1}s)", self.total, elapsed.as_secs_f64());
+            }
+        }
+    }
+
+    fn finish(&mut self, done: usize, elapsed: Duration) {
+        self.show(done, elapsed);
+        if self.tty {
+            eprintln!();
+        }
+    }
 }

@@ -6,4 +6,5 @@ pub mod commands;
 pub mod daemon;
 pub mod database;
 pub mod demo;
+pub mod gateway;
 pub mod metrics;

@@ -13,7 +13,8 @@ const BUCKETS_MS: [u64; 14] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500,
 #[derive(Default)]
 pub struct Metrics {
     pub claimed: AtomicU64,
-    pub completed: AtomicU64,
+    /// Jobs processed: funds debited and payout queued.
+    pub debited: AtomicU64,
     pub rejected: AtomicU64,
     pub failed: AtomicU64,
     /// Transaction attempts that hit a transient error and ran again.
@@ -25,6 +26,11 @@ pub struct Metrics {
     pub panics: AtomicU64,
     pub workers_replaced: AtomicU64,
     pub batches: AtomicU64,
+    pub gateway_calls: AtomicU64,
+    pub payouts_settled: AtomicU64,
+    pub payouts_returned: AtomicU64,
+    pub payouts_retrying: AtomicU64,
+    pub payouts_failed: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS_MS.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -53,16 +59,21 @@ impl Metrics {
         counter.load(Ordering::Relaxed)
     }
 
-    /// Final states reached (completed, rejected or failed).
+    /// Jobs that reached the end of processing (debited, rejected or failed).
     pub fn finished(&self) -> u64 {
-        Self::get(&self.completed) + Self::get(&self.rejected) + Self::get(&self.failed)
+        Self::get(&self.debited) + Self::get(&self.rejected) + Self::get(&self.failed)
+    }
+
+    /// Payouts that reached a final state (settled or returned).
+    pub fn payouts_resolved(&self) -> u64 {
+        Self::get(&self.payouts_settled) + Self::get(&self.payouts_returned)
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &AtomicU64, &str); 10] = [
+        let counters: [(&str, &AtomicU64, &str); 15] = [
             ("claimed", &self.claimed, "jobs handed to workers by the claimer"),
-            ("completed", &self.completed, "withdrawals debited and queued for payout"),
+            ("debited", &self.debited, "withdrawals debited and queued for payout"),
             ("rejected", &self.rejected, "withdrawals refused for a business reason"),
             ("failed", &self.failed, "withdrawals given up after repeated non-business failures"),
             ("retried", &self.retried, "transaction attempts retried after a transient error"),
@@ -71,6 +82,11 @@ impl Metrics {
             ("panics", &self.panics, "worker panics"),
             ("workers_replaced", &self.workers_replaced, "worker threads replaced after a panic"),
             ("batches", &self.batches, "batch transactions run"),
+            ("gateway_calls", &self.gateway_calls, "payout gateway calls"),
+            ("payouts_settled", &self.payouts_settled, "payouts accepted and settled"),
+            ("payouts_returned", &self.payouts_returned, "payouts finally rejected, funds returned"),
+            ("payouts_retrying", &self.payouts_retrying, "transient gateway failures, retried later"),
+            ("payouts_failed", &self.payouts_failed, "payouts that exhausted their retries"),
         ];
         for (name, value, help) in counters {
             out.push_str(&format!(

@@ -162,7 +162,7 @@ fn metrics_are_served_in_prometheus_format_when_asked() {
     let _ = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status();
     assert!(wait_exit(&mut daemon, std::time::Duration::from_secs(15)).success());
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
-    let finished: u64 = ["completed", "rejected"]
+    let finished: u64 = ["debited", "rejected"]
         .iter()
         .map(|k| {
             let line = body.lines().find(|l| l.starts_with(&format!("ledger_jobs_{k}_total "))).unwrap();

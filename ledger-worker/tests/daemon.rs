@@ -165,7 +165,7 @@ fn a_panicking_job_is_failed_and_its_worker_replaced_while_the_rest_complete() {
     let w = status_of(&mut conn, poison);
     assert_eq!(w.status(), WithdrawalStatus::Failed);
     assert!(w.reason.as_deref().unwrap_or("").contains("worker panicked"), "{w:?}");
-    assert_eq!(common::count(&mut conn, "SELECT count(*) AS n FROM withdrawals WHERE status = 'completed'"), 199);
+    assert_eq!(common::count(&mut conn, "SELECT count(*) AS n FROM withdrawals WHERE status = 'paying_out'"), 199);
     wait_for(Duration::from_secs(10), "the panicked worker to be replaced", || {
         Metrics::get(&metrics.workers_replaced) >= 1
     });
@@ -226,7 +226,7 @@ fn an_embedding_service_feeds_jobs_it_committed_itself_through_the_channel() {
     let not_submitted = withdrawals::request(&mut conn, &request("svc-2")).unwrap().0;
     pool.submit(submitted, Duration::from_secs(5)).unwrap();
     wait_for(Duration::from_secs(30), "the submitted job", || {
-        status_of(&mut conn, submitted).status() == WithdrawalStatus::Completed
+        status_of(&mut conn, submitted).status() == WithdrawalStatus::PayingOut
     });
     assert_eq!(status_of(&mut conn, not_submitted).status(), WithdrawalStatus::Pending);
     pool.shutdown();
@@ -254,9 +254,9 @@ fn a_new_job_wakes_an_idle_daemon_through_notify_not_the_poll() {
     )
     .unwrap();
     wait_for(Duration::from_secs(20), "the job to complete", || {
-        status_of(&mut conn, id).status() == WithdrawalStatus::Completed
+        status_of(&mut conn, id).status() == WithdrawalStatus::PayingOut
     });
-    eprintln!("enqueue -> completed with an idle daemon: {:?}", started.elapsed());
+    eprintln!("enqueue -> debited with an idle daemon: {:?}", started.elapsed());
     pool.shutdown();
 }
 
@@ -289,7 +289,7 @@ fn a_locked_account_makes_jobs_wait_and_retry_not_fail() {
         pool.shutdown();
     });
     for id in jobs {
-        assert_eq!(status_of(&mut conn, id).status(), WithdrawalStatus::Completed);
+        assert_eq!(status_of(&mut conn, id).status(), WithdrawalStatus::PayingOut);
     }
     assert_exactly_once(&mut conn);
 }

@@ -236,6 +236,16 @@ pub fn wait_until_blocked(
     }
 }
 
+/// Polls `cond` every 2 ms until it holds; panics after `timeout`. For waiting on a
+/// condition another party will make true (not for arranging interleavings).
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "condition not met within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// A fingerprint of every ledger table's contents, to show an operation changed nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DbSnapshot(Vec<(String, i64, String)>);

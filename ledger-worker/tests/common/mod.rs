@@ -62,22 +62,23 @@ pub fn finished(conn: &mut PgConnection) -> i64 {
     count(conn, "SELECT count(*) AS n FROM withdrawals WHERE status <> 'pending'")
 }
 
-/// Every withdrawal's effect applied exactly once: completed ones have exactly one
-/// journal entry debiting exactly their amount and exactly one payout; nothing else
-/// moved money out; the audit is clean.
+/// Every withdrawal's effect applied exactly once: debited ones (paying out, completed
+/// or returned) have exactly one journal entry debiting exactly their amount and
+/// exactly one payout; nothing else moved money out; the audit is clean.
 pub fn assert_exactly_once(conn: &mut PgConnection) {
-    let completed = count(conn, "SELECT count(*) AS n FROM withdrawals WHERE status = 'completed'");
+    let debited =
+        count(conn, "SELECT count(*) AS n FROM withdrawals WHERE status IN ('paying_out', 'completed', 'returned')");
     let entries = count(conn, "SELECT count(*) AS n FROM journal_entries WHERE kind = 'withdrawal'");
     let payouts = count(conn, "SELECT count(*) AS n FROM payouts");
-    assert_eq!((entries, payouts), (completed, completed), "completed withdrawals = debits = payouts");
+    assert_eq!((entries, payouts), (debited, debited), "debited withdrawals = debits = payouts");
     let mismatched = count(
         conn,
         "SELECT count(*) AS n FROM withdrawals w
          LEFT JOIN payouts p ON p.withdrawal_id = w.id
-         WHERE (w.status = 'completed') <> (p.id IS NOT NULL)
+         WHERE (w.status IN ('paying_out', 'completed', 'returned')) <> (p.id IS NOT NULL)
             OR (p.id IS NOT NULL AND p.amount_minor <> w.amount_minor)",
     );
-    assert_eq!(mismatched, 0, "each completed withdrawal has its own payout of its amount");
+    assert_eq!(mismatched, 0, "each debited withdrawal has its own payout of its amount");
     let debited_twice = count(
         conn,
         "SELECT count(*) AS n FROM (SELECT reference FROM journal_entries WHERE kind = 'withdrawal'
@@ -106,17 +107,37 @@ pub fn statuses(conn: &mut PgConnection) -> String {
     .unwrap_or_default()
 }
 
+/// Starts `ledger-worker run`. Its log goes to a file (a pipe nobody reads while the
+/// test runs would fill up and block the daemon); `stderr_of` reads it back.
 pub fn spawn_daemon(url: &str, extra: &[&str]) -> Child {
-    Command::new(bin())
+    let log = std::env::temp_dir().join(format!(
+        "ledger-daemon-{}-{}.log",
+        std::process::id(),
+        LOGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let file = std::fs::File::create(&log).expect("creating the daemon log");
+    // A short payout lease, so payouts a killed daemon had claimed come back quickly.
+    let lease: &[&str] = if extra.contains(&"--payout-lease-ms") {
+        &[]
+    } else {
+        &["--payout-lease-ms", "2000", "--payout-timeout-ms", "1000", "--payout-connect-timeout-ms", "500"]
+    };
+    let child = Command::new(bin())
         .args(["run", "--database-url", url, "--log-format", "json"])
+        .args(lease)
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(file)
         .spawn()
-        .expect("starting the daemon")
+        .expect("starting the daemon");
+    LOG_FILES.lock().unwrap().push((child.id(), log));
+    child
 }
+
+static LOGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static LOG_FILES: std::sync::Mutex<Vec<(u32, std::path::PathBuf)>> = std::sync::Mutex::new(Vec::new());
 
 /// Waits for `cond`, polling; panics with `what` after `timeout`.
 pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
@@ -143,11 +164,15 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStat
     }
 }
 
+/// The last lines a daemon started by `spawn_daemon` logged.
 pub fn stderr_of(child: &mut Child) -> String {
-    use std::io::Read;
-    let mut s = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut s);
-    }
-    s
+    let files = LOG_FILES.lock().unwrap();
+    let Some((_, path)) = files.iter().find(|(pid, _)| *pid == child.id()) else { return String::new() };
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+pub fn log_path(child: &Child) -> Option<std::path::PathBuf> {
+    LOG_FILES.lock().unwrap().iter().find(|(pid, _)| *pid == child.id()).map(|(_, p)| p.clone())
 }

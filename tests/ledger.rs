@@ -446,3 +446,32 @@ fn the_committed_schema_file_matches_the_migrated_database() {
         assert_eq!(from_file, from_db, "regenerate with `diesel print-schema` (see README)");
     });
 }
+
+#[test]
+fn a_batch_whose_set_based_write_fails_is_redone_one_savepoint_per_job() {
+    use ledger_core::withdrawals::JobOutcome;
+    testing::with_rollback(|conn| {
+        let a = testing::funded_account(conn, "a", Currency::EUR, "100.00");
+        let ids: Vec<_> =
+            (0..3).map(|i| withdrawals::request(conn, &withdrawal(a, "10.00", &format!("b{i}"))).unwrap().0).collect();
+        let (bystander, _) = withdrawals::request(conn, &withdrawal(a, "1.00", "by")).unwrap();
+        // Sabotage the middle job: its payout key is already taken, so the batch's one
+        // payout INSERT fails and only that job can be to blame.
+        conn.batch_execute(&format!(
+            "INSERT INTO payouts (withdrawal_id, account_id, currency, amount_minor, destination, idempotency_key)
+             VALUES ({}, {}, 'EUR', 1, 'x', '{}')",
+            bystander.get(),
+            a.get(),
+            ledger_core::payouts::payout_key(ids[1])
+        ))
+        .unwrap();
+        let items = ledger_core::transaction(conn, &TxOptions::default(), |tx| withdrawals::process_batch_tx(tx, &ids))
+            .unwrap();
+        let outcome = |id| items.iter().find(|i| i.id == id).map(|i| i.outcome.clone()).unwrap();
+        assert!(matches!(outcome(ids[0]), JobOutcome::Debited { .. }));
+        assert!(matches!(outcome(ids[1]), JobOutcome::Errored { .. }), "{:?}", outcome(ids[1]));
+        assert!(matches!(outcome(ids[2]), JobOutcome::Debited { .. }));
+        assert_eq!(withdrawals::get(conn, ids[1]).unwrap().status(), WithdrawalStatus::Pending);
+        assert_eq!(balance(conn, a), 8_000, "two of the three debited, once each");
+    });
+}

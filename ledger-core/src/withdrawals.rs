@@ -21,7 +21,7 @@ use crate::tx::{self, Tx, TxOptions};
 
 /// The transaction's timestamp, as a nullable timestamptz (Diesel's `now` is a plain timestamp).
 pub(crate) fn now_tz() -> diesel::expression::SqlLiteral<diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>> {
-    diesel::dsl::sql("now()")
+    diesel::dsl::sql("clock_timestamp()")
 }
 
 /// An IBAN, checked for shape and its ISO 7064 mod-97 check digits. Spaces are removed
@@ -332,12 +332,12 @@ pub struct BatchItem {
 ///
 /// Returns `Err` only when the whole transaction is unusable (then nothing commits).
 pub fn process_batch_tx(tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<BatchItem>, LedgerError> {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     if ids.is_empty() {
         return Ok(vec![]);
     }
     let raw: Vec<i64> = ids.iter().map(|i| i.get()).collect();
-    let jobs: Vec<(Withdrawal, i64)> = withdrawals::table
+    let jobs: Vec<LockedJob> = withdrawals::table
         .filter(withdrawals::id.eq_any(&raw))
         .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
         .order(withdrawals::id.asc())
@@ -346,33 +346,240 @@ pub fn process_batch_tx(tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<Bat
             diesel::dsl::sql::<diesel::sql_types::BigInt>(
                 "(EXTRACT(EPOCH FROM withdrawals.created_at) * 1000000)::bigint",
             ),
+            // The in-transit account of the job's currency, fetched with the job.
+            diesel::dsl::sql::<diesel::sql_types::Nullable<diesel::sql_types::BigInt>>(
+                "(SELECT a.id FROM accounts a WHERE a.system_role = 'payouts_in_transit' \
+                 AND a.currency = withdrawals.currency)",
+            ),
         ))
         .for_update()
         .skip_locked()
         .load(tx.conn())?;
-    let lock_set: tx::LockSet = jobs.iter().map(|(j, _)| AccountId::from_db(j.account_id)).collect();
-    let mut locked: HashMap<i64, Result<accounts::LockedAccount, LedgerError>> =
+    let lock_set: tx::LockSet = jobs.iter().map(|(j, _, _)| AccountId::from_db(j.account_id)).collect();
+    let locked: HashMap<i64, Result<accounts::LockedAccount, LedgerError>> =
         lock_set.ids().map(AccountId::get).zip(accounts::lock_all(tx, &lock_set)?).collect();
-    let mut in_transit: HashMap<String, AccountId> = HashMap::new();
-    let mut items: Vec<BatchItem> = Vec::with_capacity(ids.len());
-    for (job, enqueued_at_us) in &jobs {
+    let plan = plan_batch(&jobs, &locked);
+    // Fast path: the whole batch in a handful of set-based statements (round trips per
+    // batch, not per job). Anything unexpected rolls that savepoint back and the batch
+    // is redone one savepoint per job, so a bad job still fails alone.
+    let mut items = match tx.savepoint(|tx| write_plan(tx, &jobs, &plan)) {
+        Ok(items) => items,
+        Err(e) if e.is_transient() => return Err(e),
+        Err(_) => process_one_by_one(tx, &jobs, locked)?,
+    };
+    let seen: HashSet<WithdrawalId> = items.iter().map(|i| i.id).collect();
+    for id in ids {
+        if !seen.contains(id) {
+            items.push(BatchItem { id: *id, outcome: JobOutcome::Skipped, enqueued_at_us: None });
+        }
+    }
+    Ok(items)
+}
+
+/// A job row locked for processing, when it was enqueued (µs), and its in-transit account.
+type LockedJob = (Withdrawal, i64, Option<i64>);
+
+enum Decision {
+    Debit { after_minor: i64, in_transit: i64 },
+    Reject { code: &'static str, reason: String },
+}
+
+/// Decides every job of a batch in memory, in id order, tracking each account's
+/// balance as earlier jobs of the batch debit it.
+fn plan_batch(
+    jobs: &[LockedJob],
+    locked: &std::collections::HashMap<i64, Result<accounts::LockedAccount, LedgerError>>,
+) -> Vec<Decision> {
+    let mut balances: std::collections::HashMap<i64, accounts::LockedAccount> =
+        locked.iter().filter_map(|(id, a)| a.as_ref().ok().map(|a| (*id, a.clone()))).collect();
+    jobs.iter()
+        .map(|(job, _, in_transit)| {
+            let mut decide = || -> Result<Decision, LedgerError> {
+                let account = match locked.get(&job.account_id).expect("every job's account was looked up") {
+                    Err(e) => return Err(rebuild_refusal(e)),
+                    Ok(_) => balances.get_mut(&job.account_id).expect("locked accounts are tracked"),
+                };
+                let currency = Currency::from_code(&job.currency)?;
+                let amount = Amount::from_minor(job.amount_minor)?;
+                account.expect_currency(currency)?;
+                let after_minor = account.balance_after_debit(amount)?;
+                let in_transit = in_transit.expect("every supported currency has an in-transit account");
+                account.note_balance(after_minor);
+                Ok(Decision::Debit { after_minor, in_transit })
+            };
+            match decide() {
+                Ok(d) => d,
+                Err(e) => Decision::Reject { code: e.code(), reason: e.to_string() },
+            }
+        })
+        .collect()
+}
+
+/// Account-level refusals are shared by every job on the account; errors are not Clone.
+fn rebuild_refusal(e: &LedgerError) -> LedgerError {
+    match e {
+        LedgerError::UnknownAccount(id) => LedgerError::UnknownAccount(*id),
+        LedgerError::AccountClosed(id) => LedgerError::AccountClosed(*id),
+        LedgerError::SystemAccount(id) => LedgerError::SystemAccount(*id),
+        other => LedgerError::Invalid(InvalidInput::BadField { field: "account", reason: other.to_string() }),
+    }
+}
+
+/// Writes a planned batch with five statements: entries, postings, balances, payouts,
+/// job statuses. The postings trigger checks every entry of the one INSERT is balanced.
+fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<Vec<BatchItem>, LedgerError> {
+    use crate::schema::{journal_entries, payouts as payouts_t, postings};
+    use diesel::sql_types::{Array, BigInt, Nullable, Text};
+    use std::collections::HashMap;
+
+    let debits: Vec<(&Withdrawal, i64, i64)> = jobs
+        .iter()
+        .zip(plan)
+        .filter_map(|((job, _, _), d)| match d {
+            Decision::Debit { after_minor, in_transit } => Some((job, *after_minor, *in_transit)),
+            Decision::Reject { .. } => None,
+        })
+        .collect();
+    let mut entry_of: HashMap<i64, i64> = HashMap::new();
+    let mut payout_of: HashMap<i64, i64> = HashMap::new();
+    if !debits.is_empty() {
+        let references: Vec<String> = debits.iter().map(|(j, _, _)| format!("withdrawal:{}", j.id)).collect();
+        let entry_rows: Vec<_> = references
+            .iter()
+            .map(|r| (journal_entries::kind.eq(EntryKind::Withdrawal.as_str()), journal_entries::reference.eq(r)))
+            .collect();
+        let created: Vec<(i64, Option<String>)> = diesel::insert_into(journal_entries::table)
+            .values(&entry_rows)
+            .returning((journal_entries::id, journal_entries::reference))
+            .get_results(tx.conn())?;
+        assert_eq!(created.len(), debits.len());
+        let by_reference: HashMap<String, i64> = created.into_iter().map(|(id, r)| (r.unwrap_or_default(), id)).collect();
+        for (job, _, _) in &debits {
+            entry_of.insert(job.id, by_reference[&format!("withdrawal:{}", job.id)]);
+        }
+
+        let mut posting_rows = Vec::with_capacity(debits.len() * 2);
+        for (job, after, in_transit) in &debits {
+            let entry = entry_of[&job.id];
+            posting_rows.push((
+                postings::entry_id.eq(entry),
+                postings::account_id.eq(job.account_id),
+                postings::currency.eq(job.currency.as_str()),
+                postings::amount_minor.eq(-job.amount_minor),
+                postings::balance_after_minor.eq(Some(*after)),
+            ));
+            posting_rows.push((
+                postings::entry_id.eq(entry),
+                postings::account_id.eq(*in_transit),
+                postings::currency.eq(job.currency.as_str()),
+                postings::amount_minor.eq(job.amount_minor),
+                postings::balance_after_minor.eq(None),
+            ));
+        }
+        let written = diesel::insert_into(postings::table).values(&posting_rows).execute(tx.conn())?;
+        assert_eq!(written, posting_rows.len());
+
+        // Each account's last balance of the batch (jobs are in id order).
+        let mut last: HashMap<i64, i64> = HashMap::new();
+        for (job, after, _) in &debits {
+            last.insert(job.account_id, *after);
+        }
+        let (account_ids, balances): (Vec<i64>, Vec<i64>) = last.into_iter().unzip();
+        let updated = diesel::sql_query(
+            "UPDATE accounts a SET balance_minor = v.balance
+             FROM unnest($1::bigint[], $2::bigint[]) AS v(id, balance) WHERE a.id = v.id",
+        )
+        .bind::<Array<BigInt>, _>(&account_ids)
+        .bind::<Array<BigInt>, _>(&balances)
+        .execute(tx.conn())?;
+        assert_eq!(updated, account_ids.len());
+
+        let payout_rows: Vec<_> = debits
+            .iter()
+            .map(|(job, _, _)| {
+                (
+                    payouts_t::withdrawal_id.eq(job.id),
+                    payouts_t::account_id.eq(job.account_id),
+                    payouts_t::currency.eq(job.currency.as_str()),
+                    payouts_t::amount_minor.eq(job.amount_minor),
+                    payouts_t::destination.eq(job.destination.as_str()),
+                    payouts_t::idempotency_key.eq(payouts::payout_key(WithdrawalId::from_db(job.id))),
+                )
+            })
+            .collect();
+        let created: Vec<(i64, i64)> = diesel::insert_into(payouts_t::table)
+            .values(&payout_rows)
+            .returning((payouts_t::id, payouts_t::withdrawal_id))
+            .get_results(tx.conn())?;
+        payout_of.extend(created.into_iter().map(|(p, w)| (w, p)));
+    }
+
+    let mut ids = Vec::with_capacity(jobs.len());
+    let mut statuses = Vec::with_capacity(jobs.len());
+    let mut entries: Vec<Option<i64>> = Vec::with_capacity(jobs.len());
+    let mut reasons: Vec<Option<String>> = Vec::with_capacity(jobs.len());
+    for ((job, _, _), d) in jobs.iter().zip(plan) {
+        ids.push(job.id);
+        match d {
+            Decision::Debit { .. } => {
+                statuses.push(WithdrawalStatus::PayingOut.as_str().to_string());
+                entries.push(Some(entry_of[&job.id]));
+                reasons.push(None);
+            }
+            Decision::Reject { reason, .. } => {
+                statuses.push(WithdrawalStatus::Rejected.as_str().to_string());
+                entries.push(None);
+                reasons.push(Some(reason.clone()));
+            }
+        }
+    }
+    let updated = diesel::sql_query(
+        "UPDATE withdrawals w SET status = v.status, entry_id = v.entry, reason = v.reason,
+                attempts = w.attempts + 1, finished_at = clock_timestamp()
+         FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[]) AS v(id, status, entry, reason)
+         WHERE w.id = v.id AND w.status = 'pending'",
+    )
+    .bind::<Array<BigInt>, _>(&ids)
+    .bind::<Array<Text>, _>(&statuses)
+    .bind::<Array<Nullable<BigInt>>, _>(&entries)
+    .bind::<Array<Nullable<Text>>, _>(&reasons)
+    .execute(tx.conn())?;
+    assert_eq!(updated, jobs.len(), "the batch holds every job's row lock");
+
+    Ok(jobs
+        .iter()
+        .zip(plan)
+        .map(|((job, enqueued_at_us, _), d)| BatchItem {
+            id: WithdrawalId::from_db(job.id),
+            outcome: match d {
+                Decision::Debit { .. } => JobOutcome::Debited {
+                    entry: EntryId::from_db(entry_of[&job.id]),
+                    payout: PayoutId::from_db(payout_of[&job.id]),
+                },
+                Decision::Reject { code, reason } => JobOutcome::Rejected { code, reason: reason.clone() },
+            },
+            enqueued_at_us: Some(*enqueued_at_us),
+        })
+        .collect())
+}
+
+/// The careful path: one savepoint per job, so a job that fails for an unexpected reason
+/// is rolled back alone and reported, and the others still commit.
+fn process_one_by_one(
+    tx: &mut Tx<'_>,
+    jobs: &[LockedJob],
+    mut locked: std::collections::HashMap<i64, Result<accounts::LockedAccount, LedgerError>>,
+) -> Result<Vec<BatchItem>, LedgerError> {
+    let mut items: Vec<BatchItem> = Vec::with_capacity(jobs.len());
+    for (job, enqueued_at_us, in_transit) in jobs {
         let outcome = match locked.get_mut(&job.account_id).expect("every job's account was looked up") {
             Err(e) => {
-                // Rebuild the account-level refusal for this job (errors are not Clone).
                 let reason = e.to_string();
                 mark_rejected(tx, job.id, &reason)?;
                 JobOutcome::Rejected { code: e.code(), reason }
             }
             Ok(account) => {
-                let transit = match in_transit.get(&job.currency) {
-                    Some(id) => *id,
-                    None => {
-                        let currency = Currency::from_code(&job.currency)?;
-                        let id = accounts::system_account(tx.conn(), SystemRole::PayoutsInTransit, currency)?;
-                        in_transit.insert(job.currency.clone(), id);
-                        id
-                    }
-                };
+                let transit = AccountId::from_db(in_transit.expect("every currency has an in-transit account"));
                 let result = tx.savepoint(|tx| {
                     let (entry, payout, after) = debit_locked(tx, job, account, transit)?;
                     mark_debited(tx, job.id, entry)?;
@@ -394,11 +601,6 @@ pub fn process_batch_tx(tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<Bat
             }
         };
         items.push(BatchItem { id: WithdrawalId::from_db(job.id), outcome, enqueued_at_us: Some(*enqueued_at_us) });
-    }
-    for id in ids {
-        if !items.iter().any(|i| i.id == *id) {
-            items.push(BatchItem { id: *id, outcome: JobOutcome::Skipped, enqueued_at_us: None });
-        }
     }
     Ok(items)
 }

@@ -453,7 +453,8 @@ fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<
             .returning((journal_entries::id, journal_entries::reference))
             .get_results(tx.conn())?;
         assert_eq!(created.len(), debits.len());
-        let by_reference: HashMap<String, i64> = created.into_iter().map(|(id, r)| (r.unwrap_or_default(), id)).collect();
+        let by_reference: HashMap<String, i64> =
+            created.into_iter().map(|(id, r)| (r.unwrap_or_default(), id)).collect();
         for (job, _, _) in &debits {
             entry_of.insert(job.id, by_reference[&format!("withdrawal:{}", job.id)]);
         }
@@ -663,22 +664,56 @@ pub fn fail_now(conn: &mut PgConnection, id: WithdrawalId, reason: &str) -> Resu
 
 /// Due jobs for a claimer: pending, past their `next_attempt_at`, not locked by a worker
 /// right now (`SKIP LOCKED`), not in `exclude` (already queued here). Oldest first.
-pub fn claim_due(conn: &mut PgConnection, limit: i64, exclude: &[i64]) -> Result<Vec<WithdrawalId>, LedgerError> {
+pub fn claim_due(
+    conn: &mut PgConnection,
+    limit: i64,
+    exclude: &[i64],
+) -> Result<Vec<(WithdrawalId, AccountId)>, LedgerError> {
     assert!(limit > 0, "claim at least one job");
-    let ids: Vec<i64> = tx::transaction(conn, &TxOptions::default(), |tx| {
+    let ids: Vec<(i64, i64)> = tx::transaction(conn, &TxOptions::default(), |tx| {
         withdrawals::table
             .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
             .filter(withdrawals::next_attempt_at.le(diesel::dsl::now))
             .filter(withdrawals::id.ne_all(exclude))
             .order((withdrawals::next_attempt_at.asc(), withdrawals::id.asc()))
             .limit(limit)
-            .select(withdrawals::id)
+            .select((withdrawals::id, withdrawals::account_id))
             .for_update()
             .skip_locked()
             .load(tx.conn())
             .map_err(LedgerError::from)
     })?;
-    Ok(ids.into_iter().map(WithdrawalId::from_db).collect())
+    Ok(ids.into_iter().map(|(w, a)| (WithdrawalId::from_db(w), AccountId::from_db(a))).collect())
+}
+
+/// Due jobs with an id above `after`, in id order: the claimer's fast path while it
+/// works through a backlog (it keeps the highest id it queued as the cursor). Jobs it
+/// passes over (a retry whose time has come, a job committed late with a lower id) are
+/// picked up by [`claim_due`] once the claimer has caught up.
+pub fn claim_after(
+    conn: &mut PgConnection,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<(WithdrawalId, AccountId)>, LedgerError> {
+    assert!(limit > 0, "claim at least one job");
+    let ids: Vec<(i64, i64)> = tx::transaction(conn, &TxOptions::default(), |tx| {
+        withdrawals::table
+            .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
+            .filter(withdrawals::id.gt(after))
+            // A bounded id window keeps the cost at O(limit) whatever plan the planner
+            // picks (right after a bulk insert its row estimates are far off). Ids are
+            // dense; if a gap ever leaves a window empty, the sweep moves the cursor on.
+            .filter(withdrawals::id.le(after.saturating_add(limit.saturating_mul(4))))
+            .filter(withdrawals::next_attempt_at.le(diesel::dsl::now))
+            .order(withdrawals::id.asc())
+            .limit(limit)
+            .select((withdrawals::id, withdrawals::account_id))
+            .for_update()
+            .skip_locked()
+            .load(tx.conn())
+            .map_err(LedgerError::from)
+    })?;
+    Ok(ids.into_iter().map(|(w, a)| (WithdrawalId::from_db(w), AccountId::from_db(a))).collect())
 }
 
 /// How many jobs are still pending (due or waiting for a retry).

@@ -83,6 +83,32 @@ pub enum Command {
     Run(RunArgs),
     /// Check the ledger's invariants; exits non-zero on any violation.
     Audit,
+    /// Measure throughput and latency against pgbench on the same server. With no
+    /// DATABASE_URL it starts and removes its own throwaway PostgreSQL (fsync on).
+    Bench {
+        #[arg(long, value_enum, default_value_t = crate::bench::Scenario::All)]
+        scenario: crate::bench::Scenario,
+        /// Withdrawals (or transfers) per scenario.
+        #[arg(long, default_value_t = 20_000)]
+        withdrawals: usize,
+        /// Worker threads (default: 4, and 8 for the hot scenario).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Most jobs per worker transaction.
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        /// Accounts for spread and transfers (default 1,000).
+        #[arg(long)]
+        accounts: Option<usize>,
+        /// Also run pgbench's TPC-B-like transaction as the reference.
+        #[arg(long)]
+        pgbench: bool,
+        #[arg(long, default_value_t = 10)]
+        pgbench_seconds: u64,
+        /// Length of the latency phase (arrivals at half the measured peak).
+        #[arg(long, default_value_t = 5)]
+        latency_seconds: u64,
+    },
     /// Show the talk's race being prevented, then run withdrawals through the daemon.
     /// With no DATABASE_URL it starts and removes its own throwaway PostgreSQL.
     Demo {

@@ -304,6 +304,30 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Bench {
+            scenario,
+            withdrawals,
+            threads,
+            batch_size,
+            accounts,
+            pgbench,
+            pgbench_seconds,
+            latency_seconds,
+        } => {
+            init_logging(cli.log_format, "warn");
+            crate::bench::run(&crate::bench::BenchOptions {
+                database_url: cli.database_url,
+                scenario,
+                withdrawals,
+                threads,
+                batch_size,
+                accounts,
+                pgbench,
+                pgbench_seconds,
+                latency_seconds,
+                json: cli.json,
+            })?;
+        }
         Command::Demo { accounts, withdrawals, threads } => {
             init_logging(cli.log_format, "warn");
             if accounts == 0 || threads == 0 || withdrawals == 0 {

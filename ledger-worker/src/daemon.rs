@@ -168,7 +168,8 @@ pub enum SubmitError {
 /// A running worker pool. Dropping it without `shutdown` stops it too (same steps).
 pub struct WorkerPool {
     shared: Arc<Shared>,
-    sender: Option<Sender<i64>>,
+    /// One lane (bounded channel) per worker; see [`lane_of`].
+    senders: Option<Vec<Sender<i64>>>,
     supervisor: Option<JoinHandle<()>>,
     claimer: Option<JoinHandle<()>>,
     dispatchers: Vec<JoinHandle<()>>,
@@ -244,7 +245,9 @@ impl WorkerPool {
             &url,
             &PoolConfig { max_size: config.pool_size, min_idle: Some(0), connection_timeout_ms: 10_000, session },
         )?;
-        let (sender, receiver) = bounded::<i64>(config.channel_capacity);
+        let per_lane = lane_capacity(&config);
+        let (senders, receivers): (Vec<Sender<i64>>, Vec<Receiver<i64>>) =
+            (0..config.threads).map(|_| bounded::<i64>(per_lane)).unzip();
         let dispatching = gateway.is_some() && config.payout_threads > 0;
         let shared = Arc::new(Shared {
             config: config.clone(),
@@ -262,15 +265,17 @@ impl WorkerPool {
             let shared = shared.clone();
             thread::Builder::new()
                 .name("supervisor".into())
-                .spawn(move || supervise(shared, receiver))
+                .spawn(move || supervise(shared, receivers))
                 .map_err(|e| LedgerError::Pool(format!("spawning the supervisor: {e}")))?
         };
         let claimer = if config.claim {
-            let (shared, sender) = (shared.clone(), sender.clone());
+            let (shared, senders) = (shared.clone(), senders.clone());
             Some(
                 thread::Builder::new()
                     .name("claimer".into())
-                    .spawn(move || resilient(&shared.clone(), "claimer", || claim_loop(shared.clone(), sender.clone())))
+                    .spawn(move || {
+                        resilient(&shared.clone(), "claimer", || claim_loop(shared.clone(), senders.clone()))
+                    })
                     .map_err(|e| LedgerError::Pool(format!("spawning the claimer: {e}")))?,
             )
         } else {
@@ -299,7 +304,7 @@ impl WorkerPool {
             payout_threads = dispatchers.len(),
             "worker pool started"
         );
-        Ok(WorkerPool { shared, sender: Some(sender), supervisor: Some(supervisor), claimer, dispatchers })
+        Ok(WorkerPool { shared, senders: Some(senders), supervisor: Some(supervisor), claimer, dispatchers })
     }
 
     pub fn start_with(
@@ -321,7 +326,9 @@ impl WorkerPool {
         if self.shared.stopping.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let sender = self.sender.as_ref().ok_or(SubmitError::ShuttingDown)?;
+        let senders = self.senders.as_ref().ok_or(SubmitError::ShuttingDown)?;
+        // The account is not known here; any lane is correct, only locality suffers.
+        let sender = &senders[lane_of(id.get(), senders.len())];
         if !self.shared.inflight().insert(id.get()) {
             return Ok(()); // already queued or in progress here
         }
@@ -358,7 +365,7 @@ impl WorkerPool {
         *self.shared.drain_deadline.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(started + Duration::from_millis(self.shared.config.shutdown_grace_ms));
         self.shared.stopping.store(true, Ordering::SeqCst);
-        self.sender.take();
+        self.senders.take();
         if let Some(c) = self.claimer.take() {
             let _ = c.join();
         }
@@ -403,47 +410,54 @@ fn resilient(shared: &Shared, what: &str, body: impl Fn()) {
     }
 }
 
-/// Keeps `threads` workers alive: a worker that panicked is replaced, until shutdown.
-fn supervise(shared: Arc<Shared>, receiver: Receiver<i64>) {
-    let (s, r) = (shared.clone(), receiver.clone());
+/// Jobs of one account always go to the same worker's lane, so concurrent batches lock
+/// disjoint sets of accounts and never wait for each other; a hot account's jobs are
+/// all batched under one lock by one worker.
+fn lane_of(key: i64, lanes: usize) -> usize {
+    (key.unsigned_abs() % lanes as u64) as usize
+}
+
+fn lane_capacity(config: &WorkerConfig) -> usize {
+    (config.channel_capacity / config.threads).max(config.batch_size).max(1)
+}
+
+/// Keeps one worker per lane alive: a worker that panicked is replaced, until shutdown.
+fn supervise(shared: Arc<Shared>, receivers: Vec<Receiver<i64>>) {
+    let (s, r) = (shared.clone(), receivers.clone());
     resilient(&shared, "supervisor", move || supervise_workers(s.clone(), r.clone()));
 }
 
-fn supervise_workers(shared: Arc<Shared>, receiver: Receiver<i64>) {
-    let spawn = |n: usize| {
-        let (shared, receiver) = (shared.clone(), receiver.clone());
-        thread::Builder::new().name(format!("worker-{n}")).spawn(move || worker_loop(&shared, &receiver))
+fn supervise_workers(shared: Arc<Shared>, receivers: Vec<Receiver<i64>>) {
+    let spawn = |lane: usize, generation: usize| {
+        let (shared, receiver) = (shared.clone(), receivers[lane].clone());
+        thread::Builder::new()
+            .name(format!("worker-{lane}.{generation}"))
+            .spawn(move || worker_loop(&shared, &receiver))
     };
-    let mut workers: Vec<JoinHandle<WorkerExit>> = Vec::new();
-    let mut next_name = 0;
+    let mut workers: Vec<Option<JoinHandle<WorkerExit>>> = (0..receivers.len()).map(|_| None).collect();
+    let mut generation = 0;
     loop {
         let stopping = shared.stopping.load(Ordering::SeqCst);
-        let mut i = 0;
-        while i < workers.len() {
-            if workers[i].is_finished() {
-                let exit = workers.swap_remove(i).join().unwrap_or(WorkerExit::Panicked);
+        for (lane, slot) in workers.iter_mut().enumerate() {
+            if slot.as_ref().is_some_and(|h| h.is_finished()) {
+                let exit = slot.take().expect("checked").join().unwrap_or(WorkerExit::Panicked);
                 if exit == WorkerExit::Panicked && !stopping {
                     shared.metrics.workers_replaced.fetch_add(1, Ordering::Relaxed);
-                    warn!("replacing a worker thread after a panic");
+                    warn!(lane, "replacing a worker thread after a panic");
                 } else if !stopping {
-                    error!(?exit, "a worker thread ended unexpectedly; replacing it");
-                }
-            } else {
-                i += 1;
-            }
-        }
-        // Top up to the configured number (at start, and after any exit).
-        while !stopping && workers.len() < shared.config.threads {
-            match spawn(next_name) {
-                Ok(h) => workers.push(h),
-                Err(e) => {
-                    error!(error = %e, "could not start a worker thread; retrying");
-                    break;
+                    error!(lane, ?exit, "a worker thread ended unexpectedly; replacing it");
                 }
             }
-            next_name += 1;
+            // Start (or restart) the lane's worker.
+            if slot.is_none() && !stopping {
+                generation += 1;
+                match spawn(lane, generation) {
+                    Ok(h) => *slot = Some(h),
+                    Err(e) => error!(lane, error = %e, "could not start a worker thread; retrying"),
+                }
+            }
         }
-        if stopping && workers.is_empty() {
+        if stopping && workers.iter().all(Option::is_none) {
             return;
         }
         thread::sleep(Duration::from_millis(20));
@@ -618,11 +632,15 @@ fn record_attempt(shared: &Shared, id: WithdrawalId, error: &str) {
 
 /// The claimer: claims due jobs into the channel while it has room; when caught up,
 /// waits for a NOTIFY on `ledger_withdrawals` (checked every 2 ms) or the poll interval.
-fn claim_loop(shared: Arc<Shared>, sender: Sender<i64>) {
+fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
     let config = &shared.config;
     let mut conn: Option<PgConnection> = None;
     let mut failures = 0_u32;
+    let mut cursor: i64 = 0;
+    let mut last_sweep = Instant::now();
     let max_claim = (config.batch_size * config.threads).max(1);
+    let per_lane = lane_capacity(config);
+    let min_claim = config.batch_size.min(per_lane * senders.len() / 2).max(1);
     while !shared.stopping.load(Ordering::SeqCst) {
         let c = match conn.as_mut() {
             Some(c) => c,
@@ -642,26 +660,44 @@ fn claim_loop(shared: Arc<Shared>, sender: Sender<i64>) {
                 }
             },
         };
-        let room = config.channel_capacity.saturating_sub(sender.len()).min(max_claim);
-        if room == 0 {
-            thread::sleep(Duration::from_millis(1));
+        let room = senders.iter().map(|s| per_lane.saturating_sub(s.len())).sum::<usize>().min(max_claim);
+        // Claim in chunks worth a round trip: with the queue nearly full, let the
+        // workers drain it a little instead of claiming a handful of ids at a time.
+        if room < min_claim {
+            thread::sleep(Duration::from_micros(500));
             continue;
         }
-        let exclude: Vec<i64> = shared.inflight().iter().copied().collect();
-        match withdrawals::claim_due(c, room as i64, &exclude) {
+        // Fast path: the next jobs after the cursor. When that comes up short (caught
+        // up), sweep for due jobs the cursor passed over, excluding what is queued here.
+        let claimed = withdrawals::claim_after(c, cursor, room as i64).and_then(|mut ids| {
+            // The sweep is for stragglers and retries, which can wait a few ms: at a
+            // steady trickle it would otherwise run on every wake-up.
+            if ids.len() < room && (ids.is_empty() || last_sweep.elapsed() >= SWEEP_EVERY) {
+                last_sweep = Instant::now();
+                let mut exclude: Vec<i64> = shared.inflight().iter().copied().collect();
+                exclude.extend(ids.iter().map(|(w, _)| w.get()));
+                ids.extend(withdrawals::claim_due(c, (room - ids.len()) as i64, &exclude)?);
+            }
+            Ok(ids)
+        });
+        match claimed {
             Ok(ids) => {
                 failures = 0;
                 let claimed = ids.len();
-                for id in ids {
+                for (id, account) in ids {
+                    cursor = cursor.max(id.get());
                     shared.inflight().insert(id.get());
-                    if !send_unless_stopping(&shared, &sender, id.get()) {
+                    let lane = &senders[lane_of(account.get(), senders.len())];
+                    if !send_unless_stopping(&shared, lane, id.get()) {
                         shared.inflight().remove(&id.get());
                     }
                 }
                 shared.metrics.claimed.fetch_add(claimed as u64, Ordering::Relaxed);
                 if claimed < room {
-                    // Caught up. Idle when nothing is pending and nothing is in flight.
-                    let idle = shared.inflight().is_empty()
+                    // Caught up. Idle when nothing is pending and nothing is in flight
+                    // (checked only when this round found nothing at all).
+                    let idle = claimed == 0
+                        && shared.inflight().is_empty()
                         && withdrawals::pending_count(c).map(|n| n == 0).unwrap_or(false)
                         && (!shared.dispatching || payouts::pending_count(c).map(|n| n == 0).unwrap_or(false));
                     shared.idle.store(idle, Ordering::SeqCst);
@@ -685,6 +721,9 @@ fn claim_loop(shared: Arc<Shared>, sender: Sender<i64>) {
     }
     debug!("claimer stopped");
 }
+
+/// How often the claimer sweeps for due jobs its cursor passed over while it has work.
+const SWEEP_EVERY: Duration = Duration::from_millis(50);
 
 fn listen(url: &str, application_name: &str) -> Result<PgConnection, LedgerError> {
     let session = SessionConfig {

@@ -2,7 +2,6 @@
 //! thousand concurrent withdrawals, an audit and a summary. Needs nothing running: with
 //! no DATABASE_URL it starts (and removes) its own PostgreSQL.
 
-use std::io::Write;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -251,7 +250,7 @@ fn many_withdrawals(url: &str, opts: &DemoOptions) -> Result<()> {
     let started = Instant::now();
     let pool = WorkerPool::builder(url, config).gateway(Arc::new(LogGateway)).start()?;
     let metrics = pool.metrics().clone();
-    let mut reporter = Progress::new(total);
+    let mut reporter = crate::progress::Progress::new(total);
     loop {
         let finished = metrics.finished() as usize;
         reporter.show(finished.min(total), started.elapsed());
@@ -288,46 +287,4 @@ fn many_withdrawals(url: &str, opts: &DemoOptions) -> Result<()> {
         bail!("the run did not end cleanly");
     }
     Ok(())
-}
-
-/// A progress bar on a terminal; on a pipe or file, a line at every tenth.
-struct Progress {
-    total: usize,
-    tty: bool,
-    last_tenth: usize,
-}
-
-impl Progress {
-    fn new(total: usize) -> Progress {
-        use std::io::IsTerminal;
-        Progress { total, tty: std::io::stderr().is_terminal(), last_tenth: 0 }
-    }
-
-    fn show(&mut self, done: usize, elapsed: Duration) {
-        const WIDTH: usize = 40;
-        if self.tty {
-            let filled = (done * WIDTH).checked_div(self.total).unwrap_or(WIDTH).min(WIDTH);
-            eprint!(
-                "\r   [{}{}] {done}/{} {:.1}s",
-                "#".repeat(filled),
-                "-".repeat(WIDTH - filled),
-                self.total,
-                elapsed.as_secs_f64()
-            );
-            let _ = std::io::stderr().flush();
-        } else {
-            let tenth = (done * 10).checked_div(self.total).unwrap_or(10);
-            if tenth > self.last_tenth {
-                self.last_tenth = tenth;
-                eprintln!("   {done}/{} processed ({:.1}s)", self.total, elapsed.as_secs_f64());
-            }
-        }
-    }
-
-    fn finish(&mut self, done: usize, elapsed: Duration) {
-        self.show(done, elapsed);
-        if self.tty {
-            eprintln!();
-        }
-    }
 }

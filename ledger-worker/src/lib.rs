@@ -1,6 +1,7 @@
 //! The ledger's worker daemon and command-line interface. `main.rs` only calls
 //! [`cli::main`]; everything else lives here so it can be tested and embedded.
 
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod daemon;
@@ -8,3 +9,4 @@ pub mod database;
 pub mod demo;
 pub mod gateway;
 pub mod metrics;
+pub mod progress;

@@ -1,0 +1,1 @@
+DROP INDEX withdrawals_pending_id_idx;

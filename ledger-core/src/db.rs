@@ -156,6 +156,9 @@ fn build_pool(url: &str, config: &PoolConfig, customizer: ApplySession) -> Resul
     diesel::r2d2::Pool::builder()
         .max_size(config.max_size)
         .min_idle(config.min_idle)
+        // No `SELECT 1` round trip on every checkout: a dead connection fails its first
+        // statement with ConnectionLost, which the transaction runners retry on a fresh one.
+        .test_on_check_out(false)
         .connection_timeout(Duration::from_millis(config.connection_timeout_ms))
         .connection_customizer(Box::new(customizer))
         .build(ConnectionManager::<PgConnection>::new(url))

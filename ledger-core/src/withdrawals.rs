@@ -425,127 +425,129 @@ fn rebuild_refusal(e: &LedgerError) -> LedgerError {
     }
 }
 
-/// Writes a planned batch with five statements: entries, postings, balances, payouts,
-/// job statuses. The postings trigger checks every entry of the one INSERT is balanced.
+/// Writes a planned batch in one statement: data-modifying CTEs insert the entries,
+/// their postings, the payouts, and update the balances and job statuses. One round
+/// trip per batch instead of several per job; the postings trigger checks every entry
+/// is balanced and the foreign keys are checked as usual at the end of the statement.
 fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<Vec<BatchItem>, LedgerError> {
-    use crate::schema::{journal_entries, payouts as payouts_t, postings};
     use diesel::sql_types::{Array, BigInt, Nullable, Text};
     use std::collections::HashMap;
 
-    let debits: Vec<(&Withdrawal, i64, i64)> = jobs
-        .iter()
-        .zip(plan)
-        .filter_map(|((job, _, _), d)| match d {
-            Decision::Debit { after_minor, in_transit } => Some((job, *after_minor, *in_transit)),
-            Decision::Reject { .. } => None,
-        })
-        .collect();
-    let mut entry_of: HashMap<i64, i64> = HashMap::new();
-    let mut payout_of: HashMap<i64, i64> = HashMap::new();
-    if !debits.is_empty() {
-        let references: Vec<String> = debits.iter().map(|(j, _, _)| format!("withdrawal:{}", j.id)).collect();
-        let entry_rows: Vec<_> = references
-            .iter()
-            .map(|r| (journal_entries::kind.eq(EntryKind::Withdrawal.as_str()), journal_entries::reference.eq(r)))
-            .collect();
-        let created: Vec<(i64, Option<String>)> = diesel::insert_into(journal_entries::table)
-            .values(&entry_rows)
-            .returning((journal_entries::id, journal_entries::reference))
-            .get_results(tx.conn())?;
-        assert_eq!(created.len(), debits.len());
-        let by_reference: HashMap<String, i64> =
-            created.into_iter().map(|(id, r)| (r.unwrap_or_default(), id)).collect();
-        for (job, _, _) in &debits {
-            entry_of.insert(job.id, by_reference[&format!("withdrawal:{}", job.id)]);
-        }
-
-        let mut posting_rows = Vec::with_capacity(debits.len() * 2);
-        for (job, after, in_transit) in &debits {
-            let entry = entry_of[&job.id];
-            posting_rows.push((
-                postings::entry_id.eq(entry),
-                postings::account_id.eq(job.account_id),
-                postings::currency.eq(job.currency.as_str()),
-                postings::amount_minor.eq(-job.amount_minor),
-                postings::balance_after_minor.eq(Some(*after)),
-            ));
-            posting_rows.push((
-                postings::entry_id.eq(entry),
-                postings::account_id.eq(*in_transit),
-                postings::currency.eq(job.currency.as_str()),
-                postings::amount_minor.eq(job.amount_minor),
-                postings::balance_after_minor.eq(None),
-            ));
-        }
-        let written = diesel::insert_into(postings::table).values(&posting_rows).execute(tx.conn())?;
-        assert_eq!(written, posting_rows.len());
-
-        // Each account's last balance of the batch (jobs are in id order).
-        let mut last: HashMap<i64, i64> = HashMap::new();
-        for (job, after, _) in &debits {
-            last.insert(job.account_id, *after);
-        }
-        let (account_ids, balances): (Vec<i64>, Vec<i64>) = last.into_iter().unzip();
-        let updated = diesel::sql_query(
-            "UPDATE accounts a SET balance_minor = v.balance
-             FROM unnest($1::bigint[], $2::bigint[]) AS v(id, balance) WHERE a.id = v.id",
-        )
-        .bind::<Array<BigInt>, _>(&account_ids)
-        .bind::<Array<BigInt>, _>(&balances)
-        .execute(tx.conn())?;
-        assert_eq!(updated, account_ids.len());
-
-        let payout_rows: Vec<_> = debits
-            .iter()
-            .map(|(job, _, _)| {
-                (
-                    payouts_t::withdrawal_id.eq(job.id),
-                    payouts_t::account_id.eq(job.account_id),
-                    payouts_t::currency.eq(job.currency.as_str()),
-                    payouts_t::amount_minor.eq(job.amount_minor),
-                    payouts_t::destination.eq(job.destination.as_str()),
-                    payouts_t::idempotency_key.eq(payouts::payout_key(WithdrawalId::from_db(job.id))),
-                )
-            })
-            .collect();
-        let created: Vec<(i64, i64)> = diesel::insert_into(payouts_t::table)
-            .values(&payout_rows)
-            .returning((payouts_t::id, payouts_t::withdrawal_id))
-            .get_results(tx.conn())?;
-        payout_of.extend(created.into_iter().map(|(p, w)| (w, p)));
+    #[derive(QueryableByName)]
+    struct Written {
+        #[diesel(sql_type = BigInt)]
+        postings: i64,
+        #[diesel(sql_type = BigInt)]
+        balances: i64,
+        #[diesel(sql_type = BigInt)]
+        jobs: i64,
+        #[diesel(sql_type = Array<BigInt>)]
+        debited: Vec<i64>,
+        #[diesel(sql_type = Array<BigInt>)]
+        entries: Vec<i64>,
+        #[diesel(sql_type = Array<BigInt>)]
+        payouts: Vec<i64>,
     }
 
-    let mut ids = Vec::with_capacity(jobs.len());
-    let mut statuses = Vec::with_capacity(jobs.len());
-    let mut entries: Vec<Option<i64>> = Vec::with_capacity(jobs.len());
-    let mut reasons: Vec<Option<String>> = Vec::with_capacity(jobs.len());
-    for ((job, _, _), d) in jobs.iter().zip(plan) {
-        ids.push(job.id);
-        match d {
-            Decision::Debit { .. } => {
-                statuses.push(WithdrawalStatus::PayingOut.as_str().to_string());
-                entries.push(Some(entry_of[&job.id]));
-                reasons.push(None);
+    let mut d_wid = vec![];
+    let mut d_account = vec![];
+    let mut d_currency = vec![];
+    let mut d_amount = vec![];
+    let mut d_after = vec![];
+    let mut d_transit = vec![];
+    let mut d_destination = vec![];
+    let mut last_balance: HashMap<i64, i64> = HashMap::new();
+    let mut all_ids = Vec::with_capacity(jobs.len());
+    let mut all_status = Vec::with_capacity(jobs.len());
+    let mut all_reason: Vec<Option<String>> = Vec::with_capacity(jobs.len());
+    for ((job, _, _), decision) in jobs.iter().zip(plan) {
+        all_ids.push(job.id);
+        match decision {
+            Decision::Debit { after_minor, in_transit } => {
+                d_wid.push(job.id);
+                d_account.push(job.account_id);
+                d_currency.push(job.currency.clone());
+                d_amount.push(job.amount_minor);
+                d_after.push(*after_minor);
+                d_transit.push(*in_transit);
+                d_destination.push(job.destination.clone());
+                last_balance.insert(job.account_id, *after_minor); // jobs are in id order
+                all_status.push(WithdrawalStatus::PayingOut.as_str().to_string());
+                all_reason.push(None);
             }
             Decision::Reject { reason, .. } => {
-                statuses.push(WithdrawalStatus::Rejected.as_str().to_string());
-                entries.push(None);
-                reasons.push(Some(reason.clone()));
+                all_status.push(WithdrawalStatus::Rejected.as_str().to_string());
+                all_reason.push(Some(reason.clone()));
             }
         }
     }
-    let updated = diesel::sql_query(
-        "UPDATE withdrawals w SET status = v.status, entry_id = v.entry, reason = v.reason,
-                attempts = w.attempts + 1, finished_at = clock_timestamp()
-         FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[]) AS v(id, status, entry, reason)
-         WHERE w.id = v.id AND w.status = 'pending'",
+    let (balance_ids, balances): (Vec<i64>, Vec<i64>) = last_balance.into_iter().unzip();
+    let written: Written = diesel::sql_query(
+        "WITH d AS (
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[],
+                                  $6::bigint[], $7::text[])
+                 AS d(wid, account_id, currency, amount, after, transit, destination)
+         ), e AS (
+             INSERT INTO journal_entries (kind, reference)
+             SELECT 'withdrawal', 'withdrawal:' || wid FROM d ORDER BY wid
+             RETURNING id, reference
+         ), de AS (
+             SELECT d.*, e.id AS entry_id FROM d JOIN e ON e.reference = 'withdrawal:' || d.wid
+         ), p AS (
+             INSERT INTO postings (entry_id, account_id, currency, amount_minor, balance_after_minor)
+             SELECT entry_id, account, currency, amount, after FROM (
+                 SELECT wid, 0 AS leg, entry_id, account_id AS account, currency, -amount AS amount, after FROM de
+                 UNION ALL
+                 SELECT wid, 1, entry_id, transit, currency, amount, NULL FROM de
+             ) legs
+             -- Posting ids follow job order, so each account's running balance reads in order.
+             ORDER BY wid, leg
+             RETURNING 1
+         ), b AS (
+             UPDATE accounts a SET balance_minor = v.balance
+             FROM unnest($8::bigint[], $9::bigint[]) AS v(id, balance) WHERE a.id = v.id
+             RETURNING 1
+         ), po AS (
+             INSERT INTO payouts (withdrawal_id, account_id, currency, amount_minor, destination, idempotency_key)
+             SELECT wid, account_id, currency, amount, destination, 'payout-w' || wid FROM d ORDER BY wid
+             RETURNING id, withdrawal_id
+         ), w AS (
+             UPDATE withdrawals x
+             SET status = v.status, entry_id = de.entry_id, reason = v.reason,
+                 attempts = x.attempts + 1, finished_at = clock_timestamp()
+             FROM unnest($10::bigint[], $11::text[], $12::text[]) AS v(id, status, reason)
+             LEFT JOIN de ON de.wid = v.id
+             WHERE x.id = v.id AND x.status = 'pending'
+             RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM p) AS postings,
+                (SELECT count(*) FROM b) AS balances,
+                (SELECT count(*) FROM w) AS jobs,
+                COALESCE((SELECT array_agg(de.wid ORDER BY de.wid) FROM de), '{}') AS debited,
+                COALESCE((SELECT array_agg(de.entry_id ORDER BY de.wid) FROM de), '{}') AS entries,
+                COALESCE((SELECT array_agg(po.id ORDER BY po.withdrawal_id) FROM po), '{}') AS payouts",
     )
-    .bind::<Array<BigInt>, _>(&ids)
-    .bind::<Array<Text>, _>(&statuses)
-    .bind::<Array<Nullable<BigInt>>, _>(&entries)
-    .bind::<Array<Nullable<Text>>, _>(&reasons)
-    .execute(tx.conn())?;
-    assert_eq!(updated, jobs.len(), "the batch holds every job's row lock");
+    .bind::<Array<BigInt>, _>(&d_wid)
+    .bind::<Array<BigInt>, _>(&d_account)
+    .bind::<Array<Text>, _>(&d_currency)
+    .bind::<Array<BigInt>, _>(&d_amount)
+    .bind::<Array<BigInt>, _>(&d_after)
+    .bind::<Array<BigInt>, _>(&d_transit)
+    .bind::<Array<Text>, _>(&d_destination)
+    .bind::<Array<BigInt>, _>(&balance_ids)
+    .bind::<Array<BigInt>, _>(&balances)
+    .bind::<Array<BigInt>, _>(&all_ids)
+    .bind::<Array<Text>, _>(&all_status)
+    .bind::<Array<Nullable<Text>>, _>(&all_reason)
+    .get_result(tx.conn())?;
+    // Pair the statement's counts with what was planned (assertions, not hopes).
+    assert_eq!(written.postings as usize, d_wid.len() * 2, "two postings per debit");
+    assert_eq!(written.balances as usize, balance_ids.len(), "one balance per debited account");
+    assert_eq!(written.jobs as usize, jobs.len(), "the batch holds every job's row lock");
+    assert_eq!(written.debited, d_wid.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>());
+    assert_eq!((written.entries.len(), written.payouts.len()), (d_wid.len(), d_wid.len()));
+    let entry_of: HashMap<i64, i64> = written.debited.iter().copied().zip(written.entries.iter().copied()).collect();
+    let payout_of: HashMap<i64, i64> = written.debited.iter().copied().zip(written.payouts.iter().copied()).collect();
 
     Ok(jobs
         .iter()

@@ -544,7 +544,10 @@ fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<
     assert_eq!(written.postings as usize, d_wid.len() * 2, "two postings per debit");
     assert_eq!(written.balances as usize, balance_ids.len(), "one balance per debited account");
     assert_eq!(written.jobs as usize, jobs.len(), "the batch holds every job's row lock");
-    assert_eq!(written.debited, d_wid.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>());
+    assert_eq!(
+        written.debited,
+        d_wid.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>()
+    );
     assert_eq!((written.entries.len(), written.payouts.len()), (d_wid.len(), d_wid.len()));
     let entry_of: HashMap<i64, i64> = written.debited.iter().copied().zip(written.entries.iter().copied()).collect();
     let payout_of: HashMap<i64, i64> = written.debited.iter().copied().zip(written.payouts.iter().copied()).collect();

@@ -95,7 +95,7 @@ pub enum Command {
         #[arg(long)]
         threads: Option<usize>,
         /// Most jobs per worker transaction.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 1_000)]
         batch_size: usize,
         /// Accounts for spread and transfers (default 1,000).
         #[arg(long)]
@@ -195,11 +195,12 @@ pub struct RunArgs {
     /// Pooled connections (workers plus bookkeeping).
     #[arg(long)]
     pub pool_size: Option<u32>,
-    /// Jobs queued between the claimer and the workers.
-    #[arg(long, default_value_t = 256)]
+    /// Jobs queued between the claimer and the workers (split into one lane per worker).
+    #[arg(long, default_value_t = 1_024)]
     pub channel_capacity: usize,
-    /// Jobs per transaction (each in its own savepoint).
-    #[arg(long, default_value_t = 16)]
+    /// Most jobs per transaction. Under load a worker takes what is queued up to this,
+    /// so a larger value buys throughput without costing latency at low load.
+    #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
     /// Poll for work this often when no NOTIFY arrives.
     #[arg(long, default_value_t = 1_000)]

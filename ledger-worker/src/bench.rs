@@ -46,6 +46,8 @@ pub struct BenchOptions {
     pub pgbench_seconds: u64,
     pub latency_seconds: u64,
     pub json: bool,
+    /// Print where the time of the throughput phase went (pg_stat_statements and CPU).
+    pub profile: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -68,7 +70,12 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     if opts.withdrawals == 0 || opts.batch_size == 0 {
         bail!("--withdrawals and --batch-size must be at least 1");
     }
-    let database = Database::given_or_throwaway(opts.database_url.clone(), "ledger_bench_admin")?;
+    let settings: &[&str] = if opts.profile {
+        &["shared_preload_libraries = 'pg_stat_statements'", "pg_stat_statements.track = 'all'"]
+    } else {
+        &[]
+    };
+    let database = Database::given_or_throwaway_with(opts.database_url.clone(), "ledger_bench_admin", settings)?;
     let result = run_all(&database, opts);
     let stopped = database.shutdown();
     let results = result?;
@@ -135,12 +142,16 @@ fn run_scenario(url: &str, s: Scenario, opts: &BenchOptions) -> Result<ScenarioR
         result.rss_mb = rss_mb(std::process::id()).unwrap_or(0.0);
     } else {
         enqueue_bulk(&mut conn, &accounts, n)?;
+        let profiling = opts.profile && start_profile(&mut conn);
         let started = Instant::now();
         let mut worker = spawn_worker(url, threads, opts.batch_size, true)?;
+        let worker_pid = worker.id();
+        let mut worker_cpu = 0.0_f64;
         let mut rss = 0.0_f64;
         let mut progress = crate::progress::Progress::new(n);
         loop {
             rss = rss.max(rss_mb(worker.id()).unwrap_or(0.0));
+            worker_cpu = cpu_seconds(worker_pid).unwrap_or(worker_cpu);
             if let Some(status) = worker.try_wait()? {
                 if !status.success() {
                     bail!("the worker exited with {status}");
@@ -154,6 +165,9 @@ fn run_scenario(url: &str, s: Scenario, opts: &BenchOptions) -> Result<ScenarioR
         progress.finish(finished_count(&mut conn)? as usize, elapsed);
         result.ops_per_sec = n as f64 / elapsed.as_secs_f64();
         result.rss_mb = rss;
+        if profiling {
+            print_profile(&mut conn, n, elapsed, worker_cpu)?;
+        }
         let pending = pending_count(&mut conn)?;
         if pending != 0 {
             bail!("{pending} withdrawals still pending after the worker went idle");
@@ -250,6 +264,63 @@ fn spawn_worker(url: &str, threads: usize, batch_size: usize, exit_when_idle: bo
         cmd.arg("--exit-when-idle");
     }
     cmd.spawn().context("starting the worker")
+}
+
+/// CPU time (user + system) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn start_profile(conn: &mut PgConnection) -> bool {
+    use diesel::connection::SimpleConnection;
+    match conn.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset();") {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("   (no profile: pg_stat_statements is not available: {e})");
+            false
+        }
+    }
+}
+
+/// Where a job's time went: server time per statement (pg_stat_statements, this
+/// database only) and the worker process's own CPU, per job.
+fn print_profile(conn: &mut PgConnection, jobs: usize, elapsed: Duration, worker_cpu_s: f64) -> Result<()> {
+    #[derive(QueryableByName)]
+    struct Stmt {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        query: String,
+        #[diesel(sql_type = BigInt)]
+        calls: i64,
+        #[diesel(sql_type = Double)]
+        total_ms: f64,
+    }
+    let rows: Vec<Stmt> = diesel::sql_query(
+        "SELECT left(regexp_replace(s.query, '\\s+', ' ', 'g'), 70) AS query, s.calls,
+                s.total_exec_time AS total_ms
+         FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+         WHERE d.datname = current_database() AND s.toplevel
+         ORDER BY s.total_exec_time DESC LIMIT 10",
+    )
+    .load(conn)?;
+    let server_ms: f64 = rows.iter().map(|r| r.total_ms).sum();
+    eprintln!(
+        "   profile of the throughput phase ({jobs} jobs in {:.2} s on 2 cores = {:.0} µs of wall time per job):",
+        elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1e6 / jobs as f64
+    );
+    eprintln!(
+        "   server execution {:.0} µs/job (top statements below), worker process CPU {:.0} µs/job",
+        server_ms * 1e3 / jobs as f64,
+        worker_cpu_s * 1e6 / jobs as f64
+    );
+    for r in rows {
+        eprintln!("   {:>7.1} µs/job {:>7} calls  {}", r.total_ms * 1e3 / jobs as f64, r.calls, r.query);
+    }
+    Ok(())
 }
 
 /// Peak resident set size of a process, in MB (Linux `VmHWM`).

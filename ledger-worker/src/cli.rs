@@ -108,6 +108,9 @@ pub enum Command {
         /// Length of the latency phase (arrivals at half the measured peak).
         #[arg(long, default_value_t = 5)]
         latency_seconds: u64,
+        /// Show where the time goes (pg_stat_statements on the throwaway server, CPU).
+        #[arg(long)]
+        profile: bool,
     },
     /// Show the talk's race being prevented, then run withdrawals through the daemon.
     /// With no DATABASE_URL it starts and removes its own throwaway PostgreSQL.

@@ -313,6 +313,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             pgbench,
             pgbench_seconds,
             latency_seconds,
+            profile,
         } => {
             init_logging(cli.log_format, "warn");
             crate::bench::run(&crate::bench::BenchOptions {
@@ -326,6 +327,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 pgbench_seconds,
                 latency_seconds,
                 json: cli.json,
+                profile,
             })?;
         }
         Command::Demo { accounts, withdrawals, threads } => {

@@ -118,12 +118,24 @@ impl WorkerConfig {
 /// `ledger_core::withdrawals::process_batch_tx`; tests wrap it to inject faults.
 pub trait Processor: Send + Sync + 'static {
     fn process(&self, tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<BatchItem>, LedgerError>;
+
+    /// Run in a fresh transaction when `process` failed with a non-transient error: it
+    /// must isolate the failing job (one savepoint per job). Defaults to `process`.
+    fn process_careful(&self, tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<BatchItem>, LedgerError> {
+        self.process(tx, ids)
+    }
 }
 
+/// The fast path first (one set-based write, no savepoint); after an unexpected error,
+/// the careful path, which isolates the job to blame.
 pub struct LedgerProcessor;
 
 impl Processor for LedgerProcessor {
     fn process(&self, tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<BatchItem>, LedgerError> {
+        withdrawals::process_batch_fast_tx(tx, ids)
+    }
+
+    fn process_careful(&self, tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<BatchItem>, LedgerError> {
         withdrawals::process_batch_tx(tx, ids)
     }
 }
@@ -562,10 +574,17 @@ fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
     let opts = TxOptions { max_attempts: shared.config.tx_attempts, ..TxOptions::default() };
     let mut attempts = 0_u64;
     shared.metrics.batches.fetch_add(1, Ordering::Relaxed);
-    let result = ledger_core::tx::transaction_pooled(&shared.pool, &opts, |tx| {
+    let mut result = ledger_core::tx::transaction_pooled(&shared.pool, &opts, |tx| {
         attempts += 1;
         shared.processor.process(tx, ids)
     });
+    if matches!(&result, Err(e) if !e.is_transient() && !matches!(e, LedgerError::RetriesExhausted { .. })) {
+        warn!(error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(), "batch failed; redoing it job by job");
+        result = ledger_core::tx::transaction_pooled(&shared.pool, &opts, |tx| {
+            attempts += 1;
+            shared.processor.process_careful(tx, ids)
+        });
+    }
     shared.metrics.retried.fetch_add(attempts.saturating_sub(1), Ordering::Relaxed);
     let committed_at = now_us();
     match result {

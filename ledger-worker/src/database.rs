@@ -15,11 +15,17 @@ impl Database {
     /// Uses `url` if given; otherwise starts a throwaway cluster (durable settings, so
     /// timings mean something) and creates database `dbname` in it.
     pub fn given_or_throwaway(url: Option<String>, dbname: &str) -> Result<Database> {
+        Database::given_or_throwaway_with(url, dbname, &[])
+    }
+
+    /// Like `given_or_throwaway`, with extra settings for a throwaway cluster.
+    pub fn given_or_throwaway_with(url: Option<String>, dbname: &str, settings: &[&str]) -> Result<Database> {
         if let Some(url) = url.filter(|u| !u.is_empty()) {
             return Ok(Database { url, cluster: None });
         }
         eprintln!("no DATABASE_URL given: starting a throwaway PostgreSQL cluster (removed on exit)");
-        let cluster = TempCluster::start(Durability::Durable).context("starting a throwaway PostgreSQL cluster")?;
+        let cluster = TempCluster::start_with(Durability::Durable, settings)
+            .context("starting a throwaway PostgreSQL cluster")?;
         let mut admin = db::connect(&cluster.url("postgres"), &db::SessionConfig::default())?;
         diesel::RunQueryDsl::execute(diesel::sql_query(format!("CREATE DATABASE {dbname}")), &mut admin)
             .with_context(|| format!("creating database {dbname}"))?;

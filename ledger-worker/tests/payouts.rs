@@ -119,9 +119,9 @@ fn a_flaky_bank_and_kill_9_still_pay_each_payout_at_most_once_and_return_refusal
     let db = testing::committed();
     let mut conn = db.conn();
     let accounts: Vec<_> =
-        (0..30).map(|i| testing::funded_account(&mut conn, &format!("p{i}"), Currency::EUR, "200.00")).collect();
+        (0..30).map(|i| testing::funded_account(&mut conn, &format!("p{i}"), Currency::EUR, "400.00")).collect();
     ledger_core::transaction(&mut conn, &TxOptions::default(), |tx| {
-        for i in 0..600_usize {
+        for i in 0..1_200_usize {
             let to = if i % 10 == 3 { REFUSED_IBAN } else { IBAN };
             withdrawals::request_tx(
                 tx,
@@ -164,13 +164,18 @@ fn a_flaky_bank_and_kill_9_still_pay_each_payout_at_most_once_and_return_refusal
         "2",
         "--batch-size",
         "4",
+        // Small batches and one dispatcher keep the run long enough to be killed mid-way.
+        "--payout-threads",
+        "1",
+        "--payout-batch",
+        "4",
     ];
     let mut rng = fastrand::Rng::with_seed(42);
     let mut kills_mid_run = 0;
     for _ in 0..4 {
         let mut daemon = spawn_daemon(db.url(), &args);
         // Let it run a random while, then kill -9 at whatever it is doing.
-        thread::sleep(Duration::from_millis(rng.u64(150..600)));
+        thread::sleep(Duration::from_millis(rng.u64(100..400)));
         daemon.kill().unwrap();
         daemon.wait().unwrap();
         let unfinished = count(
@@ -230,7 +235,7 @@ fn a_flaky_bank_and_kill_9_still_pay_each_payout_at_most_once_and_return_refusal
     // Returned money is back: each balance is its funds minus what the bank paid out.
     let bad_balances = count(
         &mut conn,
-        "SELECT count(*) AS n FROM accounts a WHERE a.kind = 'customer' AND a.balance_minor <> 20000 - COALESCE(
+        "SELECT count(*) AS n FROM accounts a WHERE a.kind = 'customer' AND a.balance_minor <> 40000 - COALESCE(
              (SELECT sum(p.amount_minor) FROM payouts p WHERE p.account_id = a.id AND p.status = 'settled'), 0)",
     );
     assert_eq!(bad_balances, 0);

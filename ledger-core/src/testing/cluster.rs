@@ -55,6 +55,12 @@ static CLUSTER_COUNTER: AtomicU32 = AtomicU32::new(0);
 impl TempCluster {
     /// Initialises and starts a new cluster; returns when it accepts connections.
     pub fn start(durability: Durability) -> Result<TempCluster, ClusterError> {
+        TempCluster::start_with(durability, &[])
+    }
+
+    /// Like [`TempCluster::start`], with extra `postgresql.conf` lines (for example
+    /// `shared_preload_libraries = 'pg_stat_statements'` to profile a benchmark).
+    pub fn start_with(durability: Durability, extra_settings: &[&str]) -> Result<TempCluster, ClusterError> {
         let bindir = find_bindir()?;
         let root = is_root();
         let run_as = if root { Some("postgres".to_string()) } else { None };
@@ -78,7 +84,7 @@ impl TempCluster {
         set_mode_0700(&cluster.base)?;
         // The watchdog comes first, so that even a failed start is cleaned up.
         cluster.spawn_watchdog()?;
-        cluster.init(durability)?;
+        cluster.init(durability, extra_settings)?;
         cluster.start_server()?;
         Ok(cluster)
     }
@@ -131,7 +137,7 @@ impl TempCluster {
         Ok(())
     }
 
-    fn init(&self, durability: Durability) -> Result<(), ClusterError> {
+    fn init(&self, durability: Durability, extra_settings: &[&str]) -> Result<(), ClusterError> {
         let mut cmd = self.command("initdb");
         cmd.arg("-D").arg(self.data_dir()).args([
             "-U",
@@ -159,6 +165,7 @@ impl TempCluster {
         if durability == Durability::Throwaway {
             settings.extend(["fsync = off", "synchronous_commit = off", "full_page_writes = off"].map(String::from));
         }
+        settings.extend(extra_settings.iter().map(|s| s.to_string()));
         let conf = self.data_dir().join("postgresql.conf");
         let mut f =
             fs::OpenOptions::new().append(true).open(&conf).map_err(io_err(format!("opening {}", conf.display())))?;

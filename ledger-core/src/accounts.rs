@@ -290,31 +290,27 @@ fn locked(row: AccountRow) -> Result<LockedAccount, LedgerError> {
 /// account would have to upgrade its lock past other transactions' KEY SHARE locks: a
 /// deadlock that the 200-withdrawal race test reproduces.
 pub fn lock(tx: &mut Tx<'_>, id: AccountId) -> Result<LockedAccount, LedgerError> {
-    let row: AccountRow = accounts::table
-        .find(id.get())
-        .select(AccountRow::as_select())
-        .for_no_key_update()
-        .first(tx.conn())
-        .optional()?
-        .ok_or(LedgerError::UnknownAccount(id))?;
-    locked(row)
+    locked(lock_row(tx, id)?)
 }
 
 /// Locks a customer account even if it is closed: money owed back to a customer (a
 /// returned payout) must reach the account whatever its status.
 pub fn lock_even_if_closed(tx: &mut Tx<'_>, id: AccountId) -> Result<LockedAccount, LedgerError> {
-    let row: AccountRow = accounts::table
+    let account = Account::try_from(lock_row(tx, id)?)?;
+    if account.kind == AccountKind::System {
+        return Err(LedgerError::SystemAccount(account.id));
+    }
+    Ok(LockedAccount { account })
+}
+
+fn lock_row(tx: &mut Tx<'_>, id: AccountId) -> Result<AccountRow, LedgerError> {
+    accounts::table
         .find(id.get())
         .select(AccountRow::as_select())
         .for_no_key_update()
         .first(tx.conn())
         .optional()?
-        .ok_or(LedgerError::UnknownAccount(id))?;
-    let account = Account::try_from(row)?;
-    if account.kind == AccountKind::System {
-        return Err(LedgerError::SystemAccount(account.id));
-    }
-    Ok(LockedAccount { account })
+        .ok_or(LedgerError::UnknownAccount(id))
 }
 
 /// Locks several customer accounts in ascending id order (the `LockSet` is sorted), in

@@ -110,7 +110,8 @@ pub fn statuses(conn: &mut PgConnection) -> String {
 /// Starts `ledger-worker run`. Its log goes to a file (a pipe nobody reads while the
 /// test runs would fill up and block the daemon); `stderr_of` reads it back.
 pub fn spawn_daemon(url: &str, extra: &[&str]) -> Child {
-    let log = std::env::temp_dir().join(format!(
+    // Cargo's per-target scratch directory: kept for inspection, removed by `cargo clean`.
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "ledger-daemon-{}-{}.log",
         std::process::id(),
         LOGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)

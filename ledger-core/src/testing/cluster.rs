@@ -153,7 +153,7 @@ impl TempCluster {
             format!("unix_socket_directories = '{}'", self.base.display()),
             format!("port = {}", self.port),
             // The concurrency tests open hundreds of real connections at once.
-            "max_connections = 400".to_string(),
+            "max_connections = 1000".to_string(),
             "shared_buffers = 128MB".to_string(),
             // English, untranslated messages: error classification reads them.
             "lc_messages = 'C'".to_string(),

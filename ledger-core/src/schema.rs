@@ -92,8 +92,6 @@ diesel::table! {
 }
 
 diesel::joinable!(accounts -> currencies (currency));
-diesel::joinable!(payouts -> accounts (account_id));
-diesel::joinable!(payouts -> currencies (currency));
 diesel::joinable!(payouts -> journal_entries (resolution_entry_id));
 diesel::joinable!(payouts -> withdrawals (withdrawal_id));
 diesel::joinable!(postings -> journal_entries (entry_id));

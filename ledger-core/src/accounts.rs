@@ -317,18 +317,7 @@ fn lock_row(tx: &mut Tx<'_>, id: AccountId) -> Result<AccountRow, LedgerError> {
 /// one statement: PostgreSQL locks rows in the order `ORDER BY id` returns them.
 /// Returns them in that order; fails with `UnknownAccount` if any is missing.
 pub fn lock_many(tx: &mut Tx<'_>, set: &LockSet) -> Result<Vec<LockedAccount>, LedgerError> {
-    let ids: Vec<i64> = set.ids().map(AccountId::get).collect();
-    let rows: Vec<AccountRow> = accounts::table
-        .filter(accounts::id.eq_any(&ids))
-        .order(accounts::id.asc())
-        .select(AccountRow::as_select())
-        .for_no_key_update()
-        .load(tx.conn())?;
-    if let Some(missing) = set.ids().find(|id| !rows.iter().any(|r| r.id == id.get())) {
-        return Err(LedgerError::UnknownAccount(missing));
-    }
-    debug_assert!(rows.windows(2).all(|w| w[0].id < w[1].id), "locked out of order");
-    rows.into_iter().map(locked).collect()
+    lock_all(tx, set)?.into_iter().collect()
 }
 
 /// Locks every account in `set` in ascending id order, like [`lock_many`], but does not
@@ -342,6 +331,7 @@ pub fn lock_all(tx: &mut Tx<'_>, set: &LockSet) -> Result<Vec<Result<LockedAccou
         .select(AccountRow::as_select())
         .for_no_key_update()
         .load(tx.conn())?;
+    debug_assert!(rows.windows(2).all(|w| w[0].id < w[1].id), "locked out of order");
     let mut rows = rows.into_iter().peekable();
     let mut out = Vec::with_capacity(ids.len());
     for id in set.ids() {

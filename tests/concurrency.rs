@@ -73,7 +73,7 @@ where
     outcome
 }
 
-#[test]
+#[testing::test]
 fn two_hundred_concurrent_withdrawals_never_overdraw_or_lose_an_update() {
     let db = testing::committed();
     let outcome = race(&db, |conn, account| {
@@ -130,7 +130,7 @@ fn unlocked_withdraw(conn: &mut PgConnection, account: AccountId, all_checked: &
     })
 }
 
-#[test]
+#[testing::test]
 fn the_same_race_without_a_row_lock_loses_updates_and_the_test_sees_it() {
     let db = testing::committed();
     let all_checked = Barrier::new(RACERS);
@@ -143,7 +143,7 @@ fn the_same_race_without_a_row_lock_loses_updates_and_the_test_sees_it() {
     assert!(!outcome.audit_clean, "{outcome:?}");
 }
 
-#[test]
+#[testing::test]
 fn two_thousand_crossing_transfers_never_deadlock_because_locks_are_ordered() {
     let db = testing::committed();
     let mut setup = db.conn();
@@ -262,7 +262,7 @@ fn lock_in_request_order(
     Ok(())
 }
 
-#[test]
+#[testing::test]
 fn locking_in_request_order_deadlocks_and_postgres_detects_it() {
     let db = testing::committed();
     let (r1, r2) = crossing_lockers(&db, &TxOptions::no_retry(), lock_in_request_order);
@@ -272,14 +272,14 @@ fn locking_in_request_order_deadlocks_and_postgres_detects_it() {
     assert!(r1.is_ok() || r2.is_ok(), "the survivor commits");
 }
 
-#[test]
+#[testing::test]
 fn a_deadlock_is_retried_at_the_outermost_transaction_and_never_reaches_the_caller() {
     let db = testing::committed();
     let (r1, r2) = crossing_lockers(&db, &TxOptions::default(), lock_in_request_order);
     assert!(r1.is_ok() && r2.is_ok(), "{r1:?} / {r2:?}");
 }
 
-#[test]
+#[testing::test]
 fn a_lock_timeout_is_retried_until_the_holder_lets_go() {
     let db = testing::committed();
     let mut setup = db.conn();
@@ -326,7 +326,7 @@ fn a_lock_timeout_is_retried_until_the_holder_lets_go() {
     assert_audit_clean(&mut setup);
 }
 
-#[test]
+#[testing::test]
 fn without_retries_a_lock_timeout_reaches_the_caller_and_changes_nothing() {
     let db = testing::committed();
     let mut setup = db.conn();

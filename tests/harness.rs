@@ -16,7 +16,7 @@ use ledger_core::schema::accounts as acc;
 use ledger_core::testing::{self, Durability, TempCluster};
 use ledger_core::{Currency, LedgerError, TxOptions};
 
-#[test]
+#[testing::test]
 fn the_guard_catches_a_row_lock_taken_outside_a_transaction_in_rollback_mode() {
     let result = testing::try_with_rollback(|conn| {
         let a = testing::funded_account(conn, "victim", Currency::EUR, "1.00");
@@ -29,7 +29,7 @@ fn the_guard_catches_a_row_lock_taken_outside_a_transaction_in_rollback_mode() {
     assert!(violations[0].sql.contains("FOR UPDATE"), "{:?}", violations[0]);
 }
 
-#[test]
+#[testing::test]
 #[should_panic(expected = "lock guard: 1 lock(s) taken outside a transaction")]
 fn with_rollback_fails_the_test_when_the_guard_fires() {
     testing::with_rollback(|conn| {
@@ -37,7 +37,7 @@ fn with_rollback_fails_the_test_when_the_guard_fires() {
     });
 }
 
-#[test]
+#[testing::test]
 fn locks_taken_through_the_ledgers_transactions_pass_the_guard() {
     let result = testing::try_with_rollback(|conn| {
         let a = testing::funded_account(conn, "fine", Currency::EUR, "1.00");
@@ -50,7 +50,7 @@ fn locks_taken_through_the_ledgers_transactions_pass_the_guard() {
     assert_eq!(result, Ok(true));
 }
 
-#[test]
+#[testing::test]
 fn the_guard_also_watches_committed_mode_connections_and_pools() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -63,7 +63,7 @@ fn the_guard_also_watches_committed_mode_connections_and_pools() {
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
 
-#[test]
+#[testing::test]
 fn rollback_mode_never_commits() {
     let owner = format!("ghost-{}", std::process::id());
     testing::with_rollback(|conn| {
@@ -87,7 +87,7 @@ fn database_exists(conn: &mut PgConnection, name: &str) -> bool {
 
 use diesel::pg::PgConnection;
 
-#[test]
+#[testing::test]
 fn a_committed_test_database_is_its_own_and_is_dropped_afterwards() {
     let witness = testing::committed();
     let mut observer = witness.conn();
@@ -106,7 +106,7 @@ fn a_committed_test_database_is_its_own_and_is_dropped_afterwards() {
     assert!(accounts::get(&mut observer, a_id).is_err() || balance(&mut observer, a_id) != 100);
 }
 
-#[test]
+#[testing::test]
 fn wait_until_blocked_sees_a_real_lock_wait_and_times_out_without_one() {
     let db = testing::committed();
     let mut setup = db.conn();
@@ -136,7 +136,7 @@ fn wait_until_blocked_sees_a_real_lock_wait_and_times_out_without_one() {
     });
 }
 
-#[test]
+#[testing::test]
 fn a_named_lock_is_exclusive_shows_its_holder_and_ends_with_the_transaction() {
     let db = testing::committed();
     let (mut c1, mut c2, mut observer) = (db.conn(), db.conn(), db.conn());
@@ -187,7 +187,7 @@ fn a_named_lock_is_exclusive_shows_its_holder_and_ends_with_the_transaction() {
     .unwrap();
 }
 
-#[test]
+#[testing::test]
 fn a_dropped_connection_is_retried_on_a_fresh_pooled_connection() {
     let db = testing::committed();
     let mut setup = db.conn();
@@ -218,7 +218,7 @@ fn a_dropped_connection_is_retried_on_a_fresh_pooled_connection() {
     common::assert_audit_clean(&mut setup);
 }
 
-#[test]
+#[testing::test]
 fn a_throwaway_cluster_starts_serves_and_leaves_nothing_behind() {
     let cluster = TempCluster::start(Durability::Durable).unwrap();
     let dir = cluster.socket_dir().to_path_buf();

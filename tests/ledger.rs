@@ -23,7 +23,7 @@ fn deposit_req(account: AccountId, amount: &str) -> Deposit {
     Deposit { account, amount: eur(amount), currency: Currency::EUR, key: testing::key("dep") }
 }
 
-#[test]
+#[testing::test]
 fn deposit_transfer_and_withdraw_move_money_in_balanced_entries() {
     testing::with_rollback(|conn| {
         let alice = testing::funded_account(conn, "alice", Currency::EUR, "100.00");
@@ -49,7 +49,7 @@ fn deposit_transfer_and_withdraw_move_money_in_balanced_entries() {
     });
 }
 
-#[test]
+#[testing::test]
 fn a_statement_shows_each_posting_with_its_running_balance() {
     testing::with_rollback(|conn| {
         let a = testing::funded_account(conn, "a", Currency::EUR, "10.00");
@@ -70,7 +70,7 @@ fn a_statement_shows_each_posting_with_its_running_balance() {
     });
 }
 
-#[test]
+#[testing::test]
 fn a_withdrawal_job_is_processed_once_and_a_refusal_is_recorded_with_its_reason() {
     testing::with_rollback(|conn| {
         let a = testing::funded_account(conn, "a", Currency::EUR, "60.00");
@@ -95,7 +95,7 @@ fn a_withdrawal_job_is_processed_once_and_a_refusal_is_recorded_with_its_reason(
     });
 }
 
-#[test]
+#[testing::test]
 fn an_overdraft_limit_lowers_the_floor_and_no_further() {
     testing::with_rollback(|conn| {
         let a = accounts::open(conn, &NewAccount::new("o", Currency::EUR).with_overdraft(2000), None).unwrap();
@@ -107,7 +107,7 @@ fn an_overdraft_limit_lowers_the_floor_and_no_further() {
     });
 }
 
-#[test]
+#[testing::test]
 fn the_same_key_with_the_same_request_replays_the_first_result() {
     testing::with_rollback(|conn| {
         let a = testing::funded_account(conn, "a", Currency::EUR, "0.00");
@@ -126,7 +126,7 @@ fn the_same_key_with_the_same_request_replays_the_first_result() {
     });
 }
 
-#[test]
+#[testing::test]
 fn concurrent_requests_with_one_key_apply_once() {
     let db = testing::committed();
     let mut setup = db.conn();
@@ -160,7 +160,7 @@ fn refused(conn: &mut PgConnection, op: impl FnOnce(&mut PgConnection) -> Result
     err
 }
 
-#[test]
+#[testing::test]
 fn bad_input_gets_a_typed_error_and_changes_nothing() {
     // Values that cannot even be built never reach the database.
     assert!(matches!(Amount::parse("-5.00", Currency::EUR), Err(InvalidInput::NonPositiveAmount(_))));
@@ -257,7 +257,7 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     assert_audit_clean(&mut conn);
 }
 
-#[test]
+#[testing::test]
 fn a_batch_commits_the_good_items_and_reports_the_bad_one() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -282,7 +282,7 @@ fn a_batch_commits_the_good_items_and_reports_the_bad_one() {
     assert_audit_clean(&mut other);
 }
 
-#[test]
+#[testing::test]
 fn a_failing_inner_block_rolls_back_only_itself_as_in_the_talk() {
     // with atomic(): foo(); try: with atomic(): bar(); raise ... except: pass; baz()
     let db = testing::committed();
@@ -306,7 +306,7 @@ fn a_failing_inner_block_rolls_back_only_itself_as_in_the_talk() {
     assert_audit_clean(&mut other);
 }
 
-#[test]
+#[testing::test]
 fn the_database_itself_refuses_overdrafts_edits_and_unbalanced_entries() {
     testing::with_rollback(|conn| {
         let a = testing::funded_account(conn, "a", Currency::EUR, "1.00");
@@ -353,7 +353,7 @@ fn the_database_itself_refuses_overdrafts_edits_and_unbalanced_entries() {
     });
 }
 
-#[test]
+#[testing::test]
 fn the_currency_table_and_the_code_agree() {
     testing::with_rollback(|conn| {
         let rows: Vec<(String, i16)> = ledger_core::schema::currencies::table
@@ -367,7 +367,7 @@ fn the_currency_table_and_the_code_agree() {
     });
 }
 
-#[test]
+#[testing::test]
 fn migrations_revert_cleanly_and_apply_again() {
     use diesel_migrations::MigrationHarness;
     let db = testing::committed();
@@ -388,7 +388,7 @@ fn migrations_revert_cleanly_and_apply_again() {
 /// `diesel print-schema` output is committed as ledger-core/src/schema.rs and must
 /// match the migrated database. This re-derives each table's column list from
 /// information_schema the way print-schema does and compares it with the file.
-#[test]
+#[testing::test]
 fn the_committed_schema_file_matches_the_migrated_database() {
     let committed = include_str!("../ledger-core/src/schema.rs");
     let mut from_file: Vec<(String, Vec<String>)> = vec![];
@@ -447,7 +447,7 @@ fn the_committed_schema_file_matches_the_migrated_database() {
     });
 }
 
-#[test]
+#[testing::test]
 fn a_batch_whose_set_based_write_fails_is_redone_one_savepoint_per_job() {
     use ledger_core::withdrawals::JobOutcome;
     testing::with_rollback(|conn| {
@@ -457,12 +457,13 @@ fn a_batch_whose_set_based_write_fails_is_redone_one_savepoint_per_job() {
         let (bystander, _) = withdrawals::request(conn, &withdrawal(a, "1.00", "by")).unwrap();
         // Sabotage the middle job: its payout key is already taken, so the batch's one
         // payout INSERT fails and only that job can be to blame.
+        let taken = ledger_core::payouts::instance_id(conn).map(|i| format!("payout-{i}-w{}", ids[1])).unwrap();
         conn.batch_execute(&format!(
             "INSERT INTO payouts (withdrawal_id, account_id, currency, amount_minor, destination, idempotency_key)
              VALUES ({}, {}, 'EUR', 1, 'x', '{}')",
             bystander.get(),
             a.get(),
-            ledger_core::payouts::payout_key(ids[1])
+            taken
         ))
         .unwrap();
         let items = ledger_core::transaction(conn, &TxOptions::default(), |tx| withdrawals::process_batch_tx(tx, &ids))

@@ -7,7 +7,10 @@ use std::time::Duration;
 use common::{assert_audit_clean, balance, withdrawal};
 use diesel::pg::PgConnection;
 use ledger_core::accounts::{self, SystemRole};
-use ledger_core::payouts::{self, GatewayOutcome, PayoutStatus, Recorded, RetryPolicy};
+use ledger_core::payouts::{
+    self, LookupOutcome, PayoutGateway, PayoutRequest, PayoutStatus, Recorded, ReturnAuthority, ReturnResult, RetryPolicy,
+    SendOutcome, Verdict,
+};
 use ledger_core::withdrawals::{self, WithdrawalStatus};
 use ledger_core::{testing, AccountId, Currency, WithdrawalId};
 
@@ -26,10 +29,10 @@ fn paying_out(conn: &mut PgConnection, funds: &str, amount: &str) -> (AccountId,
 
 fn claim_one(conn: &mut PgConnection, w: WithdrawalId) -> payouts::PayoutRequest {
     let claimed = payouts::claim_due(conn, 100, 60_000).unwrap();
-    claimed.into_iter().find(|r| r.withdrawal == w).expect("the payout is due")
+    claimed.requests.into_iter().find(|r| r.withdrawal == w).expect("the payout is due")
 }
 
-#[test]
+#[testing::test]
 fn an_accepted_payout_settles_into_external_settlement_and_completes_the_withdrawal() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -37,15 +40,18 @@ fn an_accepted_payout_settles_into_external_settlement_and_completes_the_withdra
     assert_eq!(system_balance(&mut conn, SystemRole::PayoutsInTransit), 4_000, "held, not gone");
     let req = claim_one(&mut conn, w);
     assert_eq!((req.amount.as_str(), req.attempt), ("40.00", 1));
-    assert_eq!(req.idempotency_key, payouts::payout_key(w));
+    let instance = payouts::instance_id(&mut conn).unwrap();
+    assert_eq!(instance.len(), 32, "a random 128-bit instance id, in hex");
+    assert_eq!(req.idempotency_key, format!("payout-{instance}-w{w}"), "the key names this ledger and the withdrawal");
+    assert_eq!((req.possibly_sent, req.token > 0), (false, true), "a first claim, under a fencing token");
     let rec = payouts::record(
         &mut conn,
         &req,
-        &GatewayOutcome::Accepted { reference: Some("bank-1".into()) },
+        &Verdict::Paid { reference: Some("bank-1".into()) },
         &RetryPolicy::default(),
     )
     .unwrap();
-    assert!(matches!(rec, Recorded::Settled { .. }));
+    assert_eq!(rec, Recorded::Settled);
     assert_eq!(withdrawals::get(&mut conn, w).unwrap().status(), WithdrawalStatus::Completed);
     let p = payouts::for_withdrawal(&mut conn, w).unwrap().unwrap();
     assert_eq!((p.status(), p.gateway_reference.as_deref()), (PayoutStatus::Settled, Some("bank-1")));
@@ -55,7 +61,7 @@ fn an_accepted_payout_settles_into_external_settlement_and_completes_the_withdra
     assert_audit_clean(&mut conn);
 }
 
-#[test]
+#[testing::test]
 fn a_final_rejection_returns_the_funds_with_a_compensating_entry() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -66,7 +72,7 @@ fn a_final_rejection_returns_the_funds_with_a_compensating_entry() {
     let rec = payouts::record(
         &mut conn,
         &req,
-        &GatewayOutcome::Rejected { reason: "HTTP 422: account closed at the bank".into() },
+        &Verdict::Refused { reason: "HTTP 422: account closed at the bank".into() },
         &RetryPolicy::default(),
     )
     .unwrap();
@@ -82,19 +88,19 @@ fn a_final_rejection_returns_the_funds_with_a_compensating_entry() {
     assert_audit_clean(&mut conn);
 }
 
-#[test]
+#[testing::test]
 fn transient_failures_back_off_then_fail_and_an_operator_can_retry_or_return() {
     let db = testing::committed();
     let mut conn = db.conn();
     let (a, w) = paying_out(&mut conn, "50.00", "10.00");
     let policy = RetryPolicy { max_attempts: 3, base_ms: 1, max_backoff_ms: 5 };
-    let down = GatewayOutcome::Transient { error: "HTTP 503: maintenance".into() };
+    let down = Verdict::Unknown { error: "HTTP 503: maintenance".into() };
     let mut results = vec![];
     while results.last() != Some(&Recorded::Failed) {
         assert!(results.len() < 3, "{results:?}");
         let mut req = None;
         testing::wait_until(Duration::from_secs(5), || {
-            req = payouts::claim_due(&mut conn, 10, 60_000).unwrap().into_iter().find(|r| r.withdrawal == w);
+            req = payouts::claim_due(&mut conn, 10, 60_000).unwrap().requests.into_iter().find(|r| r.withdrawal == w);
             req.is_some()
         });
         results.push(payouts::record(&mut conn, &req.unwrap(), &down, &policy).unwrap());
@@ -113,10 +119,14 @@ fn transient_failures_back_off_then_fail_and_an_operator_can_retry_or_return() {
     assert_eq!(payouts::retry(&mut conn, pid).unwrap().status(), PayoutStatus::Pending);
     let req = claim_one(&mut conn, w);
     assert_eq!(req.attempt, 1, "attempts start over");
-    payouts::record(&mut conn, &req, &GatewayOutcome::Accepted { reference: None }, &policy).unwrap();
+    assert!(req.possibly_sent, "earlier calls had unknown outcomes: look it up first");
+    payouts::record(&mut conn, &req, &Verdict::Paid { reference: None }, &policy).unwrap();
     assert_eq!(withdrawals::get(&mut conn, w).unwrap().status(), WithdrawalStatus::Completed);
     assert!(payouts::retry(&mut conn, pid).is_err(), "only failed payouts can be retried");
-    assert!(payouts::return_failed(&mut conn, pid, "no").is_err(), "a settled payout cannot be returned");
+    assert!(
+        payouts::return_failed(&mut conn, pid, "no", ReturnAuthority::Force { reason: "test" }).is_err(),
+        "a settled payout cannot be returned"
+    );
 
     // Another one that fails, and the operator returns the money instead.
     let w2 = WithdrawalId::new(withdrawals::withdraw(&mut conn, &withdrawal(a, "5.00", "po2")).unwrap().id).unwrap();
@@ -125,34 +135,177 @@ fn transient_failures_back_off_then_fail_and_an_operator_can_retry_or_return() {
     assert_eq!(payouts::record(&mut conn, &req, &down, &once).unwrap(), Recorded::Failed);
     let p2 = payouts::for_withdrawal(&mut conn, w2).unwrap().unwrap();
     let before = balance(&mut conn, a);
-    payouts::return_failed(&mut conn, ledger_core::PayoutId::new(p2.id).unwrap(), "bank unreachable for days").unwrap();
+    let never_received = Lookups(LookupOutcome::NotFound);
+    let returned = payouts::return_failed(
+        &mut conn,
+        ledger_core::PayoutId::new(p2.id).unwrap(),
+        "bank unreachable for days",
+        ReturnAuthority::Lookup(&never_received),
+    )
+    .unwrap();
+    assert!(matches!(returned, ReturnResult::Returned(ref p) if p.forced_return_reason.is_none()), "{returned:?}");
     assert_eq!(balance(&mut conn, a), before + 500);
     assert_eq!(withdrawals::get(&mut conn, w2).unwrap().status(), WithdrawalStatus::Returned);
     assert_audit_clean(&mut conn);
 }
 
-#[test]
+#[testing::test]
 fn a_claimed_payout_is_leased_and_a_stale_answer_is_not_recorded() {
     let db = testing::committed();
     let mut conn = db.conn();
     let (_a, w) = paying_out(&mut conn, "50.00", "10.00");
-    let first = payouts::claim_due(&mut conn, 10, 1).unwrap().into_iter().find(|r| r.withdrawal == w).unwrap();
+    let first =
+        payouts::claim_due(&mut conn, 10, 1).unwrap().requests.into_iter().find(|r| r.withdrawal == w).unwrap();
     // With a 60 s lease nobody else could claim it; this one was 1 ms, so after it runs
     // out a second dispatcher takes the payout over (attempt 2).
     let mut second = None;
     testing::wait_until(Duration::from_secs(5), || {
-        second = payouts::claim_due(&mut conn, 10, 60_000).unwrap().into_iter().find(|r| r.withdrawal == w);
+        second = payouts::claim_due(&mut conn, 10, 60_000).unwrap().requests.into_iter().find(|r| r.withdrawal == w);
         second.is_some()
     });
     let second = second.unwrap();
     assert_eq!((first.attempt, second.attempt), (1, 2));
-    assert!(payouts::claim_due(&mut conn, 10, 60_000).unwrap().iter().all(|r| r.withdrawal != w), "leased");
-    let ok = GatewayOutcome::Accepted { reference: None };
+    assert!(second.token > first.token, "a newer claim, a newer token");
+    assert!(second.possibly_sent, "the first claim may have called the gateway: the second looks it up first");
+    assert!(payouts::claim_due(&mut conn, 10, 60_000).unwrap().requests.iter().all(|r| r.withdrawal != w), "leased");
+    let ok = Verdict::Paid { reference: None };
     assert_eq!(payouts::record(&mut conn, &first, &ok, &RetryPolicy::default()).unwrap(), Recorded::Superseded);
-    assert!(matches!(
-        payouts::record(&mut conn, &second, &ok, &RetryPolicy::default()).unwrap(),
-        Recorded::Settled { .. }
-    ));
+    assert_eq!(payouts::record(&mut conn, &second, &ok, &RetryPolicy::default()).unwrap(), Recorded::Settled);
     assert_eq!(payouts::record(&mut conn, &second, &ok, &RetryPolicy::default()).unwrap(), Recorded::Superseded);
+    assert_audit_clean(&mut conn);
+}
+
+/// A gateway that must not be asked to send, and answers every lookup the same way.
+struct Lookups(LookupOutcome);
+
+impl PayoutGateway for Lookups {
+    fn send(&self, r: &PayoutRequest) -> SendOutcome {
+        panic!("an operator's return never sends ({})", r.idempotency_key)
+    }
+    fn lookup(&self, _: &PayoutRequest) -> LookupOutcome {
+        self.0.clone()
+    }
+}
+
+/// A withdrawal whose payout ended `failed` after calls with unknown outcomes.
+fn failed_payout(conn: &mut PgConnection, a: AccountId, amount: &str) -> (WithdrawalId, ledger_core::PayoutId) {
+    let w = WithdrawalId::new(withdrawals::withdraw(conn, &withdrawal(a, amount, "fp")).unwrap().id).unwrap();
+    let req = claim_one(conn, w);
+    let once = RetryPolicy { max_attempts: 1, base_ms: 1, max_backoff_ms: 1 };
+    let timeout = Verdict::Unknown { error: "timeout after sending".into() };
+    assert_eq!(payouts::record(conn, &req, &timeout, &once).unwrap(), Recorded::Failed);
+    (w, ledger_core::PayoutId::new(req.payout.get()).unwrap())
+}
+
+#[testing::test]
+fn a_payout_that_may_have_been_paid_is_returned_only_after_a_lookup_or_when_forced() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let a = testing::funded_account(&mut conn, "payee", Currency::EUR, "100.00");
+
+    // The lookup cannot tell: nothing happens, and the message says what to do.
+    let (w1, p1) = failed_payout(&mut conn, a, "10.00");
+    let before = testing::snapshot(&mut conn);
+    let unclear = Lookups(LookupOutcome::Unknown { error: "HTTP 502".into() });
+    let err = payouts::return_failed(&mut conn, p1, "give up", ReturnAuthority::Lookup(&unclear)).unwrap_err();
+    assert!(err.to_string().contains("--force"), "{err}");
+    assert_eq!(testing::snapshot(&mut conn), before, "a refused return changes nothing");
+
+    // The gateway says it paid: settled, nothing returned.
+    let paid = Lookups(LookupOutcome::Accepted { reference: Some("late-yes".into()) });
+    let result = payouts::return_failed(&mut conn, p1, "give up", ReturnAuthority::Lookup(&paid)).unwrap();
+    assert!(matches!(result, ReturnResult::SettledInstead(ref p) if p.status() == PayoutStatus::Settled), "{result:?}");
+    assert_eq!(withdrawals::get(&mut conn, w1).unwrap().status(), WithdrawalStatus::Completed);
+    assert_eq!(balance(&mut conn, a), 9_000, "paid money is not refunded");
+
+    // The gateway says it refused: returned.
+    let (w2, p2) = failed_payout(&mut conn, a, "20.00");
+    let no = Lookups(LookupOutcome::Rejected { reason: "account closed".into() });
+    assert!(matches!(
+        payouts::return_failed(&mut conn, p2, "refused", ReturnAuthority::Lookup(&no)).unwrap(),
+        ReturnResult::Returned(_)
+    ));
+    assert_eq!(withdrawals::get(&mut conn, w2).unwrap().status(), WithdrawalStatus::Returned);
+    assert_eq!(balance(&mut conn, a), 9_000);
+
+    // Forced: returned without asking, and recorded as forced with the reason.
+    let (_w3, p3) = failed_payout(&mut conn, a, "30.00");
+    assert!(
+        payouts::return_failed(&mut conn, p3, "x", ReturnAuthority::Force { reason: " " }).is_err(),
+        "a forced return needs a reason"
+    );
+    let forced = payouts::return_failed(
+        &mut conn,
+        p3,
+        "operator",
+        ReturnAuthority::Force { reason: "bank confirmed by phone: not paid" },
+    )
+    .unwrap();
+    let ReturnResult::Returned(p) = forced else { panic!("{forced:?}") };
+    assert_eq!(p.forced_return_reason.as_deref(), Some("bank confirmed by phone: not paid"));
+    assert_eq!(balance(&mut conn, a), 9_000);
+    assert_audit_clean(&mut conn);
+}
+
+#[testing::test]
+fn fencing_tokens_are_never_reused_so_an_old_claims_answer_is_never_recorded() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let a = testing::funded_account(&mut conn, "payee", Currency::EUR, "100.00");
+    let (w, p) = failed_payout(&mut conn, a, "10.00");
+    let old = payouts::for_withdrawal(&mut conn, w).unwrap().unwrap();
+    assert_eq!(old.claim_token, None, "a failed payout is held by no claim");
+    // The operator retries: attempts start over, but the token does not go back.
+    payouts::retry(&mut conn, p).unwrap();
+    let again = claim_one(&mut conn, w);
+    assert_eq!(again.attempt, 1);
+    let stale = PayoutRequest { token: again.token - 1, ..again.clone() };
+    let paid = Verdict::Paid { reference: None };
+    assert_eq!(payouts::record(&mut conn, &stale, &paid, &RetryPolicy::default()).unwrap(), Recorded::Superseded);
+    assert_eq!(payouts::record(&mut conn, &again, &paid, &RetryPolicy::default()).unwrap(), Recorded::Settled);
+    assert_audit_clean(&mut conn);
+}
+
+#[testing::test]
+fn one_transaction_records_a_mixed_batch_of_verdicts() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let a = testing::funded_account(&mut conn, "payee", Currency::EUR, "100.00");
+    let b = testing::funded_account(&mut conn, "payee2", Currency::EUR, "100.00");
+    let ws: Vec<WithdrawalId> = [(a, "1.00"), (b, "2.00"), (a, "3.00"), (b, "4.00"), (a, "5.00"), (b, "6.00")]
+        .iter()
+        .enumerate()
+        .map(|(i, (acc, amt))| {
+            WithdrawalId::new(withdrawals::withdraw(&mut conn, &withdrawal(*acc, amt, &format!("mix{i}"))).unwrap().id)
+                .unwrap()
+        })
+        .collect();
+    let claim = payouts::claim_due(&mut conn, 100, 60_000).unwrap();
+    let by_w = |w: WithdrawalId| claim.requests.iter().find(|r| r.withdrawal == w).unwrap().clone();
+    let verdicts = vec![
+        (by_w(ws[0]), Verdict::Paid { reference: Some("r0".into()) }),
+        (by_w(ws[1]), Verdict::Paid { reference: None }),
+        (by_w(ws[2]), Verdict::Refused { reason: "HTTP 422".into() }),
+        (by_w(ws[3]), Verdict::Unknown { error: "timeout".into() }),
+        (by_w(ws[4]), Verdict::NotSent),
+        (PayoutRequest { token: 0, ..by_w(ws[5]) }, Verdict::Paid { reference: None }),
+    ];
+    let recorded = payouts::record_all(&mut conn, &verdicts, &RetryPolicy::default()).unwrap();
+    assert_eq!(recorded[..2], [Recorded::Settled, Recorded::Settled]);
+    assert!(matches!(recorded[2], Recorded::Returned { .. }));
+    assert_eq!(recorded[3..], [Recorded::Retrying, Recorded::Released, Recorded::Superseded]);
+    let status = |conn: &mut PgConnection, w| withdrawals::get(conn, w).unwrap().status();
+    assert_eq!(status(&mut conn, ws[0]), WithdrawalStatus::Completed);
+    assert_eq!(status(&mut conn, ws[1]), WithdrawalStatus::Completed);
+    assert_eq!(status(&mut conn, ws[2]), WithdrawalStatus::Returned);
+    for w in &ws[3..] {
+        assert_eq!(status(&mut conn, *w), WithdrawalStatus::PayingOut);
+    }
+    let released = payouts::for_withdrawal(&mut conn, ws[4]).unwrap().unwrap();
+    assert!(!released.possibly_sent && released.claim_token.is_none(), "given back unsent: {released:?}");
+    let unknown = payouts::for_withdrawal(&mut conn, ws[3]).unwrap().unwrap();
+    assert!(unknown.possibly_sent, "an unknown outcome is looked up before any refund");
+    assert_eq!(system_balance(&mut conn, SystemRole::ExternalSettlement), 300);
+    assert_eq!(balance(&mut conn, a), 10_000 - 100 - 500, "the refused 3.00 came back");
     assert_audit_clean(&mut conn);
 }

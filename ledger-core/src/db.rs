@@ -1,6 +1,6 @@
 //! Connections, pools and migrations.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
@@ -165,6 +165,115 @@ fn build_pool(url: &str, config: &PoolConfig, customizer: ApplySession) -> Resul
         .map_err(|e| LedgerError::Pool(format!("building a pool for {}: {e}", redact_url(url))))
 }
 
+/// How long one wait inside [`checkout`] lasts before it asks whether to go on.
+const CHECKOUT_SLICE: Duration = Duration::from_millis(100);
+
+/// Takes a connection from the pool, waiting at most the pool's connection timeout, in
+/// short slices: between them `give_up(waited so far)` is asked, and `true` ends the wait
+/// at once with an error. `pool.get()` cannot be interrupted; this can (a shutdown).
+pub fn checkout(pool: &Pool, give_up: &dyn Fn(Duration) -> bool) -> Result<PooledConnection, LedgerError> {
+    let limit = pool.connection_timeout();
+    let started = Instant::now();
+    // r2d2 reports why connecting failed once, in the slice that saw it: keep it.
+    let mut why: Option<String> = None;
+    let fail = |what: String, why: Option<String>| {
+        LedgerError::Pool(match why {
+            Some(why) => format!("{what}: {why}"),
+            None => what,
+        })
+    };
+    loop {
+        let waited = started.elapsed();
+        if give_up(waited) {
+            return Err(fail(format!("gave up waiting for a connection after {} ms", waited.as_millis()), why));
+        }
+        let left = limit.saturating_sub(waited);
+        if left.is_zero() {
+            return Err(fail(format!("timed out waiting for a connection ({} ms)", limit.as_millis()), why));
+        }
+        match pool.get_timeout(left.min(CHECKOUT_SLICE)) {
+            Ok(conn) => return Ok(conn),
+            Err(e) => {
+                let text = e.to_string();
+                if let Some((_, detail)) = text.split_once(": ") {
+                    why = Some(detail.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// libpq parameters that [`with_network_timeouts`] adds when the URL does not set them,
+/// so that a connection to a server that stopped answering fails by itself instead of
+/// waiting forever: connecting gives up after 10 s; on TCP, an idle connection is probed
+/// after 10 s and declared dead after 3 unanswered probes 5 s apart, and data left
+/// unacknowledged for 30 s closes the connection. libpq ignores the TCP ones on Unix
+/// sockets. None of them limits how long a healthy server may take to answer.
+pub const NETWORK_TIMEOUTS: &[(&str, &str)] = &[
+    ("connect_timeout", "10"),
+    ("keepalives", "1"),
+    ("keepalives_idle", "10"),
+    ("keepalives_interval", "5"),
+    ("keepalives_count", "3"),
+    ("tcp_user_timeout", "30000"),
+];
+
+/// Returns `url` (a `postgres://`/`postgresql://` URI or a `key=value` connection
+/// string) with every [`NETWORK_TIMEOUTS`] parameter it does not set appended. Left
+/// alone: parameters already in the URL, `connect_timeout` when `PGCONNECT_TIMEOUT` is
+/// set, everything when a service (`service=` or `PGSERVICE`) may set them, and
+/// `tcp_user_timeout` with a libpq older than 12, which would refuse it.
+pub fn with_network_timeouts(url: &str) -> String {
+    let env_set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    // SAFETY: PQlibVersion only returns a constant; it needs no connection or state.
+    let libpq = unsafe { pq_sys::PQlibVersion() };
+    add_missing_params(url, env_set("PGSERVICE"), env_set("PGCONNECT_TIMEOUT"), libpq)
+}
+
+fn add_missing_params(url: &str, service_env: bool, connect_timeout_env: bool, libpq_version: i32) -> String {
+    let uri = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let has = |key: &str| if uri { uri_has_param(url, key) } else { conninfo_has_param(url, key) };
+    if service_env || has("service") {
+        return url.to_string();
+    }
+    let mut out = url.to_string();
+    for (key, value) in NETWORK_TIMEOUTS {
+        let skip = has(key)
+            || (*key == "connect_timeout" && connect_timeout_env)
+            || (*key == "tcp_user_timeout" && libpq_version < 120_000);
+        if skip {
+            continue;
+        }
+        if uri {
+            match out.find('?') {
+                None => out.push('?'),
+                Some(q) if q + 1 == out.len() || out.ends_with('&') => {}
+                Some(_) => out.push('&'),
+            }
+        } else if !out.is_empty() && !out.ends_with(char::is_whitespace) {
+            out.push(' ');
+        }
+        out.push_str(&format!("{key}={value}"));
+    }
+    out
+}
+
+fn uri_has_param(url: &str, key: &str) -> bool {
+    let Some(q) = url.find('?') else { return false };
+    url[q + 1..].split('&').any(|p| p.split('=').next() == Some(key))
+}
+
+/// Whether a `key = value` connection string sets `key` (a key at the start or after
+/// whitespace, followed by `=`). A match inside a quoted value errs on the side of not
+/// adding the parameter.
+fn conninfo_has_param(conninfo: &str, key: &str) -> bool {
+    conninfo.match_indices(key).any(|(at, _)| {
+        let before_ok = conninfo[..at].chars().next_back().is_none_or(char::is_whitespace);
+        let after = conninfo[at + key.len()..].trim_start();
+        before_ok && after.starts_with('=')
+    })
+}
+
 /// Hides the password in a connection URL, for messages and logs.
 pub fn redact_url(url: &str) -> String {
     // postgres://user:secret@host/db -> postgres://user:***@host/db
@@ -221,5 +330,43 @@ mod tests {
         assert_eq!(with_database("postgres://u:p@h:1/a?sslmode=off", "b"), "postgres://u:p@h:1/b?sslmode=off");
         assert_eq!(with_database("postgresql:///a?host=/tmp", "b"), "postgresql:///b?host=/tmp");
         assert_eq!(with_database("postgres://h", "b"), "postgres://h/b");
+    }
+
+    #[test]
+    fn network_timeouts_are_added_only_where_missing() {
+        let all = "connect_timeout=10&keepalives=1&keepalives_idle=10&keepalives_interval=5&keepalives_count=3&tcp_user_timeout=30000";
+        assert_eq!(
+            add_missing_params("postgres://u@h:5432/db", false, false, 150_000),
+            format!("postgres://u@h:5432/db?{all}")
+        );
+        // Unix-socket URLs keep their host; the TCP-only parameters are ignored by libpq there.
+        assert_eq!(
+            add_missing_params("postgresql:///db?host=/tmp/s&port=5432", false, false, 150_000),
+            format!("postgresql:///db?host=/tmp/s&port=5432&{all}")
+        );
+        assert_eq!(add_missing_params("postgres://h/db?", false, false, 150_000), format!("postgres://h/db?{all}"));
+        // What the user set stays as it is, and is not repeated.
+        let mine = add_missing_params("postgres://h/db?connect_timeout=3&keepalives=0", false, false, 150_000);
+        assert!(mine.starts_with("postgres://h/db?connect_timeout=3&keepalives=0&keepalives_idle=10"), "{mine}");
+        assert_eq!(mine.matches("connect_timeout=").count(), 1);
+        assert_eq!(mine.matches("keepalives=").count(), 1);
+        assert!(!add_missing_params("postgres://h/db", false, true, 150_000).contains("connect_timeout"));
+        assert!(!add_missing_params("postgres://h/db", false, false, 110_000).contains("tcp_user_timeout"));
+        // A service file may set them: leave everything to it.
+        assert_eq!(
+            add_missing_params("postgres:///db?service=ledger", false, false, 150_000),
+            "postgres:///db?service=ledger"
+        );
+        assert_eq!(add_missing_params("postgres:///db", true, false, 150_000), "postgres:///db");
+        // key=value connection strings.
+        assert_eq!(
+            add_missing_params("host=/tmp dbname=x connect_timeout = 4", false, false, 150_000),
+            "host=/tmp dbname=x connect_timeout = 4 keepalives=1 keepalives_idle=10 keepalives_interval=5 keepalives_count=3 tcp_user_timeout=30000"
+        );
+        assert!(add_missing_params("", false, false, 150_000).starts_with("connect_timeout=10 keepalives=1"));
+        // A longer key that ends like one of ours does not count as it.
+        assert!(
+            add_missing_params("dbname=x xconnect_timeout=1", false, false, 150_000).contains(" connect_timeout=10")
+        );
     }
 }

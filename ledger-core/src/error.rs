@@ -4,6 +4,7 @@
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
 use crate::ids::{AccountId, WithdrawalId};
+use crate::sqlstate::{self, SqlState};
 
 /// Input that cannot be turned into a valid domain value. Nothing touched the database.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,7 +54,9 @@ pub enum LedgerError {
     LockTimeout(String),
     #[error("gave up after {attempts} attempts: {last}")]
     RetriesExhausted { attempts: u32, last: Box<LedgerError> },
-    #[error("database error: {0}")]
+    /// The server's message is in its `lc_messages` language; the SQLSTATE, appended
+    /// when there is one, is the same everywhere.
+    #[error("database error: {error}{suffix}", error = .0, suffix = sqlstate_suffix(.0))]
     Database(#[from] DieselError),
     #[error("connection pool error: {0}")]
     Pool(String),
@@ -65,7 +68,12 @@ impl From<r2d2::Error> for LedgerError {
     }
 }
 
-/// Why a database error is worth retrying, if it is.
+fn sqlstate_suffix(e: &DieselError) -> String {
+    sqlstate::of_diesel_error(e).map(|s| format!(" (SQLSTATE {s})")).unwrap_or_default()
+}
+
+/// Why a database error is worth retrying, if it is. Decided by the SQLSTATE (or by
+/// Diesel's own error kinds), never by message text, which the server translates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transient {
     /// 40P01: PostgreSQL's deadlock detector cancelled us.
@@ -74,8 +82,29 @@ pub enum Transient {
     SerializationFailure,
     /// 55P03: lock_timeout expired or NOWAIT found the row locked.
     LockNotAvailable,
-    /// The connection is gone; only a new connection can retry.
+    /// 53300: the server had no connection slot free. Retry after a backoff. It is
+    /// reported when connecting, which the pool reports as `ConnectionLost`; reported
+    /// on an open connection (say, re-raised by a function) that connection still works.
+    TooManyConnections,
+    /// The connection is gone, or the server says it is going (57P01 admin_shutdown,
+    /// class 08 connection exception, or Diesel found it closed): only a new connection
+    /// can retry.
     ConnectionLost,
+}
+
+impl Transient {
+    /// The retry class of a SQLSTATE: the whole mapping, as a pure function.
+    pub fn from_sqlstate(state: SqlState) -> Option<Transient> {
+        match state.as_str() {
+            "40001" => Some(Transient::SerializationFailure),
+            "40P01" => Some(Transient::Deadlock),
+            "55P03" => Some(Transient::LockNotAvailable),
+            "53300" => Some(Transient::TooManyConnections),
+            "57P01" => Some(Transient::ConnectionLost),
+            _ if state.class() == SqlState::CONNECTION_EXCEPTION_CLASS => Some(Transient::ConnectionLost),
+            _ => None,
+        }
+    }
 }
 
 /// Errors that can say whether the whole transaction is worth running again.
@@ -86,33 +115,16 @@ pub trait RetryClass {
 impl RetryClass for DieselError {
     fn transient(&self) -> Option<Transient> {
         match self {
-            DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
-                Some(Transient::SerializationFailure)
-            }
+            // Diesel's own kinds first: a connection Diesel found closed is lost, whatever
+            // the SQLSTATE of the error that came with it.
             DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => Some(Transient::ConnectionLost),
             DieselError::DatabaseError(DatabaseErrorKind::UnableToSendCommand, _) => Some(Transient::ConnectionLost),
             DieselError::BrokenTransactionManager => Some(Transient::ConnectionLost),
-            // Diesel maps neither 40P01 nor 55P03 to a kind of its own and does not expose
-            // the SQLSTATE, so these are recognised by PostgreSQL's primary message. That is
-            // exact with lc_messages = C or English (the throwaway clusters use C); on a
-            // server with translated messages they are reported as plain database errors.
-            DieselError::DatabaseError(DatabaseErrorKind::Unknown, info) => {
-                let message = info.message();
-                if message.starts_with("deadlock detected") {
-                    Some(Transient::Deadlock)
-                } else if message.starts_with("canceling statement due to lock timeout")
-                    || message.starts_with("could not obtain lock")
-                {
-                    Some(Transient::LockNotAvailable)
-                } else if message.starts_with("terminating connection")
-                    || message.starts_with("server closed the connection")
-                    || message.contains("no connection to the server")
-                {
-                    Some(Transient::ConnectionLost)
-                } else {
-                    None
-                }
+            DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
+                Some(Transient::SerializationFailure)
             }
+            // Everything else by its SQLSTATE (Diesel has no kind for 40P01 or 55P03).
+            DieselError::DatabaseError(_, info) => sqlstate::sqlstate(info.as_ref()).and_then(Transient::from_sqlstate),
             _ => None,
         }
     }
@@ -131,6 +143,16 @@ impl RetryClass for LedgerError {
 impl LedgerError {
     pub fn is_transient(&self) -> bool {
         self.transient().is_some()
+    }
+
+    /// The SQLSTATE of the server error behind this one (for `RetriesExhausted`, behind
+    /// the last attempt's error), if there is one.
+    pub fn sqlstate(&self) -> Option<SqlState> {
+        match self {
+            LedgerError::Database(e) => sqlstate::of_diesel_error(e),
+            LedgerError::RetriesExhausted { last, .. } => last.sqlstate(),
+            _ => None,
+        }
     }
 
     /// A short machine-readable name, for job reasons, logs and JSON output.
@@ -167,5 +189,83 @@ impl LedgerError {
                 | LedgerError::BalanceOverflow(_)
                 | LedgerError::Invalid(_)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_map_to_retry_classes_and_everything_else_is_not_retried() {
+        use Transient::*;
+        let table: &[(&str, Option<Transient>)] = &[
+            ("40001", Some(SerializationFailure)),
+            ("40P01", Some(Deadlock)),
+            ("55P03", Some(LockNotAvailable)),
+            ("53300", Some(TooManyConnections)),
+            ("57P01", Some(ConnectionLost)),
+            ("08000", Some(ConnectionLost)),
+            ("08001", Some(ConnectionLost)),
+            ("08003", Some(ConnectionLost)),
+            ("08004", Some(ConnectionLost)),
+            ("08006", Some(ConnectionLost)),
+            ("08007", Some(ConnectionLost)),
+            ("08P01", Some(ConnectionLost)),
+            // Not retried: constraint violations, data errors, plain RAISE, and the
+            // neighbours of the retried codes.
+            ("23505", None),
+            ("23503", None),
+            ("22012", None),
+            ("P0001", None),
+            ("XX000", None),
+            ("00000", None),
+            ("40000", None),
+            ("40002", None),
+            ("40003", None),
+            ("55000", None),
+            ("55P02", None),
+            ("55006", None),
+            ("53000", None),
+            ("53100", None),
+            ("53200", None),
+            ("57000", None),
+            ("57014", None),
+            ("57P02", None),
+            ("57P03", None),
+            ("80000", None),
+            ("0A000", None),
+            ("0800", None), // not a code at all
+        ];
+        for (code, expected) in table {
+            let got = SqlState::new(code).and_then(Transient::from_sqlstate);
+            assert_eq!(got, *expected, "SQLSTATE {code}");
+        }
+    }
+
+    #[test]
+    fn diesels_own_kinds_are_classified_without_a_sqlstate() {
+        let info = || -> Box<dyn diesel::result::DatabaseErrorInformation + Send + Sync> {
+            // Text that would once have been recognised: it must not matter now.
+            Box::new(String::from("deadlock detected"))
+        };
+        let cases = [
+            (
+                DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, info()),
+                Some(Transient::SerializationFailure),
+            ),
+            (DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, info()), Some(Transient::ConnectionLost)),
+            (
+                DieselError::DatabaseError(DatabaseErrorKind::UnableToSendCommand, info()),
+                Some(Transient::ConnectionLost),
+            ),
+            (DieselError::BrokenTransactionManager, Some(Transient::ConnectionLost)),
+            (DieselError::DatabaseError(DatabaseErrorKind::Unknown, info()), None),
+            (DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info()), None),
+            (DieselError::NotFound, None),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(error.transient(), expected, "{error:?}");
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod accounts;
 pub mod audit;
 pub mod db;
 pub mod deposits;
+pub mod dispatcher;
 pub mod error;
 pub mod idempotency;
 pub mod ids;
@@ -22,6 +23,7 @@ pub mod money;
 pub mod payouts;
 #[rustfmt::skip]
 pub mod schema;
+pub mod sqlstate;
 pub mod transfers;
 pub mod tx;
 pub mod withdrawals;
@@ -29,7 +31,13 @@ pub mod withdrawals;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+// `#[testing::test]` expands to `::ledger_core::testing::deadline::run(..)`; this makes
+// that path resolve inside this crate's own tests too.
+#[cfg(feature = "testing")]
+extern crate self as ledger_core;
+
 pub use error::{InvalidInput, LedgerError};
 pub use ids::{AccountId, EntryId, IdempotencyKey, PayoutId, WithdrawalId};
 pub use money::{Amount, Currency};
+pub use sqlstate::SqlState;
 pub use tx::{transaction, LockSet, Tx, TxOptions};

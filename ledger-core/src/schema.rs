@@ -41,6 +41,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    ledger_instance (singleton) {
+        singleton -> Bool,
+        instance_id -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     payouts (id) {
         id -> Int8,
         withdrawal_id -> Int8,
@@ -57,6 +65,9 @@ diesel::table! {
         updated_at -> Timestamptz,
         resolution_entry_id -> Nullable<Int8>,
         gateway_reference -> Nullable<Text>,
+        claim_token -> Nullable<Int8>,
+        possibly_sent -> Bool,
+        forced_return_reason -> Nullable<Text>,
     }
 }
 
@@ -102,6 +113,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     currencies,
     idempotency_keys,
     journal_entries,
+    ledger_instance,
     payouts,
     postings,
     withdrawals,

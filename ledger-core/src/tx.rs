@@ -7,7 +7,7 @@
 //! the statement ends, does not compile.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::pg::PgConnection;
@@ -148,7 +148,44 @@ where
 
 /// Like [`transaction`], but takes a fresh pooled connection for every attempt, so a
 /// dropped connection is retried too.
-pub fn transaction_pooled<T, F>(pool: &Pool, opts: &TxOptions, mut f: F) -> Result<T, LedgerError>
+pub fn transaction_pooled<T, F>(pool: &Pool, opts: &TxOptions, f: F) -> Result<T, LedgerError>
+where
+    F: FnMut(&mut Tx<'_>) -> Result<T, LedgerError>,
+{
+    transaction_pooled_until(pool, opts, &Unbounded, f)
+}
+
+/// Lets the caller of [`transaction_pooled_until`] cut its waits short, for example
+/// because the process is shutting down. Both are asked often (every 10 to 100 ms while
+/// waiting), so they must be cheap.
+pub trait Patience {
+    /// Asked before each retry and during the backoff before it: `false` ends the
+    /// retries, and the last attempt's error is returned as it is.
+    fn may_retry(&self) -> bool {
+        true
+    }
+
+    /// Asked while waiting for a pooled connection, with the time waited so far: `true`
+    /// ends the wait (and the attempt) with a `LedgerError::Pool` error.
+    fn give_up_waiting(&self, _waited: Duration) -> bool {
+        false
+    }
+}
+
+/// Waits as long as the options and the pool allow.
+pub struct Unbounded;
+
+impl Patience for Unbounded {}
+
+/// [`transaction_pooled`] whose waits (for a connection, in a backoff) end as soon as
+/// `patience` says so. What it cannot cut short is a statement already sent to the
+/// server: that takes as long as the server (or the network) takes.
+pub fn transaction_pooled_until<T, F>(
+    pool: &Pool,
+    opts: &TxOptions,
+    patience: &dyn Patience,
+    mut f: F,
+) -> Result<T, LedgerError>
 where
     F: FnMut(&mut Tx<'_>) -> Result<T, LedgerError>,
 {
@@ -157,14 +194,34 @@ where
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = pool.get().map_err(LedgerError::from).and_then(|mut conn| transaction(&mut conn, &once, &mut f));
+        let result = crate::db::checkout(pool, &|waited| patience.give_up_waiting(waited))
+            .and_then(|mut conn| transaction(&mut conn, &once, &mut f));
         match result {
-            Err(e) if e.is_transient() && attempt < opts.max_attempts => std::thread::sleep(opts.backoff(attempt)),
+            Err(e) if e.is_transient() && attempt < opts.max_attempts => {
+                if !patience.may_retry() || !sleep_unless(opts.backoff(attempt), || !patience.may_retry()) {
+                    return Err(e);
+                }
+            }
             Err(e) if e.is_transient() && opts.max_attempts > 1 => {
                 return Err(LedgerError::RetriesExhausted { attempts: attempt, last: Box::new(e) })
             }
             other => return other,
         }
+    }
+}
+
+/// Sleeps `total` in short steps; returns `false` (early) as soon as `stop()` is true.
+fn sleep_unless(total: Duration, stop: impl Fn() -> bool) -> bool {
+    let until = Instant::now() + total;
+    loop {
+        if stop() {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= until {
+            return true;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(10)));
     }
 }
 

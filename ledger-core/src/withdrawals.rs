@@ -525,7 +525,7 @@ fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<
              RETURNING 1
          ), po AS (
              INSERT INTO payouts (withdrawal_id, account_id, currency, amount_minor, destination, idempotency_key)
-             SELECT wid, account_id, currency, amount, destination, 'payout-w' || wid FROM d ORDER BY wid
+             SELECT wid, account_id, currency, amount, destination, ledger_payout_key(wid) FROM d ORDER BY wid
              RETURNING id, withdrawal_id
          ), w AS (
              UPDATE withdrawals x

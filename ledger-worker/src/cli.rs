@@ -80,6 +80,12 @@ pub enum Command {
     #[command(subcommand)]
     Payout(PayoutCommand),
     /// Run the worker daemon until SIGTERM/SIGINT (or until idle with --exit-when-idle).
+    ///
+    /// On SIGTERM/SIGINT it stops claiming, finishes what it can within
+    /// --shutdown-grace-ms and exits at most about a second after that, whatever the
+    /// database or the gateway do; a second signal exits at once. Exit status: 0 after a
+    /// clean stop, 3 when it did not wait for every thread (some were still inside a
+    /// database or gateway call; nothing unfinished was committed), 1 on an error.
     Run(RunArgs),
     /// Check the ledger's invariants; exits non-zero on any violation.
     Audit,
@@ -220,7 +226,9 @@ pub struct RunArgs {
     /// Longest pause between two attempts of one job.
     #[arg(long, default_value_t = 30_000)]
     pub max_backoff_ms: u64,
-    /// On SIGTERM, queued jobs not started within this time stay pending.
+    /// On SIGTERM/SIGINT, how long to keep finishing queued jobs and calls in flight.
+    /// Jobs not started by then stay pending; a second later the process exits (status
+    /// 3 if a thread was still busy, its uncommitted work rolled back by the server).
     #[arg(long, default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
     /// Exit (0) once no withdrawal is pending.
@@ -235,7 +243,7 @@ pub struct RunArgs {
     /// URL the webhook gateway POSTs payouts to.
     #[arg(long)]
     pub payout_webhook: Option<String>,
-    /// Longest a gateway call may take.
+    /// Longest a gateway call may take (the whole request, connecting included).
     #[arg(long, default_value_t = 10_000)]
     pub payout_timeout_ms: u64,
     /// Longest the webhook gateway waits to connect.

@@ -284,7 +284,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Payout(PayoutCommand::Return { id, reason }) => {
             let id = PayoutId::new(id)?;
             let mut conn = connect(cli.database_url)?;
-            let p = payouts::return_failed(&mut conn, id, &reason)?;
+            // Until the gateway is configured here, only a forced return is possible.
+            let no_lookup = crate::gateway::NoLookup;
+            let p = match payouts::return_failed(&mut conn, id, &reason, payouts::ReturnAuthority::Lookup(&no_lookup))? {
+                payouts::ReturnResult::Returned(p) | payouts::ReturnResult::SettledInstead(p) => p,
+            };
             out.print(payout_json(&p), || payout_line(&p));
         }
         Command::Run(args) => {
@@ -414,9 +418,16 @@ fn submit_line(
     Ok(withdrawals::request(conn, &WithdrawalRequest { account, amount, currency, destination, key })?)
 }
 
+/// `run`'s exit status when it stopped without waiting for every thread: some were
+/// still busy after `--shutdown-grace-ms` (plus a second), or a second SIGTERM/SIGINT
+/// came. Nothing unfinished was committed; see [`WorkerPool::shutdown`].
+pub const EXIT_FORCED: u8 = 3;
+
 fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
-    // Fail fast, with one clear line, on an unreachable or unmigrated database.
-    drop(connect(Some(url.clone()))?);
+    // Fail fast, with one clear line, on an unreachable or unmigrated database; with the
+    // network timeouts the pool uses, so that a server that does not answer fails too.
+    // (No handler is installed yet: a signal now ends the process at once.)
+    drop(connect(Some(db::with_network_timeouts(&url)))?);
     let config = WorkerConfig {
         threads: args.threads,
         pool_size: args.pool_size.unwrap_or(args.threads as u32 + 2),
@@ -434,6 +445,8 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         payout_batch: args.payout_batch,
         payout_lease_ms: args.payout_lease_ms,
         payout_poll_ms: args.payout_poll_ms,
+        payout_concurrency: 16,
+        payout_call_timeout_ms: args.payout_timeout_ms + args.payout_connect_timeout_ms,
         payout_retry: RetryPolicy {
             max_attempts: args.payout_max_attempts,
             base_ms: args.payout_base_backoff_ms,
@@ -441,6 +454,9 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         },
     };
     config.validate().map_err(|e| anyhow!(e))?;
+    if args.payout_timeout_ms == 0 || args.payout_connect_timeout_ms == 0 {
+        bail!("--payout-timeout-ms and --payout-connect-timeout-ms must be at least 1");
+    }
     if args.payout_lease_ms <= args.payout_timeout_ms + args.payout_connect_timeout_ms {
         bail!("--payout-lease-ms must exceed --payout-timeout-ms plus --payout-connect-timeout-ms");
     }
@@ -461,6 +477,10 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
     };
     let terminate = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // The first signal starts a graceful stop; a second one exits at once. (The
+        // conditional exit must be registered first: handlers run in order.)
+        signal_hook::flag::register_conditional_shutdown(signal, i32::from(EXIT_FORCED), terminate.clone())
+            .context("installing signal handlers")?;
         signal_hook::flag::register(signal, terminate.clone()).context("installing signal handlers")?;
     }
     let metrics = Metrics::new();
@@ -477,7 +497,10 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
     let mut last_report = Instant::now();
     loop {
         if terminate.load(Ordering::SeqCst) {
-            info!("signal received: finishing in-flight jobs");
+            info!(
+                grace_ms = args.shutdown_grace_ms,
+                "signal received: finishing in-flight jobs (a second signal exits at once)"
+            );
             break;
         }
         if args.exit_when_idle && pool.is_idle() {
@@ -507,7 +530,16 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         payouts_settled = Metrics::get(&metrics.payouts_settled),
         payouts_returned = Metrics::get(&metrics.payouts_returned),
         left_pending = report.left_pending,
+        elapsed_ms = report.elapsed_ms as u64,
+        clean = report.is_clean(),
         "stopped"
     );
+    if !report.is_clean() {
+        // Threads are still inside libpq or the gateway's HTTP client. `_exit` ends the
+        // process without running exit handlers (OpenSSL's cleanup among them) under
+        // their feet; the kernel closes their sockets and the server rolls back.
+        let _ = std::io::stderr().flush();
+        signal_hook::low_level::exit(i32::from(EXIT_FORCED));
+    }
     Ok(ExitCode::SUCCESS)
 }

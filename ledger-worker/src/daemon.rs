@@ -9,12 +9,25 @@
 //!
 //! The pool can also be fed in-process: an embedding service inserts withdrawal rows in
 //! its own transaction, commits, and calls [`WorkerPool::submit`].
+//!
+//! Shutdown is bounded, whatever the database or the gateway do. One signal (`stopping`,
+//! then the drain deadline) is checked by every loop and every wait: waits for a pooled
+//! connection, backoffs and channel waits are sliced and end when it says so; once
+//! stopping, nothing is retried and no new job or payout is started after the grace
+//! period. What cannot be interrupted is a call already inside libpq (a statement on a
+//! connection whose server stopped answering) or inside the gateway's HTTP client: the
+//! threads doing that are not waited for past the grace period (plus [`WIND_DOWN`]);
+//! [`WorkerPool::shutdown`] names them in its report and the caller exits without them.
+//! Their transactions were not committed by this process (the server rolls them back
+//! when the connection goes), so their jobs stay pending, and a payout whose gateway
+//! call was cut off stays pending and is due again when its lease runs out.
 
 use std::any::Any;
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,7 +35,9 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, S
 use diesel::pg::PgConnection;
 use diesel::RunQueryDsl;
 use ledger_core::db::{self, Pool, PoolConfig, SessionConfig};
-use ledger_core::payouts::{self, GatewayOutcome, PayoutGateway, PayoutRequest, Recorded, RetryPolicy};
+use ledger_core::error::{RetryClass, Transient};
+use ledger_core::payouts::{self, PayoutGateway, PayoutRequest, Recorded, RetryPolicy, Verdict};
+use ledger_core::tx::Patience;
 use ledger_core::withdrawals::{self, BatchItem, JobOutcome, WithdrawalStatus};
 use ledger_core::{LedgerError, Tx, TxOptions, WithdrawalId};
 use tracing::{debug, error, info, warn};
@@ -49,7 +64,8 @@ pub struct WorkerConfig {
     pub job_max_backoff_ms: u64,
     /// Run the claimer (off: only jobs given to `submit` are processed).
     pub claim: bool,
-    /// On shutdown, queued jobs not started within this time stay pending for later.
+    /// On shutdown, queued jobs not started within this time stay pending for later;
+    /// threads still busy after it (plus [`WIND_DOWN`]) are not waited for.
     pub shutdown_grace_ms: u64,
     pub application_name: String,
     /// Payout dispatcher threads (used only when a gateway is given).
@@ -62,6 +78,10 @@ pub struct WorkerConfig {
     /// How often an idle dispatcher looks for due payouts.
     pub payout_poll_ms: u64,
     pub payout_retry: RetryPolicy,
+    /// Gateway calls in flight at once, per dispatcher.
+    pub payout_concurrency: usize,
+    /// The longest one gateway call can take (connect plus whole-call timeout).
+    pub payout_call_timeout_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -84,11 +104,19 @@ impl Default for WorkerConfig {
             payout_lease_ms: 60_000,
             payout_poll_ms: 50,
             payout_retry: RetryPolicy::default(),
+            payout_concurrency: 16,
+            payout_call_timeout_ms: 10_000,
         }
     }
 }
 
 impl WorkerConfig {
+    /// What a call may take, with room for scheduling: no call starts unless this much
+    /// of its claim's lease is left.
+    pub fn payout_call_budget_ms(&self) -> u64 {
+        self.payout_call_timeout_ms.saturating_add(1_000)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let checks = [
             (self.threads >= 1 && self.threads <= 256, "--threads must be 1..=256"),
@@ -151,21 +179,157 @@ struct Shared {
     /// Stop claiming; workers drain the channel until `drain_deadline`.
     stopping: AtomicBool,
     drain_deadline: Mutex<Option<Instant>>,
+    /// Set when the database failed a batch during shutdown: the rest of the queue is
+    /// left pending at once instead of failing one batch after another.
+    abandon_queue: AtomicBool,
     /// Set by the claimer when nothing is pending or in flight.
     idle: AtomicBool,
     /// Whether payouts are dispatched here (so idle also waits for them).
     dispatching: bool,
+    /// The pool's threads and what each is doing, for a shutdown with a deadline.
+    tracker: Arc<Tracker>,
 }
+
+/// Once stopping, the longest wait for a pooled connection: a queued batch that cannot
+/// get one by then stays pending (the pool normally has a connection per worker).
+const STOPPING_CHECKOUT_WAIT: Duration = Duration::from_secs(1);
+
+/// After the grace period, how long shutdown still waits for statements and gateway
+/// calls in flight before it stops waiting for the threads making them.
+pub const WIND_DOWN: Duration = Duration::from_secs(1);
 
 impl Shared {
     fn inflight(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Stopping, and the grace period is over: no new work, no more waiting.
     fn past_deadline(&self) -> bool {
         let deadline = *self.drain_deadline.lock().unwrap_or_else(|e| e.into_inner());
         deadline.is_some_and(|d| Instant::now() > d)
     }
+}
+
+/// How the daemon's transactions and checkouts wait: as configured while running; once
+/// stopping, no retries, a short wait for a connection, none after the grace period or
+/// once the database has failed during shutdown.
+impl Patience for Shared {
+    fn may_retry(&self) -> bool {
+        !self.stopping()
+    }
+
+    fn give_up_waiting(&self, waited: Duration) -> bool {
+        self.stopping()
+            && (waited >= STOPPING_CHECKOUT_WAIT || self.abandon_queue.load(Ordering::SeqCst) || self.past_deadline())
+    }
+}
+
+/// Recording a gateway's answer is worth retrying until the grace period is over: an
+/// answer not recorded means the payout is sent again after its lease.
+struct UntilDeadline<'a>(&'a Shared);
+
+impl Patience for UntilDeadline<'_> {
+    fn may_retry(&self) -> bool {
+        !self.0.past_deadline()
+    }
+
+    fn give_up_waiting(&self, waited: Duration) -> bool {
+        self.0.give_up_waiting(waited)
+    }
+}
+
+/// A connection from the pool, waiting as [`Shared`]'s patience allows.
+fn checkout(shared: &Shared) -> Result<db::PooledConnection, LedgerError> {
+    db::checkout(&shared.pool, &|waited| shared.give_up_waiting(waited))
+}
+
+/// A database failure that says the server is gone or unreachable (as opposed to, say,
+/// a lock timeout on a healthy server).
+fn connection_trouble(e: &LedgerError) -> bool {
+    match e {
+        LedgerError::RetriesExhausted { last, .. } => connection_trouble(last),
+        other => other.transient() == Some(Transient::ConnectionLost),
+    }
+}
+
+/// The pool's threads, each with what it is doing now, so that shutdown can wait for
+/// them with a deadline and name the ones still busy when it runs out.
+#[derive(Default)]
+struct Tracker {
+    threads: Mutex<BTreeMap<String, &'static str>>,
+    changed: Condvar,
+}
+
+/// A thread's entry in the [`Tracker`]: made before the thread is spawned, moved into
+/// it, and dropped when it ends (also by a panic), which removes the entry.
+struct Tracked {
+    tracker: Arc<Tracker>,
+    name: String,
+}
+
+thread_local! {
+    static TRACKED: RefCell<Option<(Arc<Tracker>, String)>> = const { RefCell::new(None) };
+}
+
+impl Tracker {
+    fn threads(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, &'static str>> {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(self: &Arc<Self>, name: &str) -> Tracked {
+        self.threads().insert(name.to_string(), "starting");
+        Tracked { tracker: self.clone(), name: name.to_string() }
+    }
+
+    /// Waits until every tracked thread has ended or `deadline` passes; returns the
+    /// threads still running then, with what they are doing.
+    fn wait_all(&self, deadline: Instant) -> Vec<(String, &'static str)> {
+        let mut threads = self.threads();
+        loop {
+            let now = Instant::now();
+            if threads.is_empty() || now >= deadline {
+                return threads.iter().map(|(name, what)| (name.clone(), *what)).collect();
+            }
+            threads = self.changed.wait_timeout(threads, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
+impl Tracked {
+    /// Called first thing on the tracked thread, so that [`doing`] finds its entry.
+    fn enter(&self) {
+        TRACKED.with(|t| *t.borrow_mut() = Some((self.tracker.clone(), self.name.clone())));
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // Dropped on its own thread, normally; on the spawning one if the spawn failed.
+        let _ = TRACKED.try_with(|t| {
+            let mut t = t.borrow_mut();
+            if t.as_ref().is_some_and(|(_, name)| *name == self.name) {
+                *t = None;
+            }
+        });
+        self.tracker.threads().remove(&self.name);
+        self.tracker.changed.notify_all();
+    }
+}
+
+/// Notes what the current (tracked) thread is about to do; a shutdown that cannot wait
+/// for the thread any longer reports it.
+fn doing(what: &'static str) {
+    TRACKED.with(|t| {
+        if let Some((tracker, name)) = &*t.borrow() {
+            if let Some(slot) = tracker.threads().get_mut(name) {
+                *slot = what;
+            }
+        }
+    });
 }
 
 /// Why `submit` did not queue a job.
@@ -190,9 +354,20 @@ pub struct WorkerPool {
 /// What shutdown saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Queued jobs left pending because the grace period ran out.
+    /// Jobs queued or in progress here that were not finished: they stay pending (or
+    /// are rolled back to pending by the server) and are claimed again later.
     pub left_pending: usize,
     pub elapsed_ms: u128,
+    /// Threads still busy when shutdown stopped waiting (grace period plus
+    /// [`WIND_DOWN`]), as "name: what it was doing". Empty after a clean stop.
+    pub still_running: Vec<String>,
+}
+
+impl ShutdownReport {
+    /// Every thread ended within the grace period (plus [`WIND_DOWN`]).
+    pub fn is_clean(&self) -> bool {
+        self.still_running.is_empty()
+    }
 }
 
 /// Sets up a [`WorkerPool`]: what processes jobs, where metrics go, and which gateway
@@ -253,6 +428,8 @@ impl WorkerPool {
             statement_timeout_ms: None,
             application_name: Some(config.application_name.clone()),
         };
+        // Connections that stop answering fail by themselves (unless the URL says otherwise).
+        let url = db::with_network_timeouts(&url);
         let pool = db::pool(
             &url,
             &PoolConfig { max_size: config.pool_size, min_idle: Some(0), connection_timeout_ms: 10_000, session },
@@ -270,25 +447,23 @@ impl WorkerPool {
             inflight: Mutex::new(HashSet::new()),
             stopping: AtomicBool::new(false),
             drain_deadline: Mutex::new(None),
+            abandon_queue: AtomicBool::new(false),
             idle: AtomicBool::new(false),
             dispatching,
+            tracker: Arc::default(),
         });
         let supervisor = {
             let shared = shared.clone();
-            thread::Builder::new()
-                .name("supervisor".into())
-                .spawn(move || supervise(shared, receivers))
+            spawn_tracked(&shared.tracker.clone(), "supervisor".into(), move || supervise(shared, receivers))
                 .map_err(|e| LedgerError::Pool(format!("spawning the supervisor: {e}")))?
         };
         let claimer = if config.claim {
             let (shared, senders) = (shared.clone(), senders.clone());
             Some(
-                thread::Builder::new()
-                    .name("claimer".into())
-                    .spawn(move || {
-                        resilient(&shared.clone(), "claimer", || claim_loop(shared.clone(), senders.clone()))
-                    })
-                    .map_err(|e| LedgerError::Pool(format!("spawning the claimer: {e}")))?,
+                spawn_tracked(&shared.tracker.clone(), "claimer".into(), move || {
+                    resilient(&shared.clone(), "claimer", || claim_loop(shared.clone(), senders.clone()))
+                })
+                .map_err(|e| LedgerError::Pool(format!("spawning the claimer: {e}")))?,
             )
         } else {
             None
@@ -298,12 +473,10 @@ impl WorkerPool {
             for n in 0..config.payout_threads {
                 let (shared, gateway) = (shared.clone(), gateway.clone());
                 dispatchers.push(
-                    thread::Builder::new()
-                        .name(format!("payouts-{n}"))
-                        .spawn(move || {
-                            resilient(&shared, "payout dispatcher", || dispatch_loop(&shared, gateway.as_ref()))
-                        })
-                        .map_err(|e| LedgerError::Pool(format!("spawning a payout dispatcher: {e}")))?,
+                    spawn_tracked(&shared.tracker.clone(), format!("payouts-{n}"), move || {
+                        resilient(&shared, "payout dispatcher", || dispatch_loop(&shared, gateway.as_ref()))
+                    })
+                    .map_err(|e| LedgerError::Pool(format!("spawning a payout dispatcher: {e}")))?,
                 );
             }
         }
@@ -367,32 +540,70 @@ impl WorkerPool {
     }
 
     /// Stops claiming, lets workers finish what is in flight and drain the queue for up
-    /// to `shutdown_grace_ms`, then joins every thread.
+    /// to `shutdown_grace_ms`, and waits for every thread, but never longer than the
+    /// grace period plus [`WIND_DOWN`]: threads still busy then (inside libpq on a
+    /// connection that stopped answering, or inside a gateway call) are left running
+    /// and listed in the report. Nothing they had not committed is committed by this
+    /// process; the caller should exit (their connections close, the server rolls back).
     pub fn shutdown(mut self) -> ShutdownReport {
         self.stop()
     }
 
     fn stop(&mut self) -> ShutdownReport {
         let started = Instant::now();
-        *self.shared.drain_deadline.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(started + Duration::from_millis(self.shared.config.shutdown_grace_ms));
+        let grace = Duration::from_millis(self.shared.config.shutdown_grace_ms);
+        *self.shared.drain_deadline.lock().unwrap_or_else(|e| e.into_inner()) = Some(started + grace);
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.senders.take();
-        if let Some(c) = self.claimer.take() {
-            let _ = c.join();
-        }
-        if let Some(s) = self.supervisor.take() {
-            let _ = s.join();
-        }
-        for d in self.dispatchers.drain(..) {
-            let _ = d.join();
+        let give_up_at = started + grace + WIND_DOWN;
+        let busy = self.shared.tracker.wait_all(give_up_at);
+        let mut handles: Vec<JoinHandle<()>> = self.claimer.take().into_iter().collect();
+        handles.extend(self.supervisor.take());
+        handles.append(&mut self.dispatchers);
+        for handle in handles {
+            // A thread that left the tracker has only its return left to do; one still
+            // in it is not waited for (dropping its handle detaches it).
+            while !handle.is_finished() && busy.is_empty() && Instant::now() < give_up_at {
+                thread::sleep(Duration::from_millis(1));
+            }
+            if handle.is_finished() {
+                let _ = handle.join();
+            }
         }
         let left_pending = self.shared.inflight().len();
         self.shared.inflight().clear();
-        let report = ShutdownReport { left_pending, elapsed_ms: started.elapsed().as_millis() };
-        info!(left_pending = report.left_pending, elapsed_ms = report.elapsed_ms as u64, "worker pool stopped");
+        let still_running: Vec<String> = busy.iter().map(|(name, what)| format!("{name}: {what}")).collect();
+        let report = ShutdownReport { left_pending, elapsed_ms: started.elapsed().as_millis(), still_running };
+        if report.is_clean() {
+            info!(left_pending = report.left_pending, elapsed_ms = report.elapsed_ms as u64, "worker pool stopped");
+        } else {
+            error!(
+                threads = %report.still_running.join("; "),
+                left_pending = report.left_pending,
+                elapsed_ms = report.elapsed_ms as u64,
+                grace_ms = self.shared.config.shutdown_grace_ms,
+                "threads still busy after the shutdown grace period; not waiting for them. Nothing they \
+                 had not committed is committed: the server rolls their transactions back when their \
+                 connections close, their jobs stay pending, and a payout whose gateway call was cut \
+                 off stays pending and is sent again (same idempotency key) when its lease runs out"
+            );
+        }
         report
     }
+}
+
+/// Spawns a thread registered in `tracker` for as long as it runs.
+fn spawn_tracked<T: Send + 'static>(
+    tracker: &Arc<Tracker>,
+    name: String,
+    body: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<JoinHandle<T>> {
+    let tracked = tracker.register(&name);
+    thread::Builder::new().name(name).spawn(move || {
+        tracked.enter();
+        let _tracked = tracked;
+        body()
+    })
 }
 
 impl Drop for WorkerPool {
@@ -440,11 +651,12 @@ fn supervise(shared: Arc<Shared>, receivers: Vec<Receiver<i64>>) {
 }
 
 fn supervise_workers(shared: Arc<Shared>, receivers: Vec<Receiver<i64>>) {
+    doing("supervising the workers");
     let spawn = |lane: usize, generation: usize| {
-        let (shared, receiver) = (shared.clone(), receivers[lane].clone());
-        thread::Builder::new()
-            .name(format!("worker-{lane}.{generation}"))
-            .spawn(move || worker_loop(&shared, &receiver))
+        let (for_worker, receiver) = (shared.clone(), receivers[lane].clone());
+        spawn_tracked(&shared.tracker, format!("worker-{lane}.{generation}"), move || {
+            worker_loop(&for_worker, &receiver)
+        })
     };
     let mut workers: Vec<Option<JoinHandle<WorkerExit>>> = (0..receivers.len()).map(|_| None).collect();
     let mut generation = 0;
@@ -469,7 +681,9 @@ fn supervise_workers(shared: Arc<Shared>, receivers: Vec<Receiver<i64>>) {
                 }
             }
         }
-        if stopping && workers.iter().all(Option::is_none) {
+        // Shutdown waits for the workers through the tracker, with its deadline; a
+        // worker still running is not waited for here (its handle is dropped: detached).
+        if stopping {
             return;
         }
         thread::sleep(Duration::from_millis(20));
@@ -485,6 +699,7 @@ enum WorkerExit {
 fn worker_loop(shared: &Shared, receiver: &Receiver<i64>) -> WorkerExit {
     let batch_size = shared.config.batch_size;
     loop {
+        doing("waiting for jobs");
         let first = match receiver.recv_timeout(Duration::from_millis(50)) {
             Ok(id) => id,
             Err(RecvTimeoutError::Disconnected) => return WorkerExit::Done,
@@ -502,8 +717,9 @@ fn worker_loop(shared: &Shared, receiver: &Receiver<i64>) -> WorkerExit {
                 Err(_) => break,
             }
         }
-        if shared.stopping.load(Ordering::SeqCst) && shared.past_deadline() {
-            // Out of grace: leave these pending (the next run claims them).
+        if shared.stopping() && (shared.past_deadline() || shared.abandon_queue.load(Ordering::SeqCst)) {
+            // Out of grace, or the database failed during shutdown: leave these pending
+            // (the next run claims them).
             let mut inflight = shared.inflight();
             batch.iter().for_each(|id| {
                 inflight.remove(id);
@@ -511,6 +727,7 @@ fn worker_loop(shared: &Shared, receiver: &Receiver<i64>) -> WorkerExit {
             continue;
         }
         let ids: Vec<WithdrawalId> = batch.iter().filter_map(|id| WithdrawalId::new(*id).ok()).collect();
+        doing("in a batch transaction (database)");
         let outcome = catch_unwind(AssertUnwindSafe(|| process_batch(shared, &ids)));
         if let Err(panic) = outcome {
             shared.metrics.panics.fetch_add(1, Ordering::Relaxed);
@@ -542,14 +759,14 @@ fn panic_message(panic: &Box<dyn Any + Send>) -> String {
 /// panics again is failed at once with the panic message; the others are processed.
 fn isolate_panicking_jobs(shared: &Shared, ids: &[WithdrawalId]) {
     for id in ids {
+        if shared.stopping() {
+            // The next run isolates them again; each stays pending until then.
+            return;
+        }
         let single = [*id];
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| process_batch(shared, &single))) {
             let reason = format!("worker panicked: {}", panic_message(&panic));
-            let recorded = shared
-                .pool
-                .get()
-                .map_err(LedgerError::from)
-                .and_then(|mut conn| withdrawals::fail_now(&mut conn, *id, &reason));
+            let recorded = checkout(shared).and_then(|mut conn| withdrawals::fail_now(&mut conn, *id, &reason));
             match recorded {
                 Ok(true) => {
                     shared.metrics.failed.fetch_add(1, Ordering::Relaxed);
@@ -570,17 +787,22 @@ fn now_us() -> i64 {
 
 /// One batch: one transaction (retried in-process on transient errors, on a fresh
 /// connection if the old one died), then bookkeeping of each job's outcome.
+///
+/// During shutdown nothing is tried twice: a batch that fails then is left pending as
+/// a whole, with no attempt recorded (the next run does it).
 fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
     let opts = TxOptions { max_attempts: shared.config.tx_attempts, ..TxOptions::default() };
     let mut attempts = 0_u64;
     shared.metrics.batches.fetch_add(1, Ordering::Relaxed);
-    let mut result = ledger_core::tx::transaction_pooled(&shared.pool, &opts, |tx| {
+    let mut result = ledger_core::tx::transaction_pooled_until(&shared.pool, &opts, shared, |tx| {
         attempts += 1;
         shared.processor.process(tx, ids)
     });
-    if matches!(&result, Err(e) if !e.is_transient() && !matches!(e, LedgerError::RetriesExhausted { .. })) {
+    if !shared.stopping()
+        && matches!(&result, Err(e) if !e.is_transient() && !matches!(e, LedgerError::RetriesExhausted { .. }))
+    {
         warn!(error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(), "batch failed; redoing it job by job");
-        result = ledger_core::tx::transaction_pooled(&shared.pool, &opts, |tx| {
+        result = ledger_core::tx::transaction_pooled_until(&shared.pool, &opts, shared, |tx| {
             attempts += 1;
             shared.processor.process_careful(tx, ids)
         });
@@ -610,22 +832,37 @@ fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
                     JobOutcome::Skipped => {
                         shared.metrics.skipped.fetch_add(1, Ordering::Relaxed);
                     }
-                    JobOutcome::Errored { error, .. } => record_attempt(shared, item.id, &error),
+                    // Its savepoint was rolled back: during shutdown it just stays pending.
+                    JobOutcome::Errored { .. } if shared.stopping() => {}
+                    JobOutcome::Errored { error, .. } => {
+                        record_attempt(shared, item.id, &error);
+                    }
                 }
             }
+        }
+        Err(e) if shared.stopping() => {
+            if connection_trouble(&e) {
+                shared.abandon_queue.store(true, Ordering::SeqCst);
+            }
+            warn!(error = %e, jobs = ids.len(), "batch not done during shutdown; its jobs stay pending");
         }
         Err(e) => {
             warn!(error = %e, jobs = ids.len(), "batch failed after retries; recording an attempt per job");
             for id in ids {
-                record_attempt(shared, *id, &e.to_string());
+                // Once the database is unreachable (or shutdown began), the remaining
+                // jobs stay pending as they are: each would only wait for it in turn.
+                if shared.stopping() || !record_attempt(shared, *id, &e.to_string()) {
+                    break;
+                }
             }
         }
     }
 }
 
-fn record_attempt(shared: &Shared, id: WithdrawalId, error: &str) {
+/// Records a failed attempt of one job; false when the database could not be reached.
+fn record_attempt(shared: &Shared, id: WithdrawalId, error: &str) -> bool {
     let opts = TxOptions { max_attempts: shared.config.tx_attempts, ..TxOptions::default() };
-    let result = ledger_core::tx::transaction_pooled(&shared.pool, &opts, |tx| {
+    let result = ledger_core::tx::transaction_pooled_until(&shared.pool, &opts, shared, |tx| {
         withdrawals::record_failed_attempt(
             tx.conn(),
             id,
@@ -645,8 +882,12 @@ fn record_attempt(shared: &Shared, id: WithdrawalId, error: &str) {
         }
         Ok(None) => {}
         // The database is unreachable: the job stays pending and is claimed again later.
-        Err(e) => warn!(withdrawal = id.get(), error = %e, "could not record a failed attempt"),
+        Err(e) => {
+            warn!(withdrawal = id.get(), error = %e, "could not record a failed attempt");
+            return !connection_trouble(&e);
+        }
     }
+    true
 }
 
 /// The claimer: claims due jobs into the channel while it has room; when caught up,
@@ -663,7 +904,10 @@ fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
     while !shared.stopping.load(Ordering::SeqCst) {
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match listen(&shared.url, &config.application_name) {
+            None => match {
+                doing("connecting to the database (claimer)");
+                listen(&shared.url, &config.application_name)
+            } {
                 Ok(c) => {
                     if failures > 0 {
                         info!("claimer reconnected");
@@ -674,6 +918,7 @@ fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
                 Err(e) => {
                     failures += 1;
                     warn!(error = %e, "claimer cannot connect; retrying");
+                    doing("backing off (claimer)");
                     sleep_unless_stopping(&shared, backoff(failures));
                     continue;
                 }
@@ -683,9 +928,11 @@ fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
         // Claim in chunks worth a round trip: with the queue nearly full, let the
         // workers drain it a little instead of claiming a handful of ids at a time.
         if room < min_claim {
+            doing("waiting for room in the queue");
             thread::sleep(Duration::from_micros(500));
             continue;
         }
+        doing("claiming jobs (database)");
         // Fast path: the next jobs after the cursor. When that comes up short (caught
         // up), sweep for due jobs the cursor passed over, excluding what is queued here.
         let claimed = withdrawals::claim_after(c, cursor, room as i64).and_then(|mut ids| {
@@ -707,6 +954,7 @@ fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
                     cursor = cursor.max(id.get());
                     shared.inflight().insert(id.get());
                     let lane = &senders[lane_of(account.get(), senders.len())];
+                    doing("queueing jobs");
                     if !send_unless_stopping(&shared, lane, id.get()) {
                         shared.inflight().remove(&id.get());
                     }
@@ -715,11 +963,13 @@ fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
                 if claimed < room {
                     // Caught up. Idle when nothing is pending and nothing is in flight
                     // (checked only when this round found nothing at all).
+                    doing("checking for work (database)");
                     let idle = claimed == 0
                         && shared.inflight().is_empty()
                         && withdrawals::pending_count(c).map(|n| n == 0).unwrap_or(false)
                         && (!shared.dispatching || payouts::pending_count(c).map(|n| n == 0).unwrap_or(false));
                     shared.idle.store(idle, Ordering::SeqCst);
+                    doing("waiting for a NOTIFY (database)");
                     if let Err(e) = wait_for_work(&shared, c) {
                         warn!(error = %e, "lost the LISTEN connection; reconnecting");
                         conn = None;
@@ -734,6 +984,7 @@ fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
                 if e.is_transient() || failures > 3 {
                     conn = None;
                 }
+                doing("backing off (claimer)");
                 sleep_unless_stopping(&shared, backoff(failures));
             }
         }
@@ -791,23 +1042,31 @@ fn backoff(failures: u32) -> Duration {
 
 fn sleep_unless_stopping(shared: &Shared, total: Duration) {
     let until = Instant::now() + total;
-    while Instant::now() < until && !shared.stopping.load(Ordering::SeqCst) {
-        thread::sleep(Duration::from_millis(10));
+    loop {
+        let now = Instant::now();
+        if now >= until || shared.stopping() {
+            return;
+        }
+        thread::sleep((until - now).min(Duration::from_millis(10)));
     }
 }
 
 /// A payout dispatcher: claims due payouts under a lease (a short transaction of its
 /// own), calls the gateway with no connection checked out and so no transaction open,
 /// then records each answer in a new transaction.
+///
+/// Once stopping it starts no new gateway call: the call in flight is finished and
+/// recorded (the gateway's timeouts bound it), the leases of the others are handed back.
+/// A call still in flight when shutdown stops waiting is simply abandoned: its payout
+/// stays pending and is due again when its lease runs out.
 fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
     let config = &shared.config;
     let mut failures = 0_u32;
-    while !shared.stopping.load(Ordering::SeqCst) {
-        let claimed = shared
-            .pool
-            .get()
-            .map_err(LedgerError::from)
-            .and_then(|mut conn| payouts::claim_due(&mut conn, config.payout_batch as i64, config.payout_lease_ms)); // the connection goes back to the pool here, before any gateway call
+    while !shared.stopping() {
+        doing("claiming payouts (database)");
+        // The connection goes back to the pool here, before any gateway call.
+        let claimed = checkout(shared)
+            .and_then(|mut conn| payouts::claim_due(&mut conn, config.payout_batch as i64, config.payout_lease_ms));
         let requests = match claimed {
             Ok(r) => {
                 failures = 0;
@@ -815,62 +1074,72 @@ fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
             }
             Err(e) => {
                 failures += 1;
-                warn!(error = %e, "claiming payouts failed; retrying");
+                if !shared.stopping() {
+                    warn!(error = %e, "claiming payouts failed; retrying");
+                }
+                doing("backing off (payouts)");
                 sleep_unless_stopping(shared, backoff(failures));
                 continue;
             }
         };
-        if requests.is_empty() {
+        if requests.requests.is_empty() {
+            doing("waiting for payouts");
             sleep_unless_stopping(shared, Duration::from_millis(config.payout_poll_ms));
             continue;
         }
-        let mut unsent = requests.into_iter();
-        for request in unsent.by_ref() {
-            let outcome = catch_unwind(AssertUnwindSafe(|| gateway.send(&request))).unwrap_or_else(|panic| {
-                GatewayOutcome::Transient { error: format!("gateway panicked: {}", panic_message(&panic)) }
-            });
-            shared.metrics.gateway_calls.fetch_add(1, Ordering::Relaxed);
-            record_payout(shared, &request, &outcome);
-            if shared.stopping.load(Ordering::SeqCst) {
-                break;
-            }
-        }
-        // Stopping mid-batch: hand back the leases of payouts not sent.
-        for request in unsent {
-            if let Ok(mut conn) = shared.pool.get() {
-                let _ = payouts::release(&mut conn, &request);
-            }
-        }
+        // Calls with bounded concurrency and no transaction open; none once stopping,
+        // and none that could outlast the claim's lease. Then every verdict in one
+        // transaction, each under its claim's fencing token.
+        doing("calling the payout gateway");
+        let budget = Duration::from_millis(config.payout_call_budget_ms());
+        let lease_until = requests.lease_until;
+        let may_call = || !shared.stopping() && Instant::now() + budget <= lease_until;
+        let verdicts = ledger_core::dispatcher::resolve_all(gateway, &requests.requests, config.payout_concurrency, &may_call);
+        shared.metrics.gateway_calls.fetch_add(verdicts.len() as u64, Ordering::Relaxed);
+        doing("recording payouts (database)");
+        record_payouts(shared, &verdicts);
     }
     debug!("payout dispatcher stopped");
 }
 
-fn record_payout(shared: &Shared, request: &PayoutRequest, outcome: &GatewayOutcome) {
+fn record_payouts(shared: &Shared, verdicts: &[(PayoutRequest, Verdict)]) {
     let opts = TxOptions { max_attempts: shared.config.tx_attempts.max(3), ..TxOptions::default() };
-    let result = ledger_core::tx::transaction_pooled(&shared.pool, &opts, |tx| {
-        payouts::record_tx(tx, request, outcome, &shared.config.payout_retry)
+    let result = ledger_core::tx::transaction_pooled_until(&shared.pool, &opts, &UntilDeadline(shared), |tx| {
+        payouts::record_all_tx(tx, verdicts, &shared.config.payout_retry)
     });
-    let payout = request.payout.get();
-    match result {
-        Ok(Recorded::Settled { .. }) => {
-            shared.metrics.payouts_settled.fetch_add(1, Ordering::Relaxed);
-            debug!(payout, "payout settled");
+    let recorded = match result {
+        Ok(r) => r,
+        // The answers are lost with the database; the leases run out and the payouts
+        // are looked up at the gateway before anything else is done with them.
+        Err(e) => {
+            error!(payouts = verdicts.len(), error = %e, "could not record the gateway's answers; the payouts are looked up after their lease");
+            return;
         }
-        Ok(Recorded::Returned { .. }) => {
-            shared.metrics.payouts_returned.fetch_add(1, Ordering::Relaxed);
-            warn!(payout, ?outcome, "payout refused; funds returned to the customer");
+    };
+    for ((request, verdict), recorded) in verdicts.iter().zip(recorded) {
+        let payout = request.payout.get();
+        if let Verdict::Unauthorized { error } = verdict {
+            error!(payout, error = %error, "the payout gateway refused our credentials; nothing was paid or refunded; fix LEDGER_PAYOUT_WEBHOOK_TOKEN/SECRET");
         }
-        Ok(Recorded::Retrying) => {
-            shared.metrics.payouts_retrying.fetch_add(1, Ordering::Relaxed);
-            debug!(payout, ?outcome, "payout will be retried");
+        match recorded {
+            Recorded::Settled => {
+                shared.metrics.payouts_settled.fetch_add(1, Ordering::Relaxed);
+                debug!(payout, "payout settled");
+            }
+            Recorded::Returned { .. } => {
+                shared.metrics.payouts_returned.fetch_add(1, Ordering::Relaxed);
+                warn!(payout, ?verdict, "payout refused; funds returned to the customer");
+            }
+            Recorded::Retrying => {
+                shared.metrics.payouts_retrying.fetch_add(1, Ordering::Relaxed);
+                debug!(payout, ?verdict, "payout outcome unknown; it is looked up and retried later");
+            }
+            Recorded::Failed => {
+                shared.metrics.payouts_failed.fetch_add(1, Ordering::Relaxed);
+                error!(payout, ?verdict, "payout failed after its last attempt; an operator must retry or return it");
+            }
+            Recorded::Released => debug!(payout, "payout not sent; claim given back"),
+            Recorded::Superseded => debug!(payout, "payout claim superseded; not recorded"),
         }
-        Ok(Recorded::Failed) => {
-            shared.metrics.payouts_failed.fetch_add(1, Ordering::Relaxed);
-            error!(payout, ?outcome, "payout failed after its last attempt; an operator must retry or return it");
-        }
-        Ok(Recorded::Superseded) => debug!(payout, "payout lease lost; not recorded"),
-        // The answer is lost with the database; the lease runs out and the payout is
-        // sent again with the same idempotency key.
-        Err(e) => error!(payout, error = %e, "could not record the gateway's answer"),
     }
 }

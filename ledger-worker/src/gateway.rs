@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ledger_core::payouts::{GatewayOutcome, PayoutGateway, PayoutRequest};
+use ledger_core::payouts::{LookupOutcome, PayoutGateway, PayoutRequest, SendOutcome};
 use serde_json::json;
 use tracing::info;
 
@@ -21,7 +21,7 @@ pub fn mask_iban(iban: &str) -> String {
 pub struct LogGateway;
 
 impl PayoutGateway for LogGateway {
-    fn send(&self, r: &PayoutRequest) -> GatewayOutcome {
+    fn send(&self, r: &PayoutRequest) -> SendOutcome {
         info!(
             payout = r.payout.get(),
             withdrawal = r.withdrawal.get(),
@@ -32,7 +32,25 @@ impl PayoutGateway for LogGateway {
             attempt = r.attempt,
             "payout sent (log gateway)"
         );
-        GatewayOutcome::Accepted { reference: Some(format!("log:{}", r.idempotency_key)) }
+        SendOutcome::Accepted { reference: Some(format!("log:{}", r.idempotency_key)) }
+    }
+
+    /// The log gateway keeps no record: as far as it knows nothing was ever received,
+    /// so a payout whose first call's outcome was lost is simply sent (logged) again.
+    fn lookup(&self, _: &PayoutRequest) -> LookupOutcome {
+        LookupOutcome::NotFound
+    }
+}
+
+/// A gateway that can answer no lookup: a return needing one is refused.
+pub struct NoLookup;
+
+impl PayoutGateway for NoLookup {
+    fn send(&self, _: &PayoutRequest) -> SendOutcome {
+        SendOutcome::Unknown { error: "no gateway configured".into() }
+    }
+    fn lookup(&self, _: &PayoutRequest) -> LookupOutcome {
+        LookupOutcome::Unknown { error: "no gateway configured for lookups".into() }
     }
 }
 
@@ -70,7 +88,11 @@ fn body_of(response: ureq::Response) -> String {
 }
 
 impl PayoutGateway for WebhookGateway {
-    fn send(&self, r: &PayoutRequest) -> GatewayOutcome {
+    fn lookup(&self, _: &PayoutRequest) -> LookupOutcome {
+        LookupOutcome::Unknown { error: "lookups are not implemented by this gateway".into() }
+    }
+
+    fn send(&self, r: &PayoutRequest) -> SendOutcome {
         let payload = json!({
             "payout_id": r.payout.get(),
             "withdrawal_id": r.withdrawal.get(),
@@ -92,17 +114,17 @@ impl PayoutGateway for WebhookGateway {
                 let reference = serde_json::from_str::<serde_json::Value>(&body)
                     .ok()
                     .and_then(|v| v.get("reference").and_then(|x| x.as_str()).map(str::to_string));
-                GatewayOutcome::Accepted { reference }
+                SendOutcome::Accepted { reference }
             }
             Err(ureq::Error::Status(code, response)) => {
                 let body = body_of(response);
                 if matches!(code, 408 | 409 | 425 | 429) || code >= 500 {
-                    GatewayOutcome::Transient { error: format!("HTTP {code}: {body}") }
+                    SendOutcome::Unknown { error: format!("HTTP {code}: {body}") }
                 } else {
-                    GatewayOutcome::Rejected { reason: format!("HTTP {code}: {body}") }
+                    SendOutcome::Rejected { reason: format!("HTTP {code}: {body}") }
                 }
             }
-            Err(ureq::Error::Transport(t)) => GatewayOutcome::Transient { error: format!("transport: {t}") },
+            Err(ureq::Error::Transport(t)) => SendOutcome::Unknown { error: format!("transport: {t}") },
         }
     }
 }

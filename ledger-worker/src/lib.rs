@@ -10,3 +10,4 @@ pub mod demo;
 pub mod gateway;
 pub mod metrics;
 pub mod progress;
+pub mod webhook;

@@ -11,7 +11,7 @@ use ledger_core::testing;
 use serde_json::Value;
 
 fn cli(url: &str, args: &[&str]) -> Output {
-    Command::new(bin()).args(args).env("DATABASE_URL", url).stdin(Stdio::null()).output().unwrap()
+    worker_command().args(args).env("DATABASE_URL", url).stdin(Stdio::null()).output().unwrap()
 }
 
 fn ok_json(url: &str, args: &[&str]) -> Value {
@@ -25,7 +25,7 @@ fn ok_json(url: &str, args: &[&str]) -> Value {
 fn refused(db: &testing::TestDb, args: &[&str], stdin: Option<&str>) -> String {
     let mut conn = db.conn();
     let before = testing::snapshot(&mut conn);
-    let mut child = Command::new(bin())
+    let mut child = worker_command()
         .args(args)
         .env("DATABASE_URL", db.url())
         .stdin(Stdio::piped())
@@ -42,7 +42,7 @@ fn refused(db: &testing::TestDb, args: &[&str], stdin: Option<&str>) -> String {
     stderr
 }
 
-#[test]
+#[testing::test]
 fn the_documented_commands_work_end_to_end() {
     let db = testing::committed();
     let url = db.url();
@@ -60,7 +60,7 @@ fn the_documented_commands_work_end_to_end() {
     assert_eq!(w["status"], "pending");
     let wid = w["id"].as_i64().unwrap().to_string();
 
-    let mut child = Command::new(bin())
+    let mut child = worker_command()
         .args(["submit"])
         .env("DATABASE_URL", url)
         .stdin(Stdio::piped())
@@ -100,7 +100,7 @@ fn the_documented_commands_work_end_to_end() {
     assert_eq!(audit["clean"], true);
 }
 
-#[test]
+#[testing::test]
 fn bad_input_gets_a_clear_one_line_error_and_changes_nothing() {
     let db = testing::committed();
     let a = ok_json(db.url(), &["account", "open", "--owner", "a", "--currency", "EUR"])["id"].as_i64().unwrap();
@@ -129,9 +129,9 @@ fn bad_input_gets_a_clear_one_line_error_and_changes_nothing() {
     assert!(err.contains("1 of 1 line(s) refused"), "{err}");
 }
 
-#[test]
+#[testing::test]
 fn passwords_never_reach_the_output() {
-    let out = Command::new(bin())
+    let out = worker_command()
         .args(["account", "show", "1", "--database-url", "postgres://app:hunter2-secret@127.0.0.1:1/ledger"])
         .output()
         .unwrap();
@@ -141,7 +141,7 @@ fn passwords_never_reach_the_output() {
     assert!(stderr.contains("app:***@"), "{stderr}");
 }
 
-#[test]
+#[testing::test]
 fn metrics_are_served_in_prometheus_format_when_asked() {
     let db = testing::committed();
     let mut conn = db.conn();

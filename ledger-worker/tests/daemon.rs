@@ -15,7 +15,7 @@ use ledger_core::{accounts, LedgerError, Tx, TxOptions, WithdrawalId};
 use ledger_worker::daemon::{LedgerProcessor, Processor, WorkerConfig, WorkerPool};
 use ledger_worker::metrics::Metrics;
 
-#[test]
+#[testing::test]
 fn five_thousand_withdrawals_two_daemons_and_a_sigkill_end_exactly_once() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -44,7 +44,7 @@ fn five_thousand_withdrawals_two_daemons_and_a_sigkill_end_exactly_once() {
     assert_exactly_once(&mut conn);
 }
 
-#[test]
+#[testing::test]
 fn killing_the_daemons_connections_again_and_again_loses_and_doubles_nothing() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -53,14 +53,19 @@ fn killing_the_daemons_connections_again_and_again_loses_and_doubles_nothing() {
         spawn_daemon(db.url(), &["--threads", "3", "--batch-size", "4", "--exit-when-idle", "--max-attempts", "1000"]);
     let stop = AtomicBool::new(false);
     let kills = thread::scope(|s| {
+        // Stops the killer however this closure ends: a panic in the wait below must not
+        // leave it looping while `thread::scope` waits for it forever.
+        let _stop_killer = SetOnDrop(&stop);
         let killer = s.spawn(|| {
             let mut killer = db.conn();
             let mut kills = 0;
             while !stop.load(Ordering::SeqCst) {
+                // Only this test's database: other tests' daemons share the server.
                 let n = common::count(
                     &mut killer,
                     "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity
-                     WHERE application_name LIKE 'ledger-worker%' AND pid <> pg_backend_pid()",
+                     WHERE datname = current_database() AND application_name LIKE 'ledger-worker%'
+                       AND pid <> pg_backend_pid()",
                 );
                 kills += n;
                 thread::sleep(Duration::from_millis(40));
@@ -78,7 +83,7 @@ fn killing_the_daemons_connections_again_and_again_loses_and_doubles_nothing() {
     assert_exactly_once(&mut conn);
 }
 
-#[test]
+#[testing::test]
 fn sigterm_under_load_exits_zero_and_leaves_no_job_half_done() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -104,6 +109,15 @@ fn sigterm_under_load_exits_zero_and_leaves_no_job_half_done() {
     assert!(wait_exit(&mut again, Duration::from_secs(60)).success());
     assert_eq!(pending(&mut conn), 0);
     assert_exactly_once(&mut conn);
+}
+
+/// Sets the flag when dropped, also while unwinding from a panic.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Runs the real processor, but panics when a batch contains `poison`, and reports
@@ -147,7 +161,7 @@ fn status_of(conn: &mut diesel::pg::PgConnection, id: WithdrawalId) -> withdrawa
     withdrawals::get(conn, id).unwrap()
 }
 
-#[test]
+#[testing::test]
 fn a_panicking_job_is_failed_and_its_worker_replaced_while_the_rest_complete() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -179,7 +193,7 @@ fn a_panicking_job_is_failed_and_its_worker_replaced_while_the_rest_complete() {
     assert_exactly_once(&mut conn);
 }
 
-#[test]
+#[testing::test]
 fn a_job_that_keeps_failing_ends_failed_with_its_last_error_after_bounded_attempts() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -202,7 +216,7 @@ fn a_job_that_keeps_failing_ends_failed_with_its_last_error_after_bounded_attemp
     assert_exactly_once(&mut conn);
 }
 
-#[test]
+#[testing::test]
 fn an_embedding_service_feeds_jobs_it_committed_itself_through_the_channel() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -233,7 +247,7 @@ fn an_embedding_service_feeds_jobs_it_committed_itself_through_the_channel() {
     assert_eq!(accounts::get(&mut conn, accounts_[0]).unwrap().balance_minor, 9_000);
 }
 
-#[test]
+#[testing::test]
 fn a_new_job_wakes_an_idle_daemon_through_notify_not_the_poll() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -260,7 +274,7 @@ fn a_new_job_wakes_an_idle_daemon_through_notify_not_the_poll() {
     pool.shutdown();
 }
 
-#[test]
+#[testing::test]
 fn a_locked_account_makes_jobs_wait_and_retry_not_fail() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -294,7 +308,7 @@ fn a_locked_account_makes_jobs_wait_and_retry_not_fail() {
     assert_exactly_once(&mut conn);
 }
 
-#[test]
+#[testing::test]
 fn the_daemon_rides_out_a_database_restart() {
     use ledger_core::testing::{Durability, TempCluster};
     // Its own server, so restarting it disturbs no other test.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::*;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use ledger_core::payouts::{GatewayOutcome, PayoutGateway, PayoutRequest};
+use ledger_core::payouts::{LookupOutcome, PayoutGateway, PayoutRequest, SendOutcome};
 use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
 use ledger_core::{testing, Amount, Currency, TxOptions};
 use ledger_worker::daemon::{WorkerConfig, WorkerPool};
@@ -114,7 +114,36 @@ fn serve(bank: Arc<Bank>, listener: TcpListener) {
     }
 }
 
-#[test]
+/// The bank's serving thread, stopped and joined when dropped (also when the test panics).
+struct BankServer {
+    bank: Arc<Bank>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl BankServer {
+    fn start(bank: Arc<Bank>, listener: TcpListener) -> BankServer {
+        let for_thread = bank.clone();
+        BankServer { bank, thread: Some(thread::spawn(move || serve(for_thread, listener))) }
+    }
+
+    fn stop(mut self) {
+        self.bank.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the bank's thread panicked");
+        }
+    }
+}
+
+impl Drop for BankServer {
+    fn drop(&mut self) {
+        self.bank.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[testing::test]
 fn a_flaky_bank_and_kill_9_still_pay_each_payout_at_most_once_and_return_refusals() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -141,10 +170,7 @@ fn a_flaky_bank_and_kill_9_still_pay_each_payout_at_most_once_and_return_refusal
     let bank = Arc::new(Bank::default());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/payouts", listener.local_addr().unwrap());
-    let server = {
-        let bank = bank.clone();
-        thread::spawn(move || serve(bank, listener))
-    };
+    let server = BankServer::start(bank.clone(), listener);
     let args = [
         "--payout-webhook",
         &url,
@@ -188,8 +214,7 @@ fn a_flaky_bank_and_kill_9_still_pay_each_payout_at_most_once_and_return_refusal
     assert!(kills_mid_run >= 2, "the kills must land while work remains ({kills_mid_run})");
     let mut last = spawn_daemon(db.url(), &[&args[..], &["--exit-when-idle"]].concat());
     let status = wait_exit(&mut last, Duration::from_secs(120));
-    bank.stop.store(true, Ordering::SeqCst);
-    server.join().unwrap();
+    server.stop();
     assert!(status.success(), "{status}: {}", stderr_of(&mut last));
 
     // Every withdrawal ended: paid out, returned, or refused for insufficient funds.
@@ -271,14 +296,20 @@ impl Inspector {
 }
 
 impl PayoutGateway for Inspector {
-    fn send(&self, _r: &PayoutRequest) -> GatewayOutcome {
+    fn send(&self, _r: &PayoutRequest) -> SendOutcome {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.open_during_call.fetch_add(self.open_transactions() as u64, Ordering::Relaxed);
-        GatewayOutcome::Accepted { reference: None }
+        SendOutcome::Accepted { reference: None }
+    }
+
+    fn lookup(&self, _r: &PayoutRequest) -> LookupOutcome {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.open_during_call.fetch_add(self.open_transactions() as u64, Ordering::Relaxed);
+        LookupOutcome::NotFound
     }
 }
 
-#[test]
+#[testing::test]
 fn no_database_transaction_is_open_while_a_gateway_call_is_in_flight() {
     let db = testing::committed();
     let mut conn = db.conn();

@@ -232,6 +232,25 @@ impl TempCluster {
         self.run("pg_ctl restart", cmd)
     }
 
+    /// Stops the server (fast shutdown: every connection is cut) and keeps its files, so
+    /// [`TempCluster::start_server_again`] can bring it back: a database that is down,
+    /// for tests. Returns when it has stopped.
+    pub fn stop_server(&self) -> Result<(), ClusterError> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "fast", "-w", "-t", "60", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        self.run("pg_ctl stop", cmd)
+    }
+
+    /// Starts the server again after [`TempCluster::stop_server`]; returns when it
+    /// accepts connections.
+    pub fn start_server_again(&self) -> Result<(), ClusterError> {
+        self.start_server()
+    }
+
     /// Stops the server (fast shutdown) and deletes its files.
     pub fn stop(mut self) -> Result<(), ClusterError> {
         self.stop_inner()

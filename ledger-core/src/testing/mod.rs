@@ -19,6 +19,7 @@
 //! committed test has its own database, rollback tests never commit.
 
 pub mod cluster;
+pub mod deadline;
 mod guard;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,8 @@ use diesel::sql_types::{BigInt, Bool, Integer, Text};
 
 pub use cluster::{ClusterError, Durability, TempCluster};
 pub use guard::{LockGuard, LockViolation};
+/// `#[testing::test]`: a `#[test]` whose body runs under a deadline ([`deadline`]).
+pub use ledger_test_macros::test;
 
 use crate::db::{self, Pool, PoolConfig, SessionConfig};
 use crate::error::LedgerError;
@@ -219,6 +222,7 @@ pub fn wait_until_blocked(
         #[diesel(sql_type = Bool)]
         blocked: bool,
     }
+    let _wait = deadline::waiting_for(format!("backend {waiter} to be blocked by backend {holder}"));
     let start = Instant::now();
     loop {
         let row: Blocked = diesel::sql_query("SELECT $2 = ANY(pg_blocking_pids($1)) AS blocked")
@@ -239,6 +243,7 @@ pub fn wait_until_blocked(
 /// Polls `cond` every 2 ms until it holds; panics after `timeout`. For waiting on a
 /// condition another party will make true (not for arranging interleavings).
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let _wait = deadline::waiting_for(format!("a condition (testing::wait_until, {timeout:?})"));
     let start = Instant::now();
     while !cond() {
         assert!(start.elapsed() < timeout, "condition not met within {timeout:?}");

@@ -107,9 +107,60 @@ pub fn statuses(conn: &mut PgConnection) -> String {
     .unwrap_or_default()
 }
 
+/// A `ledger-worker` command that dies with this test process: the kernel sends it
+/// SIGKILL when the thread that started it exits (Linux's parent-death signal), so a
+/// test binary that is killed, even with SIGKILL, leaves no daemon behind.
+pub fn worker_command() -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(bin());
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then nobody would ever
+            // send the signal.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A daemon started by [`spawn_daemon`]: a `Child` (through `Deref`) that is killed and
+/// reaped when dropped, also when the test panics.
+pub struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts `ledger-worker run`. Its log goes to a file (a pipe nobody reads while the
 /// test runs would fill up and block the daemon); `stderr_of` reads it back.
-pub fn spawn_daemon(url: &str, extra: &[&str]) -> Child {
+pub fn spawn_daemon(url: &str, extra: &[&str]) -> Daemon {
     // Cargo's per-target scratch directory: kept for inspection, removed by `cargo clean`.
     let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "ledger-daemon-{}-{}.log",
@@ -123,7 +174,7 @@ pub fn spawn_daemon(url: &str, extra: &[&str]) -> Child {
     } else {
         &["--payout-lease-ms", "2000", "--payout-timeout-ms", "1000", "--payout-connect-timeout-ms", "500"]
     };
-    let child = Command::new(bin())
+    let child = worker_command()
         .args(["run", "--database-url", url, "--log-format", "json"])
         .args(lease)
         .args(extra)
@@ -134,7 +185,7 @@ pub fn spawn_daemon(url: &str, extra: &[&str]) -> Child {
         .spawn()
         .expect("starting the daemon");
     LOG_FILES.lock().unwrap().push((child.id(), log));
-    child
+    Daemon(child)
 }
 
 static LOGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -142,6 +193,7 @@ static LOG_FILES: std::sync::Mutex<Vec<(u32, std::path::PathBuf)>> = std::sync::
 
 /// Waits for `cond`, polling; panics with `what` after `timeout`.
 pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let _named = testing::deadline::waiting_for(what);
     let start = Instant::now();
     while !cond() {
         assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
@@ -151,6 +203,7 @@ pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Waits for a child to exit, at most `timeout`; kills it and panics otherwise.
 pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let _named = testing::deadline::waiting_for(format!("process {} to exit", child.id()));
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -8,8 +8,8 @@ use common::{assert_audit_clean, balance, withdrawal};
 use diesel::pg::PgConnection;
 use ledger_core::accounts::{self, SystemRole};
 use ledger_core::payouts::{
-    self, LookupOutcome, PayoutGateway, PayoutRequest, PayoutStatus, Recorded, ReturnAuthority, ReturnResult, RetryPolicy,
-    SendOutcome, Verdict,
+    self, LookupOutcome, PayoutGateway, PayoutRequest, PayoutStatus, Recorded, RetryPolicy, ReturnAuthority,
+    ReturnResult, SendOutcome, Verdict,
 };
 use ledger_core::withdrawals::{self, WithdrawalStatus};
 use ledger_core::{testing, AccountId, Currency, WithdrawalId};
@@ -44,13 +44,9 @@ fn an_accepted_payout_settles_into_external_settlement_and_completes_the_withdra
     assert_eq!(instance.len(), 32, "a random 128-bit instance id, in hex");
     assert_eq!(req.idempotency_key, format!("payout-{instance}-w{w}"), "the key names this ledger and the withdrawal");
     assert_eq!((req.possibly_sent, req.token > 0), (false, true), "a first claim, under a fencing token");
-    let rec = payouts::record(
-        &mut conn,
-        &req,
-        &Verdict::Paid { reference: Some("bank-1".into()) },
-        &RetryPolicy::default(),
-    )
-    .unwrap();
+    let rec =
+        payouts::record(&mut conn, &req, &Verdict::Paid { reference: Some("bank-1".into()) }, &RetryPolicy::default())
+            .unwrap();
     assert_eq!(rec, Recorded::Settled);
     assert_eq!(withdrawals::get(&mut conn, w).unwrap().status(), WithdrawalStatus::Completed);
     let p = payouts::for_withdrawal(&mut conn, w).unwrap().unwrap();
@@ -154,8 +150,7 @@ fn a_claimed_payout_is_leased_and_a_stale_answer_is_not_recorded() {
     let db = testing::committed();
     let mut conn = db.conn();
     let (_a, w) = paying_out(&mut conn, "50.00", "10.00");
-    let first =
-        payouts::claim_due(&mut conn, 10, 1).unwrap().requests.into_iter().find(|r| r.withdrawal == w).unwrap();
+    let first = payouts::claim_due(&mut conn, 10, 1).unwrap().requests.into_iter().find(|r| r.withdrawal == w).unwrap();
     // With a 60 s lease nobody else could claim it; this one was 1 ms, so after it runs
     // out a second dispatcher takes the payout over (attempt 2).
     let mut second = None;

@@ -333,6 +333,22 @@ mod tests {
     }
 
     #[test]
+    fn a_checkout_waits_in_slices_and_gives_up_when_asked() {
+        let db = crate::testing::committed();
+        let config =
+            PoolConfig { max_size: 1, min_idle: Some(1), connection_timeout_ms: 30_000, ..PoolConfig::default() };
+        let pool = pool(db.url(), &config).unwrap();
+        let held = checkout(&pool, &|_| false).unwrap();
+        // The only connection is taken: a plain `get` would wait 30 s.
+        let started = std::time::Instant::now();
+        let e = checkout(&pool, &|waited| waited >= Duration::from_millis(200)).err().expect("no connection is free");
+        assert!(started.elapsed() < Duration::from_secs(2), "gave up after {:?}", started.elapsed());
+        assert!(e.to_string().contains("gave up waiting for a connection"), "{e}");
+        drop(held);
+        assert!(checkout(&pool, &|_| false).is_ok());
+    }
+
+    #[test]
     fn network_timeouts_are_added_only_where_missing() {
         let all = "connect_timeout=10&keepalives=1&keepalives_idle=10&keepalives_interval=5&keepalives_count=3&tcp_user_timeout=30000";
         assert_eq!(

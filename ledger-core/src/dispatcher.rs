@@ -36,11 +36,17 @@ pub struct DispatchConfig {
 
 /// Room kept between the end of the last possible call and the end of the lease, for
 /// clock granularity and scheduling delays.
-const LEASE_MARGIN_MS: u64 = 1_000;
+pub const LEASE_MARGIN_MS: u64 = 250;
 
 impl Default for DispatchConfig {
     fn default() -> Self {
-        DispatchConfig { batch: 64, concurrency: 16, lease_ms: 60_000, call_timeout_ms: 10_000, retry: RetryPolicy::default() }
+        DispatchConfig {
+            batch: 64,
+            concurrency: 16,
+            lease_ms: 60_000,
+            call_timeout_ms: 10_000,
+            retry: RetryPolicy::default(),
+        }
     }
 }
 
@@ -162,10 +168,5 @@ pub fn resolve_all(
         });
     }
     let verdicts = out.into_inner().unwrap_or_else(|e| e.into_inner());
-    requests
-        .iter()
-        .cloned()
-        .zip(verdicts)
-        .map(|(r, v)| (r, v.expect("every request was resolved")))
-        .collect()
+    requests.iter().cloned().zip(verdicts).map(|(r, v)| (r, v.expect("every request was resolved"))).collect()
 }

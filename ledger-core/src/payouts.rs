@@ -186,12 +186,20 @@ pub enum SendOutcome {
 /// The answer to a lookup of an earlier call by its idempotency key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LookupOutcome {
-    Accepted { reference: Option<String> },
-    Rejected { reason: String },
+    Accepted {
+        reference: Option<String>,
+    },
+    Rejected {
+        reason: String,
+    },
     /// The gateway never received a call with this key.
     NotFound,
-    Unknown { error: String },
-    Unauthorized { error: String },
+    Unknown {
+        error: String,
+    },
+    Unauthorized {
+        error: String,
+    },
 }
 
 /// Sends money out, and answers what became of an earlier call. Implementations must
@@ -472,8 +480,8 @@ pub fn record_all_tx(
     Ok(results)
 }
 
-/// An unknown outcome: due again after a backoff, or `failed` once the attempts are
-/// used up. A refused credential (`counts` false) never uses up attempts: the payout
+/// An unknown outcome: due again after a backoff (and not before the claim's lease
+/// ends), or `failed` once the attempts are used up. A refused credential (`counts` false) never uses up attempts: the payout
 /// waits for the credentials to be fixed.
 fn reschedule(
     tx: &mut Tx<'_>,
@@ -498,7 +506,9 @@ fn reschedule(
     diesel::sql_query(
         "UPDATE payouts SET last_error = $2, updated_at = now(), claim_token = NULL,
              attempts = attempts - $4::int,
-             next_attempt_at = now() + make_interval(secs => $3::float8 / 1000)
+             -- Never before the claim's lease ends: a call that timed out may still be
+             -- at work in the gateway, and the next call (a lookup) must not overlap it.
+             next_attempt_at = GREATEST(next_attempt_at, now() + make_interval(secs => $3::float8 / 1000))
          WHERE id = $1",
     )
     .bind::<BigInt, _>(p.id)
@@ -846,7 +856,8 @@ mod tests {
         let unauthorized = || SendOutcome::Unauthorized { error: "HTTP 401".into() };
         // (possibly sent before, send answers, lookup answers, calls allowed, verdict, calls made)
         #[rustfmt::skip]
-        let table: Vec<(bool, Vec<SendOutcome>, Vec<LookupOutcome>, usize, V, Vec<&str>)> = vec![
+        type Row = (bool, Vec<SendOutcome>, Vec<LookupOutcome>, usize, V, Vec<&'static str>);
+        let table: Vec<Row> = vec![
             // A first call: its answer is the verdict; a 4xx is final.
             (false, vec![accepted()], vec![], 9, V::Paid, vec!["send"]),
             (false, vec![rejected()], vec![], 9, V::Refused, vec!["send"]),
@@ -860,10 +871,38 @@ mod tests {
             (true, vec![unknown()], vec![LookupOutcome::NotFound], 9, V::Unknown, vec!["lookup", "send"]),
             // ...and a 4xx to the new send is believed only once a lookup confirms it:
             // a bank may answer a replay of a key it already paid with a 4xx.
-            (true, vec![rejected()], vec![LookupOutcome::NotFound, l_accepted()], 9, V::Paid, vec!["lookup", "send", "lookup"]),
-            (true, vec![rejected()], vec![LookupOutcome::NotFound, l_rejected()], 9, V::Refused, vec!["lookup", "send", "lookup"]),
-            (true, vec![rejected()], vec![LookupOutcome::NotFound, LookupOutcome::NotFound], 9, V::Refused, vec!["lookup", "send", "lookup"]),
-            (true, vec![rejected()], vec![LookupOutcome::NotFound, l_unknown()], 9, V::Unknown, vec!["lookup", "send", "lookup"]),
+            (
+                true,
+                vec![rejected()],
+                vec![LookupOutcome::NotFound, l_accepted()],
+                9,
+                V::Paid,
+                vec!["lookup", "send", "lookup"],
+            ),
+            (
+                true,
+                vec![rejected()],
+                vec![LookupOutcome::NotFound, l_rejected()],
+                9,
+                V::Refused,
+                vec!["lookup", "send", "lookup"],
+            ),
+            (
+                true,
+                vec![rejected()],
+                vec![LookupOutcome::NotFound, LookupOutcome::NotFound],
+                9,
+                V::Refused,
+                vec!["lookup", "send", "lookup"],
+            ),
+            (
+                true,
+                vec![rejected()],
+                vec![LookupOutcome::NotFound, l_unknown()],
+                9,
+                V::Unknown,
+                vec!["lookup", "send", "lookup"],
+            ),
             (true, vec![rejected()], vec![LookupOutcome::NotFound], 2, V::Unknown, vec!["lookup", "send"]),
             // No room left in the lease: no call is made, the claim goes back.
             (false, vec![], vec![], 0, V::NotSent, vec![]),

@@ -178,11 +178,25 @@ pub enum PayoutCommand {
     Show { id: i64 },
     /// Send a failed payout again (its attempts start over).
     Retry { id: i64 },
-    /// Give up on a failed payout and return the funds to the customer.
+    /// Give up on a failed payout and return the funds to the customer. A payout that
+    /// may have reached the gateway is looked up there first (--payout-webhook, with the
+    /// credentials from the environment): returned only if the gateway says it was
+    /// rejected or never received, settled if it says accepted. `--force --reason`
+    /// returns it without asking, recorded as forced.
     Return {
         id: i64,
-        #[arg(long, default_value = "returned by an operator")]
-        reason: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Return without a lookup (needs --reason, which is recorded).
+        #[arg(long)]
+        force: bool,
+        /// The webhook to look the payout up at.
+        #[arg(long)]
+        payout_webhook: Option<String>,
+        #[arg(long, default_value_t = 10_000)]
+        payout_timeout_ms: u64,
+        #[arg(long, default_value_t = 2_000)]
+        payout_connect_timeout_ms: u64,
     },
 }
 
@@ -237,12 +251,17 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9187.
     #[arg(long)]
     pub metrics_addr: Option<String>,
-    /// Where payouts go (default: webhook if --payout-webhook is given, else log).
+    /// Where payouts go; required, there is no default: `webhook` (with --payout-webhook;
+    /// credentials from LEDGER_PAYOUT_WEBHOOK_TOKEN/SECRET), `log` (settles every payout
+    /// WITHOUT paying: to try it out), or `none` (only debit).
     #[arg(long, value_enum)]
     pub gateway: Option<GatewayKind>,
-    /// URL the webhook gateway POSTs payouts to.
+    /// URL the webhook gateway POSTs payouts to (https, or http to a loopback address).
     #[arg(long)]
     pub payout_webhook: Option<String>,
+    /// Gateway calls in flight at once, per dispatcher thread.
+    #[arg(long, default_value_t = 16)]
+    pub payout_concurrency: usize,
     /// Longest a gateway call may take (the whole request, connecting included).
     #[arg(long, default_value_t = 10_000)]
     pub payout_timeout_ms: u64,
@@ -252,10 +271,11 @@ pub struct RunArgs {
     /// Payout dispatcher threads.
     #[arg(long, default_value_t = 2)]
     pub payout_threads: usize,
-    /// Payouts claimed per dispatcher round.
-    #[arg(long, default_value_t = 16)]
+    /// Payouts claimed per dispatcher round (one claim, one recording transaction).
+    #[arg(long, default_value_t = 64)]
     pub payout_batch: usize,
-    /// How long a claimed payout is reserved; must exceed --payout-timeout-ms.
+    /// How long a claimed payout is reserved; at least three gateway calls
+    /// (--payout-timeout-ms plus --payout-connect-timeout-ms each) plus 250 ms.
     #[arg(long, default_value_t = 60_000)]
     pub payout_lease_ms: u64,
     /// Gateway attempts before a payout is failed (then `payout retry`/`payout return`).

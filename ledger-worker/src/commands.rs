@@ -18,7 +18,7 @@ use ledger_core::transfers::{self, Transfer};
 use ledger_core::withdrawals::{self, Iban, Withdrawal, WithdrawalRequest, WithdrawalStatus};
 use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, PayoutId, WithdrawalId};
 use serde_json::{json, Value};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cli::{AccountCommand, Cli, Command, GatewayKind, LogFormat, PayoutCommand, RunArgs, WithdrawalCommand};
 use crate::daemon::{WorkerConfig, WorkerPool};
@@ -281,12 +281,37 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let p = payouts::retry(&mut conn, id)?;
             out.print(payout_json(&p), || payout_line(&p));
         }
-        Command::Payout(PayoutCommand::Return { id, reason }) => {
+        Command::Payout(PayoutCommand::Return {
+            id,
+            reason,
+            force,
+            payout_webhook,
+            payout_timeout_ms,
+            payout_connect_timeout_ms,
+        }) => {
             let id = PayoutId::new(id)?;
             let mut conn = connect(cli.database_url)?;
-            // Until the gateway is configured here, only a forced return is possible.
+            let reason = reason.unwrap_or_default();
+            let webhook = match (&payout_webhook, force) {
+                (Some(_), true) => bail!("give either --force or --payout-webhook, not both"),
+                (Some(url), false) => Some(crate::webhook::WebhookGateway::from_env(crate::webhook::WebhookConfig {
+                    url: url.clone(),
+                    connect_timeout: Duration::from_millis(payout_connect_timeout_ms.max(1)),
+                    timeout: Duration::from_millis(payout_timeout_ms.max(1)),
+                })?),
+                (None, _) => None,
+            };
             let no_lookup = crate::gateway::NoLookup;
-            let p = match payouts::return_failed(&mut conn, id, &reason, payouts::ReturnAuthority::Lookup(&no_lookup))? {
+            let authority = match (&webhook, force) {
+                (_, true) if reason.trim().is_empty() => {
+                    bail!("--force needs --reason, which is recorded with the return")
+                }
+                (_, true) => payouts::ReturnAuthority::Force { reason: &reason },
+                (Some(g), false) => payouts::ReturnAuthority::Lookup(g),
+                (None, false) => payouts::ReturnAuthority::Lookup(&no_lookup),
+            };
+            let why = if reason.trim().is_empty() { "returned by an operator" } else { reason.as_str() };
+            let p = match payouts::return_failed(&mut conn, id, why, authority)? {
                 payouts::ReturnResult::Returned(p) | payouts::ReturnResult::SettledInstead(p) => p,
             };
             out.print(payout_json(&p), || payout_line(&p));
@@ -339,7 +364,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if accounts == 0 || threads == 0 || withdrawals == 0 {
                 bail!("--accounts, --withdrawals and --threads must be at least 1");
             }
-            demo::run(&DemoOptions { database_url: cli.database_url, accounts, withdrawals, threads })?;
+            // The demo writes accounts and withdrawals and pays them out through the log
+            // gateway: it never uses a database it was not explicitly given. DATABASE_URL
+            // from the environment (likely a real ledger) is ignored.
+            let explicit = std::env::args().any(|a| a == "--database-url" || a.starts_with("--database-url="));
+            if !explicit && cli.database_url.is_some() {
+                eprintln!("note: the demo ignores DATABASE_URL; it uses its own throwaway PostgreSQL (or --database-url to an empty database)");
+            }
+            let database_url = if explicit { cli.database_url } else { None };
+            demo::run(&DemoOptions { database_url, accounts, withdrawals, threads })?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -445,35 +478,41 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         payout_batch: args.payout_batch,
         payout_lease_ms: args.payout_lease_ms,
         payout_poll_ms: args.payout_poll_ms,
-        payout_concurrency: 16,
-        payout_call_timeout_ms: args.payout_timeout_ms + args.payout_connect_timeout_ms,
+        payout_concurrency: args.payout_concurrency,
+        // The webhook's timeout bounds the whole call, connecting included.
+        payout_call_timeout_ms: args.payout_timeout_ms,
         payout_retry: RetryPolicy {
             max_attempts: args.payout_max_attempts,
             base_ms: args.payout_base_backoff_ms,
             max_backoff_ms: args.payout_max_backoff_ms,
         },
     };
-    config.validate().map_err(|e| anyhow!(e))?;
     if args.payout_timeout_ms == 0 || args.payout_connect_timeout_ms == 0 {
         bail!("--payout-timeout-ms and --payout-connect-timeout-ms must be at least 1");
     }
-    if args.payout_lease_ms <= args.payout_timeout_ms + args.payout_connect_timeout_ms {
-        bail!("--payout-lease-ms must exceed --payout-timeout-ms plus --payout-connect-timeout-ms");
-    }
-    let kind =
-        args.gateway.unwrap_or(if args.payout_webhook.is_some() { GatewayKind::Webhook } else { GatewayKind::Log });
-    let gateway: Option<Arc<dyn PayoutGateway>> = match (kind, &args.payout_webhook) {
-        (GatewayKind::None, _) => None,
-        (GatewayKind::Log, _) => Some(Arc::new(crate::gateway::LogGateway)),
-        (GatewayKind::Webhook, None) => bail!("--gateway webhook needs --payout-webhook URL"),
-        (GatewayKind::Webhook, Some(url)) => Some(Arc::new(
-            crate::gateway::WebhookGateway::new(
-                url,
-                Duration::from_millis(args.payout_connect_timeout_ms),
-                Duration::from_millis(args.payout_timeout_ms),
-            )
-            .map_err(|e| anyhow!(e))?,
-        )),
+    config.validate().map_err(|e| anyhow!(e))?;
+    let gateway: Option<Arc<dyn PayoutGateway>> = match (args.gateway, &args.payout_webhook) {
+        (None, _) => bail!(
+            "`run` needs an explicit payout gateway: --gateway webhook --payout-webhook URL (credentials from \
+             LEDGER_PAYOUT_WEBHOOK_TOKEN and LEDGER_PAYOUT_WEBHOOK_SECRET), --gateway log to try it out (settles \
+             every payout WITHOUT paying anyone), or --gateway none to only debit"
+        ),
+        (Some(GatewayKind::Webhook), None) => bail!("--gateway webhook needs --payout-webhook URL"),
+        (Some(GatewayKind::Log | GatewayKind::None), Some(_)) => {
+            bail!("--payout-webhook is only used with --gateway webhook")
+        }
+        (Some(GatewayKind::None), None) => None,
+        (Some(GatewayKind::Log), None) => {
+            warn!("log gateway: every payout is settled WITHOUT paying anyone; for trying the ledger out only");
+            Some(Arc::new(crate::gateway::LogGateway))
+        }
+        (Some(GatewayKind::Webhook), Some(url)) => {
+            Some(Arc::new(crate::webhook::WebhookGateway::from_env(crate::webhook::WebhookConfig {
+                url: url.clone(),
+                connect_timeout: Duration::from_millis(args.payout_connect_timeout_ms),
+                timeout: Duration::from_millis(args.payout_timeout_ms),
+            })?))
+        }
     };
     let terminate = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

@@ -114,7 +114,18 @@ impl WorkerConfig {
     /// What a call may take, with room for scheduling: no call starts unless this much
     /// of its claim's lease is left.
     pub fn payout_call_budget_ms(&self) -> u64 {
-        self.payout_call_timeout_ms.saturating_add(1_000)
+        self.payout_call_timeout_ms.saturating_add(ledger_core::dispatcher::LEASE_MARGIN_MS)
+    }
+
+    /// The dispatcher's limits, as `ledger_core::dispatcher` checks them.
+    pub fn dispatch_config(&self) -> ledger_core::dispatcher::DispatchConfig {
+        ledger_core::dispatcher::DispatchConfig {
+            batch: self.payout_batch,
+            concurrency: self.payout_concurrency,
+            lease_ms: self.payout_lease_ms,
+            call_timeout_ms: self.payout_call_timeout_ms,
+            retry: self.payout_retry.clone(),
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -137,6 +148,7 @@ impl WorkerConfig {
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, msg)) => Err(msg.to_string()),
+            None if self.payout_threads > 0 => self.dispatch_config().validate(),
             None => Ok(()),
         }
     }
@@ -188,6 +200,12 @@ struct Shared {
     dispatching: bool,
     /// The pool's threads and what each is doing, for a shutdown with a deadline.
     tracker: Arc<Tracker>,
+    /// Poked when a batch debited something: its payouts are due now, so an idle
+    /// dispatcher need not wait for its next poll.
+    payout_wake: (Sender<()>, Receiver<()>),
+    /// The gateway refused our credentials: no more calls from this process until it is
+    /// restarted with credentials that work. Nothing is paid or refunded meanwhile.
+    gateway_refused: AtomicBool,
 }
 
 /// Once stopping, the longest wait for a pooled connection: a queued batch that cannot
@@ -451,6 +469,8 @@ impl WorkerPool {
             idle: AtomicBool::new(false),
             dispatching,
             tracker: Arc::default(),
+            payout_wake: bounded(1),
+            gateway_refused: AtomicBool::new(false),
         });
         let supervisor = {
             let shared = shared.clone();
@@ -809,6 +829,11 @@ fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
     }
     shared.metrics.retried.fetch_add(attempts.saturating_sub(1), Ordering::Relaxed);
     let committed_at = now_us();
+    if let Ok(items) = &result {
+        if items.iter().any(|i| matches!(i.outcome, JobOutcome::Debited { .. })) {
+            let _ = shared.payout_wake.0.try_send(());
+        }
+    }
     match result {
         Ok(items) => {
             for item in items {
@@ -901,28 +926,28 @@ fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
     let max_claim = (config.batch_size * config.threads).max(1);
     let per_lane = lane_capacity(config);
     let min_claim = config.batch_size.min(per_lane * senders.len() / 2).max(1);
-    while !shared.stopping.load(Ordering::SeqCst) {
+    while !shared.stopping() {
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match {
+            None => {
                 doing("connecting to the database (claimer)");
-                listen(&shared.url, &config.application_name)
-            } {
-                Ok(c) => {
-                    if failures > 0 {
-                        info!("claimer reconnected");
+                match listen(&shared.url, &config.application_name) {
+                    Ok(c) => {
+                        if failures > 0 {
+                            info!("claimer reconnected");
+                        }
+                        failures = 0;
+                        conn.insert(c)
                     }
-                    failures = 0;
-                    conn.insert(c)
+                    Err(e) => {
+                        failures += 1;
+                        warn!(error = %e, "claimer cannot connect; retrying");
+                        doing("backing off (claimer)");
+                        sleep_unless_stopping(&shared, backoff(failures));
+                        continue;
+                    }
                 }
-                Err(e) => {
-                    failures += 1;
-                    warn!(error = %e, "claimer cannot connect; retrying");
-                    doing("backing off (claimer)");
-                    sleep_unless_stopping(&shared, backoff(failures));
-                    continue;
-                }
-            },
+            }
         };
         let room = senders.iter().map(|s| per_lane.saturating_sub(s.len())).sum::<usize>().min(max_claim);
         // Claim in chunks worth a round trip: with the queue nearly full, let the
@@ -1040,6 +1065,22 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(fastrand::u64(exp.min(cap_ms) / 2..=exp.min(cap_ms)))
 }
 
+/// Waits for a batch to debit something (or `poll` to pass, or shutdown).
+fn wait_for_payouts(shared: &Shared, poll: Duration) {
+    let until = Instant::now() + poll;
+    while !shared.stopping() {
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        match shared.payout_wake.1.recv_timeout((until - now).min(Duration::from_millis(10))) {
+            Ok(()) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
 fn sleep_unless_stopping(shared: &Shared, total: Duration) {
     let until = Instant::now() + total;
     loop {
@@ -1063,6 +1104,11 @@ fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
     let config = &shared.config;
     let mut failures = 0_u32;
     while !shared.stopping() {
+        if shared.gateway_refused.load(Ordering::SeqCst) {
+            doing("stopped: the gateway refused our credentials");
+            sleep_unless_stopping(shared, Duration::from_millis(200));
+            continue;
+        }
         doing("claiming payouts (database)");
         // The connection goes back to the pool here, before any gateway call.
         let claimed = checkout(shared)
@@ -1084,7 +1130,7 @@ fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
         };
         if requests.requests.is_empty() {
             doing("waiting for payouts");
-            sleep_unless_stopping(shared, Duration::from_millis(config.payout_poll_ms));
+            wait_for_payouts(shared, Duration::from_millis(config.payout_poll_ms));
             continue;
         }
         // Calls with bounded concurrency and no transaction open; none once stopping,
@@ -1093,8 +1139,13 @@ fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
         doing("calling the payout gateway");
         let budget = Duration::from_millis(config.payout_call_budget_ms());
         let lease_until = requests.lease_until;
-        let may_call = || !shared.stopping() && Instant::now() + budget <= lease_until;
-        let verdicts = ledger_core::dispatcher::resolve_all(gateway, &requests.requests, config.payout_concurrency, &may_call);
+        let may_call = || {
+            !shared.stopping()
+                && !shared.gateway_refused.load(Ordering::SeqCst)
+                && Instant::now() + budget <= lease_until
+        };
+        let verdicts =
+            ledger_core::dispatcher::resolve_all(gateway, &requests.requests, config.payout_concurrency, &may_call);
         shared.metrics.gateway_calls.fetch_add(verdicts.len() as u64, Ordering::Relaxed);
         doing("recording payouts (database)");
         record_payouts(shared, &verdicts);
@@ -1119,7 +1170,14 @@ fn record_payouts(shared: &Shared, verdicts: &[(PayoutRequest, Verdict)]) {
     for ((request, verdict), recorded) in verdicts.iter().zip(recorded) {
         let payout = request.payout.get();
         if let Verdict::Unauthorized { error } = verdict {
-            error!(payout, error = %error, "the payout gateway refused our credentials; nothing was paid or refunded; fix LEDGER_PAYOUT_WEBHOOK_TOKEN/SECRET");
+            if !shared.gateway_refused.swap(true, Ordering::SeqCst) {
+                error!(
+                    payout,
+                    error = %error,
+                    "the payout gateway refused our credentials: payout dispatching stopped until the daemon is \
+                     restarted with working LEDGER_PAYOUT_WEBHOOK_TOKEN/SECRET; nothing was paid or refunded"
+                );
+            }
         }
         match recorded {
             Recorded::Settled => {

@@ -1,13 +1,12 @@
-//! Payouts through the daemon: a flaky local webhook server, kill -9 at random
-//! moments, and the proof that no transaction is open during a gateway call.
+//! Payouts through the daemon: a flaky local bank that checks every signature, two
+//! daemons killed with kill -9 at random moments, a wrong secret, and the proof that no transaction is open during a gateway call.
 
+mod bank;
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -22,134 +21,11 @@ use ledger_worker::daemon::{WorkerConfig, WorkerPool};
 /// The bank refuses this account (HTTP 422).
 const REFUSED_IBAN: &str = "GB29NWBK60161331926819";
 
-#[derive(Default)]
-struct Bank {
-    /// key -> (amount, destination), for payouts the bank accepted (money left).
-    accepted: Mutex<HashMap<String, (String, String)>>,
-    /// Keys accepted more than once as new payments (must stay empty).
-    paid_twice: Mutex<Vec<String>>,
-    requests: AtomicU64,
-    refused: Mutex<HashSet<String>>,
-    stop: AtomicBool,
-}
-
-fn read_request(stream: &mut TcpStream) -> Option<(HashMap<String, String>, String)> {
-    let mut reader = BufReader::new(stream.try_clone().ok()?);
-    let mut line = String::new();
-    reader.read_line(&mut line).ok()?;
-    let mut headers = HashMap::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).ok()?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        let (k, v) = l.split_once(':')?;
-        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-    }
-    let len: usize = headers.get("content-length")?.parse().ok()?;
-    let mut body = vec![0; len.min(64 * 1024)];
-    reader.read_exact(&mut body).ok()?;
-    Some((headers, String::from_utf8_lossy(&body).to_string()))
-}
-
-fn respond(stream: &mut TcpStream, status: &str, body: &str) {
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-}
-
-/// A payment API that honours idempotency keys and misbehaves: 20% HTTP 500, 10%
-/// connections dropped before acting, 10% dropped after accepting (the answer is lost),
-/// HTTP 422 for REFUSED_IBAN.
-fn serve(bank: Arc<Bank>, listener: TcpListener) {
-    listener.set_nonblocking(true).unwrap();
-    let rng = Mutex::new(fastrand::Rng::with_seed(7));
-    while !bank.stop.load(Ordering::SeqCst) {
-        let mut stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(_) => {
-                thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-        };
-        stream.set_nonblocking(false).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let Some((headers, body)) = read_request(&mut stream) else { continue };
-        bank.requests.fetch_add(1, Ordering::Relaxed);
-        let key = headers.get("idempotency-key").cloned().unwrap_or_default();
-        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        assert_eq!(json["idempotency_key"].as_str(), Some(key.as_str()), "header and body carry the same key");
-        let destination = json["destination"].as_str().unwrap_or("").to_string();
-        let amount = json["amount"].as_str().unwrap_or("").to_string();
-        if destination == REFUSED_IBAN {
-            bank.refused.lock().unwrap().insert(key);
-            respond(&mut stream, "422 Unprocessable Entity", r#"{"error":"account closed"}"#);
-            continue;
-        }
-        if bank.accepted.lock().unwrap().contains_key(&key) {
-            respond(&mut stream, "200 OK", &format!(r#"{{"reference":"ref-{key}","replayed":true}}"#));
-            continue;
-        }
-        let roll = rng.lock().unwrap().u32(0..100);
-        match roll {
-            0..=19 => respond(&mut stream, "500 Internal Server Error", r#"{"error":"try later"}"#),
-            20..=29 => drop(stream), // connection dropped, nothing done
-            _ => {
-                let mut accepted = bank.accepted.lock().unwrap();
-                if accepted.insert(key.clone(), (amount, destination)).is_some() {
-                    bank.paid_twice.lock().unwrap().push(key.clone());
-                }
-                drop(accepted);
-                if roll < 40 {
-                    drop(stream); // accepted, but the answer is lost
-                } else {
-                    respond(&mut stream, "200 OK", &format!(r#"{{"reference":"ref-{key}"}}"#));
-                }
-            }
-        }
-    }
-}
-
-/// The bank's serving thread, stopped and joined when dropped (also when the test panics).
-struct BankServer {
-    bank: Arc<Bank>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl BankServer {
-    fn start(bank: Arc<Bank>, listener: TcpListener) -> BankServer {
-        let for_thread = bank.clone();
-        BankServer { bank, thread: Some(thread::spawn(move || serve(for_thread, listener))) }
-    }
-
-    fn stop(mut self) {
-        self.bank.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().expect("the bank's thread panicked");
-        }
-    }
-}
-
-impl Drop for BankServer {
-    fn drop(&mut self) {
-        self.bank.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-#[testing::test]
-fn a_flaky_bank_and_kill_9_still_pay_each_payout_at_most_once_and_return_refusals() {
-    let db = testing::committed();
-    let mut conn = db.conn();
+/// 1,200 withdrawals over 30 accounts of 400.00; every tenth goes to REFUSED_IBAN.
+fn seed_payouts(conn: &mut diesel::pg::PgConnection) {
     let accounts: Vec<_> =
-        (0..30).map(|i| testing::funded_account(&mut conn, &format!("p{i}"), Currency::EUR, "400.00")).collect();
-    ledger_core::transaction(&mut conn, &TxOptions::default(), |tx| {
+        (0..30).map(|i| testing::funded_account(conn, &format!("p{i}"), Currency::EUR, "400.00")).collect();
+    ledger_core::transaction(conn, &TxOptions::default(), |tx| {
         for i in 0..1_200_usize {
             let to = if i % 10 == 3 { REFUSED_IBAN } else { IBAN };
             withdrawals::request_tx(
@@ -166,44 +42,88 @@ fn a_flaky_bank_and_kill_9_still_pay_each_payout_at_most_once_and_return_refusal
         Ok::<_, ledger_core::LedgerError>(())
     })
     .unwrap();
+}
 
-    let bank = Arc::new(Bank::default());
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/payouts", listener.local_addr().unwrap());
-    let server = BankServer::start(bank.clone(), listener);
+/// `ledger-worker run` through the webhook gateway to `bank`, with its credentials.
+fn spawn_paying_daemon(url: &str, bank: &bank::BankServer, token: &str, secret: &str, extra: &[&str]) -> Daemon {
+    let webhook = bank.url().to_string();
     let args = [
-        "--payout-webhook",
-        &url,
-        "--payout-max-attempts",
-        "1000",
-        "--payout-base-backoff-ms",
-        "5",
-        "--payout-max-backoff-ms",
-        "50",
-        "--payout-lease-ms",
-        "1500",
-        "--payout-timeout-ms",
-        "500",
-        "--payout-connect-timeout-ms",
-        "200",
-        "--threads",
-        "2",
-        "--batch-size",
-        "4",
-        // Small batches and one dispatcher keep the run long enough to be killed mid-way.
-        "--payout-threads",
-        "1",
-        "--payout-batch",
-        "4",
-    ];
+        &[
+            "--gateway",
+            "webhook",
+            "--payout-webhook",
+            webhook.as_str(),
+            "--payout-max-attempts",
+            "1000",
+            "--payout-base-backoff-ms",
+            "5",
+            "--payout-max-backoff-ms",
+            "50",
+            "--payout-lease-ms",
+            "1500",
+            "--payout-timeout-ms",
+            "250",
+            "--payout-connect-timeout-ms",
+            "100",
+            "--threads",
+            "2",
+            "--batch-size",
+            "4",
+            // Small batches keep the run long enough to be killed mid-way.
+            "--payout-threads",
+            "2",
+            "--payout-batch",
+            "8",
+            "--payout-concurrency",
+            "4",
+        ][..],
+        extra,
+    ]
+    .concat();
+    spawn_daemon_with_env(
+        url,
+        &args,
+        &[("LEDGER_PAYOUT_WEBHOOK_TOKEN", token), ("LEDGER_PAYOUT_WEBHOOK_SECRET", secret)],
+    )
+}
+
+#[testing::test]
+fn a_flaky_bank_and_two_daemons_killed_again_and_again_pay_each_payout_exactly_once() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    seed_payouts(&mut conn);
+    let nasty = bank::Faults {
+        drop_before_pct: 8,
+        server_error_pct: 12,
+        pay_then_drop_pct: 10,
+        redirect_pct: 6,
+        bare_success_pct: 5,
+        oversized_pct: 3,
+        // Slower than the call's timeout (it is cut off, unknown), within the lease.
+        slow_pct: 4,
+        slow_delay: Duration::from_millis(600),
+    };
+    let config = bank::BankConfig {
+        faults: nasty,
+        // A replay of a key already paid is answered 409: only a lookup tells the truth.
+        replay: bank::Replay::Status(409),
+        refused_destinations: [REFUSED_IBAN.to_string()].into_iter().collect(),
+        seed: 42,
+        ..bank::BankConfig::default()
+    };
+    let (token, secret) = (config.token.clone(), config.secret.clone());
+    let bank = bank::start(config);
     let mut rng = fastrand::Rng::with_seed(42);
     let mut kills_mid_run = 0;
     for _ in 0..4 {
-        let mut daemon = spawn_daemon(db.url(), &args);
-        // Let it run a random while, then kill -9 at whatever it is doing.
-        thread::sleep(Duration::from_millis(rng.u64(100..400)));
-        daemon.kill().unwrap();
-        daemon.wait().unwrap();
+        let mut a = spawn_paying_daemon(db.url(), &bank, &token, &secret, &[]);
+        let mut b = spawn_paying_daemon(db.url(), &bank, &token, &secret, &[]);
+        // Let them run a random while, then kill -9 both at whatever they are doing.
+        thread::sleep(Duration::from_millis(rng.u64(150..500)));
+        for d in [&mut a, &mut b] {
+            d.kill().unwrap();
+            d.wait().unwrap();
+        }
         let unfinished = count(
             &mut conn,
             "SELECT (SELECT count(*) FROM withdrawals WHERE status IN ('pending', 'paying_out'))
@@ -212,11 +132,21 @@ fn a_flaky_bank_and_kill_9_still_pay_each_payout_at_most_once_and_return_refusal
         kills_mid_run += usize::from(unfinished > 0);
     }
     assert!(kills_mid_run >= 2, "the kills must land while work remains ({kills_mid_run})");
-    let mut last = spawn_daemon(db.url(), &[&args[..], &["--exit-when-idle"]].concat());
-    let status = wait_exit(&mut last, Duration::from_secs(120));
-    server.stop();
-    assert!(status.success(), "{status}: {}", stderr_of(&mut last));
+    // The bank calms down; two daemons finish the rest.
+    bank.set_faults(bank::Faults { server_error_pct: 10, pay_then_drop_pct: 5, ..bank::Faults::none() });
+    let mut a = spawn_paying_daemon(db.url(), &bank, &token, &secret, &["--exit-when-idle"]);
+    let mut b = spawn_paying_daemon(db.url(), &bank, &token, &secret, &[]);
+    let status = wait_exit(&mut a, Duration::from_secs(120));
+    assert!(status.success(), "{status}: {}", stderr_of(&mut a));
+    wait_for(Duration::from_secs(60), "every payout to be final", || {
+        count(&mut conn, "SELECT count(*) AS n FROM payouts WHERE status = 'pending'") == 0
+    });
+    let _ = std::process::Command::new("kill").args(["-TERM", &b.id().to_string()]).status();
+    assert!(wait_exit(&mut b, Duration::from_secs(30)).success(), "{}", stderr_of(&mut b));
+    assert!(bank.wait_idle(Duration::from_secs(10)), "the bank still has calls in flight");
 
+    assert_eq!(bank.violations(), vec![], "no key paid twice, no two calls for one key at once");
+    assert_eq!(bank.auth_failures(), 0, "every request carried a valid token and signature");
     // Every withdrawal ended: paid out, returned, or refused for insufficient funds.
     assert_eq!(
         count(
@@ -227,30 +157,17 @@ fn a_flaky_bank_and_kill_9_still_pay_each_payout_at_most_once_and_return_refusal
         "{}",
         statuses(&mut conn)
     );
-    #[derive(QueryableByName)]
-    struct P {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        key: String,
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        status: String,
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        amount_minor: i64,
-    }
-    let payouts: Vec<P> =
-        diesel::sql_query("SELECT idempotency_key AS key, status, amount_minor FROM payouts").load(&mut conn).unwrap();
-    let accepted = bank.accepted.lock().unwrap().clone();
-    assert!(bank.paid_twice.lock().unwrap().is_empty(), "a key was paid twice");
+    let payouts = stored_payouts(&mut conn);
+    let paid = bank.paid();
     let settled: HashSet<&str> = payouts.iter().filter(|p| p.status == "settled").map(|p| p.key.as_str()).collect();
-    let accepted_keys: HashSet<&str> = accepted.keys().map(String::as_str).collect();
-    assert_eq!(settled, accepted_keys, "settled in the ledger <=> paid by the bank");
+    let paid_keys: HashSet<&str> = paid.keys().map(String::as_str).collect();
+    assert_eq!(settled, paid_keys, "settled in the ledger <=> paid by the bank");
     for p in &payouts {
         match p.status.as_str() {
-            "settled" => {
-                assert_eq!(accepted[&p.key].0, Currency::EUR.format_minor(p.amount_minor), "the bank paid the amount")
-            }
+            "settled" => assert_eq!(paid[&p.key].amount_minor, p.amount_minor, "the bank paid the amount"),
             "returned" => {
-                assert!(!accepted.contains_key(&p.key), "a returned payout was never paid");
-                assert!(bank.refused.lock().unwrap().contains(&p.key));
+                assert!(!paid.contains_key(&p.key), "a returned payout was never paid");
+                assert!(bank.refused().contains_key(&p.key), "a returned payout was refused by the bank");
             }
             other => panic!("payout {} ended {other}", p.key),
         }
@@ -266,11 +183,60 @@ fn a_flaky_bank_and_kill_9_still_pay_each_payout_at_most_once_and_return_refusal
     assert_eq!(bad_balances, 0);
     assert_exactly_once(&mut conn);
     eprintln!(
-        "bank saw {} requests for {} payouts ({} paid, {returned} refused)",
-        bank.requests.load(Ordering::Relaxed),
+        "bank saw {} requests ({} replays) for {} payouts ({} paid, {returned} refused)",
+        bank.requests(),
+        bank.replays(),
         payouts.len(),
         settled.len()
     );
+}
+
+#[testing::test]
+fn with_a_wrong_secret_nothing_is_paid_and_nothing_is_refunded() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    seed_payouts(&mut conn);
+    let config = bank::BankConfig {
+        refused_destinations: [REFUSED_IBAN.to_string()].into_iter().collect(),
+        ..bank::BankConfig::default()
+    };
+    let token = config.token.clone();
+    let bank = bank::start(config);
+    let mut daemon = spawn_paying_daemon(db.url(), &bank, &token, "not-the-bank-secret", &[]);
+    wait_for(Duration::from_secs(60), "the bank to refuse our signatures", || bank.auth_failures() >= 1);
+    wait_for(Duration::from_secs(60), "every withdrawal to be debited", || pending(&mut conn) == 0);
+    // Refused credentials stop the dispatchers: no call hammers the bank meanwhile.
+    let requests = bank.requests();
+    thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(bank.requests(), requests, "no calls after the bank refused our credentials");
+    assert!(requests <= 2 * 8, "at most one round per dispatcher reached the bank ({requests})");
+    let _ = std::process::Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status();
+    wait_exit(&mut daemon, Duration::from_secs(30));
+    assert!(bank.paid().is_empty() && bank.refused().is_empty(), "the bank acted on nothing");
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM payouts WHERE status <> 'pending'"),
+        0,
+        "nothing settled, returned or failed"
+    );
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM withdrawals WHERE status IN ('completed', 'returned')"), 0);
+    let log = stderr_of(&mut daemon);
+    assert!(log.contains("credentials"), "the operator is told why: {log}");
+    assert!(!log.contains("not-the-bank-secret"), "the secret never reaches the log");
+    assert_exactly_once(&mut conn);
+}
+
+#[derive(QueryableByName)]
+struct StoredPayout {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    key: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    status: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    amount_minor: i64,
+}
+
+fn stored_payouts(conn: &mut diesel::pg::PgConnection) -> Vec<StoredPayout> {
+    diesel::sql_query("SELECT idempotency_key AS key, status, amount_minor FROM payouts").load(conn).unwrap()
 }
 
 /// Asks PostgreSQL, during every gateway call, whether any connection of the worker

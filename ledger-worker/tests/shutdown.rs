@@ -71,7 +71,7 @@ fn assert_nothing_half_done(conn: &mut PgConnection) {
 /// A restarted daemon finishes everything: no withdrawal left pending, paying out or
 /// failed, and each effect exactly once.
 fn restart_and_finish(url: &str, extra: &[&str], conn: &mut PgConnection) {
-    let mut again = spawn_daemon(url, &[extra, &["--exit-when-idle"]].concat());
+    let mut again = spawn_daemon_with_env(url, &[extra, &["--exit-when-idle"]].concat(), CREDENTIALS);
     let status = wait_exit(&mut again, Duration::from_secs(120));
     assert!(status.success(), "restarted daemon: {status}: {}", stderr_of(&mut again));
     let unfinished =
@@ -96,25 +96,38 @@ fn own_server() -> (TempCluster, String) {
 /// Small batches and two workers keep the run going long enough to be stopped mid-way.
 const LOAD: &[&str] = &["--threads", "2", "--batch-size", "2", "--shutdown-grace-ms", GRACE];
 
-#[test]
+/// Payouts through the log gateway, with a lease that leaves room for three gateway
+/// calls (a lookup, a send and a confirming lookup) plus a margin.
+const LOG_PAYOUTS: &[&str] = &[
+    "--gateway",
+    "log",
+    "--payout-lease-ms",
+    "6000",
+    "--payout-timeout-ms",
+    "1000",
+    "--payout-connect-timeout-ms",
+    "500",
+];
+
+#[testing::test]
 fn a_database_up_sigint_stops_cleanly_within_the_grace_period() {
     let db = testing::committed();
     let mut conn = db.conn();
     seed(&mut conn, 20, "500.00", 3_000);
-    let mut daemon = spawn_daemon(db.url(), LOAD);
+    let mut daemon = spawn_daemon_with_env(db.url(), &[LOAD, LOG_PAYOUTS].concat(), CREDENTIALS);
     wait_for(Duration::from_secs(60), "progress", || finished(&mut conn) >= 300);
     stop(&mut daemon, "INT", CLEAN, "(a) database up");
     assert!(pending(&mut conn) > 0, "the signal landed mid-run");
     assert_nothing_half_done(&mut conn);
-    restart_and_finish(db.url(), &[], &mut conn);
+    restart_and_finish(db.url(), LOG_PAYOUTS, &mut conn);
 }
 
-#[test]
+#[testing::test]
 fn b_database_stopped_sigterm_stops_cleanly_within_the_grace_period() {
     let (cluster, url) = own_server();
     let mut conn = db::connect(&url, &SessionConfig::default()).unwrap();
     seed(&mut conn, 20, "500.00", 3_000);
-    let mut daemon = spawn_daemon(&url, LOAD);
+    let mut daemon = spawn_daemon_with_env(&url, &[LOAD, LOG_PAYOUTS].concat(), CREDENTIALS);
     wait_for(Duration::from_secs(60), "progress", || finished(&mut conn) >= 300);
     drop(conn);
     cluster.stop_server().unwrap();
@@ -126,19 +139,19 @@ fn b_database_stopped_sigterm_stops_cleanly_within_the_grace_period() {
     let mut conn = db::connect(&url, &SessionConfig::default()).unwrap();
     assert!(pending(&mut conn) > 0, "the stop landed mid-run");
     assert_nothing_half_done(&mut conn);
-    restart_and_finish(&url, &[], &mut conn);
+    restart_and_finish(&url, LOG_PAYOUTS, &mut conn);
     drop(conn);
     cluster.stop().unwrap();
 }
 
-#[test]
+#[testing::test]
 fn c_database_blackholed_sigterm_exits_without_the_stuck_threads() {
     let (cluster, url) = own_server();
     let mut conn = db::connect(&url, &SessionConfig::default()).unwrap();
     seed(&mut conn, 20, "500.00", 3_000);
     let socket = cluster.socket_dir().join(format!(".s.PGSQL.{}", cluster.port()));
     let proxy = Proxy::start(socket.clone());
-    let mut daemon = spawn_daemon(&proxy.url("shutdown_test"), LOAD);
+    let mut daemon = spawn_daemon_with_env(&proxy.url("shutdown_test"), &[LOAD, LOG_PAYOUTS].concat(), CREDENTIALS);
     wait_for(Duration::from_secs(60), "progress", || finished(&mut conn) >= 300);
     proxy.blackhole();
     // Every connection is silent now: progress stops, and the threads hang in libpq.
@@ -161,13 +174,13 @@ fn c_database_blackholed_sigterm_exits_without_the_stuck_threads() {
     assert_nothing_half_done(&mut conn);
     // A restart over TCP again (the URL gets the network timeouts appended).
     let proxy = Proxy::start(socket);
-    restart_and_finish(&proxy.url("shutdown_test"), &[], &mut conn);
+    restart_and_finish(&proxy.url("shutdown_test"), LOG_PAYOUTS, &mut conn);
     drop(proxy);
     drop(conn);
     cluster.stop().unwrap();
 }
 
-#[test]
+#[testing::test]
 fn d_pool_exhausted_sigint_exits_and_waiters_for_a_connection_give_up() {
     let db = testing::committed();
     let mut conn = db.conn();
@@ -175,23 +188,29 @@ fn d_pool_exhausted_sigint_exits_and_waiters_for_a_connection_give_up() {
     // Two pooled connections for three workers and two payout dispatchers, and lock
     // waits longer than the test: once the accounts are locked, both connections sit
     // in a lock wait and every other thread waits for one of them.
-    let mut daemon = spawn_daemon(
+    let mut daemon = spawn_daemon_with_env(
         db.url(),
         &[
-            "--threads",
-            "3",
-            "--batch-size",
-            "2",
-            "--pool-size",
-            "2",
-            "--lock-timeout-ms",
-            "600000",
-            "--shutdown-grace-ms",
-            GRACE,
-        ],
+            &[
+                "--threads",
+                "3",
+                "--batch-size",
+                "2",
+                "--pool-size",
+                "2",
+                "--lock-timeout-ms",
+                "600000",
+                "--shutdown-grace-ms",
+                GRACE,
+            ],
+            LOG_PAYOUTS,
+        ]
+        .concat(),
+        CREDENTIALS,
     );
     wait_for(Duration::from_secs(60), "progress", || finished(&mut conn) >= 300);
-    let mut holder = db::connect(db.url(), &SessionConfig { lock_timeout_ms: None, ..SessionConfig::default() }).unwrap();
+    let mut holder =
+        db::connect(db.url(), &SessionConfig { lock_timeout_ms: None, ..SessionConfig::default() }).unwrap();
     holder.batch_execute("BEGIN; SELECT id FROM accounts WHERE kind = 'customer' ORDER BY id FOR UPDATE").unwrap();
     wait_for(Duration::from_secs(30), "both pooled connections to wait for a lock", || {
         count(
@@ -220,13 +239,20 @@ fn d_pool_exhausted_sigint_exits_and_waiters_for_a_connection_give_up() {
     });
     assert_eq!(finished(&mut conn), before, "the abandoned transactions did not commit");
     assert_nothing_half_done(&mut conn);
-    restart_and_finish(db.url(), &[], &mut conn);
+    restart_and_finish(db.url(), LOG_PAYOUTS, &mut conn);
 }
 
-/// The webhook gateway against `bank`, a gateway timeout of `timeout_ms`, and a lease
-/// just longer than a call can take.
+/// The webhook gateway's credentials (this test bank does not check them; the payouts
+/// tests' bank does).
+const CREDENTIALS: &[(&str, &str)] =
+    &[("LEDGER_PAYOUT_WEBHOOK_TOKEN", "shutdown-test-token"), ("LEDGER_PAYOUT_WEBHOOK_SECRET", "shutdown-test-secret")];
+
+/// The webhook gateway against `bank`, a gateway timeout of `timeout_ms` (plus 500 ms
+/// to connect), and a lease of `lease_ms`: room for three calls plus a margin.
 fn payout_args<'a>(bank: &'a Bank, timeout_ms: &'a str, lease_ms: &'a str) -> Vec<&'a str> {
     vec![
+        "--gateway",
+        "webhook",
         "--payout-webhook",
         &bank.url,
         "--payout-timeout-ms",
@@ -264,14 +290,14 @@ fn assert_settled_as_paid(conn: &mut PgConnection, bank: &Bank, exactly: bool) {
     }
 }
 
-#[test]
+#[testing::test]
 fn e_gateway_answering_sigterm_stops_cleanly_within_the_grace_period() {
     let db = testing::committed();
     let mut conn = db.conn();
     seed(&mut conn, 20, "500.00", 3_000);
     let bank = Bank::start();
-    let payout = payout_args(&bank, "1000", "2000");
-    let mut daemon = spawn_daemon(db.url(), &[LOAD, &payout].concat());
+    let payout = payout_args(&bank, "1000", "6000");
+    let mut daemon = spawn_daemon_with_env(db.url(), &[LOAD, &payout].concat(), CREDENTIALS);
     wait_for(Duration::from_secs(60), "payouts to settle", || {
         count(&mut conn, "SELECT count(*) AS n FROM payouts WHERE status = 'settled'") >= 50
     });
@@ -285,16 +311,16 @@ fn e_gateway_answering_sigterm_stops_cleanly_within_the_grace_period() {
     assert_settled_as_paid(&mut conn, &bank, true);
 }
 
-#[test]
+#[testing::test]
 fn f_gateway_hanging_sigterm_exits_and_cut_off_payouts_stay_pending() {
     let db = testing::committed();
     let mut conn = db.conn();
     seed(&mut conn, 20, "500.00", 3_000);
     let bank = Bank::start();
-    // A gateway timeout well past the grace period, so the calls are cut off by the
-    // exit and not by the timeout; the lease just longer than a call.
-    let payout = payout_args(&bank, "6000", "7000");
-    let mut daemon = spawn_daemon(db.url(), &[LOAD, &payout].concat());
+    // A gateway timeout past the grace period (plus the second of wind-down), so the
+    // calls are cut off by the exit, not by their timeout.
+    let payout = payout_args(&bank, "4000", "15000");
+    let mut daemon = spawn_daemon_with_env(db.url(), &[LOAD, &payout].concat(), CREDENTIALS);
     wait_for(Duration::from_secs(60), "payouts to settle", || {
         count(&mut conn, "SELECT count(*) AS n FROM payouts WHERE status = 'settled'") >= 20
     });
@@ -304,7 +330,8 @@ fn f_gateway_hanging_sigterm_exits_and_cut_off_payouts_stay_pending() {
     let stuck = still_running(&daemon);
     eprintln!("(f) left behind: {stuck:?}");
     assert!(
-        !stuck.is_empty() && stuck.iter().all(|t| t.starts_with("payouts-") && t.ends_with("calling the payout gateway")),
+        !stuck.is_empty()
+            && stuck.iter().all(|t| t.starts_with("payouts-") && t.ends_with("calling the payout gateway")),
         "{stuck:?}"
     );
     // The cut-off payouts were neither paid nor refused: pending, due after their lease.
@@ -317,7 +344,56 @@ fn f_gateway_hanging_sigterm_exits_and_cut_off_payouts_stay_pending() {
     }
     assert_nothing_half_done(&mut conn);
     assert_settled_as_paid(&mut conn, &bank, false);
-    bank.hang(false);
-    restart_and_finish(db.url(), &payout, &mut conn);
-    assert_settled_as_paid(&mut conn, &bank, true);
+    // They are claimed again once their lease runs out. A payout whose call was cut
+    // off may have been paid, so it is looked up before it is sent again; the webhook
+    // gateway cannot look payouts up yet, so the rest is paid through the log gateway
+    // (which knows no earlier call and sends it again).
+    restart_and_finish(db.url(), LOG_PAYOUTS, &mut conn);
+    for key in bank.hung_keys() {
+        let settled = count(
+            &mut conn,
+            &format!("SELECT count(*) AS n FROM payouts WHERE idempotency_key = '{key}' AND status = 'settled'"),
+        );
+        assert_eq!(settled, 1, "payout {key} was claimed again after its lease and settled");
+    }
+}
+
+#[testing::test]
+fn g_a_second_signal_exits_at_once_without_waiting_for_the_grace_period() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    seed(&mut conn, 5, "500.00", 200);
+    // Every account locked before the daemon starts: its first batch waits for a lock,
+    // and a first signal would wait out a long grace period for it.
+    let mut holder =
+        db::connect(db.url(), &SessionConfig { lock_timeout_ms: None, ..SessionConfig::default() }).unwrap();
+    holder.batch_execute("BEGIN; SELECT id FROM accounts WHERE kind = 'customer' ORDER BY id FOR UPDATE").unwrap();
+    let mut daemon = spawn_daemon_with_env(
+        db.url(),
+        &[&["--threads", "1", "--lock-timeout-ms", "600000", "--shutdown-grace-ms", "60000"], LOG_PAYOUTS].concat(),
+        CREDENTIALS,
+    );
+    wait_for(Duration::from_secs(30), "a batch to wait for a lock", || {
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database()
+               AND application_name = 'ledger-worker' AND wait_event_type = 'Lock'",
+        ) >= 1
+    });
+    let kill = |signal: &str, pid: u32| {
+        assert!(Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap().success());
+    };
+    kill("TERM", daemon.id());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(daemon.try_wait().unwrap().is_none(), "the first signal waits for the grace period");
+    let sent = Instant::now();
+    kill("INT", daemon.id());
+    let status = wait_exit(&mut daemon, Duration::from_secs(30));
+    eprintln!("second signal -> exit {status} after {} ms", sent.elapsed().as_millis());
+    assert!(sent.elapsed() < Duration::from_secs(5), "a second signal exits at once");
+    assert_eq!(status.code(), Some(FORCED), "{}", stderr_of(&mut daemon));
+    holder.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(finished(&mut conn), 0, "nothing was done");
+    assert_nothing_half_done(&mut conn);
+    restart_and_finish(db.url(), LOG_PAYOUTS, &mut conn);
 }

@@ -500,7 +500,7 @@ fn serve(shared: &Shared, stream: TcpStream) {
             handle(shared, &request, &mut in_flight)
         }
         Err(ReadError::Closed) => return,
-        Err(ReadError::Bad(reason)) => respond(400, json!({ "error": reason })),
+        Err(ReadError::Bad(reason)) => malformed(shared, reason),
     };
     drop(in_flight);
     if let Answer::Respond { status, headers, body } = answer {

@@ -161,6 +161,11 @@ impl Drop for Daemon {
 /// Starts `ledger-worker run`. Its log goes to a file (a pipe nobody reads while the
 /// test runs would fill up and block the daemon); `stderr_of` reads it back.
 pub fn spawn_daemon(url: &str, extra: &[&str]) -> Daemon {
+    spawn_daemon_with_env(url, extra, &[])
+}
+
+/// [`spawn_daemon`] with extra environment variables (credentials, for example).
+pub fn spawn_daemon_with_env(url: &str, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
     // Cargo's per-target scratch directory: kept for inspection, removed by `cargo clean`.
     let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "ledger-daemon-{}-{}.log",
@@ -172,12 +177,16 @@ pub fn spawn_daemon(url: &str, extra: &[&str]) -> Daemon {
     let lease: &[&str] = if extra.contains(&"--payout-lease-ms") {
         &[]
     } else {
-        &["--payout-lease-ms", "2000", "--payout-timeout-ms", "1000", "--payout-connect-timeout-ms", "500"]
+        &["--payout-lease-ms", "2000", "--payout-timeout-ms", "300", "--payout-connect-timeout-ms", "200"]
     };
+    // Tests that name no gateway pay out through the log gateway.
+    let gateway: &[&str] = if extra.contains(&"--gateway") { &[] } else { &["--gateway", "log"] };
     let child = worker_command()
         .args(["run", "--database-url", url, "--log-format", "json"])
         .args(lease)
+        .args(gateway)
         .args(extra)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -190,7 +190,9 @@ struct BankState {
 }
 
 /// A payment API on 127.0.0.1 that honours idempotency keys (a repeated key gets the
-/// first answer, not a second payment) and can be told to stop answering.
+/// first answer, not a second payment) and can be told to stop answering. `POST` pays
+/// (200 `{"status":"accepted","reference":..}`); `GET <url>/<key>` looks a key up (200
+/// accepted, or 404 when it never paid it). Credentials are not checked.
 pub struct Bank {
     pub url: String,
     state: Arc<BankState>,
@@ -233,10 +235,14 @@ impl Drop for Bank {
     }
 }
 
-fn read_request(stream: &TcpStream) -> Option<(HashMap<String, String>, String)> {
+/// A request's line ("POST /payouts HTTP/1.1"), headers (lower-case names) and body.
+type Request = (String, HashMap<String, String>, String);
+
+fn read_request(stream: &TcpStream) -> Option<Request> {
     let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).ok()?;
     let mut line = String::new();
-    reader.read_line(&mut line).ok()?;
     let mut headers = HashMap::new();
     loop {
         line.clear();
@@ -248,10 +254,18 @@ fn read_request(stream: &TcpStream) -> Option<(HashMap<String, String>, String)>
         let (k, v) = l.split_once(':')?;
         headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
     }
-    let len: usize = headers.get("content-length")?.parse().ok()?;
+    let len: usize = headers.get("content-length").map_or(Some(0), |l| l.parse().ok())?;
     let mut body = vec![0; len.min(64 * 1024)];
     reader.read_exact(&mut body).ok()?;
-    Some((headers, String::from_utf8_lossy(&body).to_string()))
+    Some((request_line.trim_end().to_string(), headers, String::from_utf8_lossy(&body).to_string()))
+}
+
+fn respond(stream: &mut TcpStream, status: &str, body: &str) {
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 fn serve(listener: TcpListener, state: &BankState) {
@@ -267,26 +281,36 @@ fn serve(listener: TcpListener, state: &BankState) {
         };
         stream.set_nonblocking(false).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let Some((headers, body)) = read_request(&stream) else { continue };
-        let key = headers.get("idempotency-key").cloned().unwrap_or_default();
+        let Some((request_line, headers, body)) = read_request(&stream) else { continue };
+        let lookup = request_line.starts_with("GET ");
+        let key = if lookup {
+            // GET /payouts/<key> HTTP/1.1
+            let path = request_line.split_whitespace().nth(1).unwrap_or("");
+            path.rsplit('/').next().unwrap_or("").to_string()
+        } else {
+            headers.get("idempotency-key").cloned().unwrap_or_default()
+        };
         if state.hang.load(Ordering::SeqCst) {
             state.hung.lock().unwrap().push(key);
             held.push(stream);
             continue;
         }
-        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        let amount = json["amount"].as_str().unwrap_or("").to_string();
         let mut accepted = state.accepted.lock().unwrap();
-        let replay = accepted.contains_key(&key);
-        if !replay {
-            accepted.insert(key.clone(), amount);
+        let paid = accepted.contains_key(&key);
+        if lookup && !paid {
+            drop(accepted);
+            respond(&mut stream, "404 Not Found", r#"{"error":"no such payout"}"#);
+            continue;
+        }
+        if !paid {
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            accepted.insert(key.clone(), json["amount"].as_str().unwrap_or("").to_string());
         }
         drop(accepted);
-        let body = format!(r#"{{"reference":"ref-{key}","replayed":{replay}}}"#);
-        let _ = write!(
-            stream,
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
+        respond(
+            &mut stream,
+            "200 OK",
+            &format!(r#"{{"status":"accepted","reference":"ref-{key}","replayed":{paid}}}"#),
         );
     }
 }

@@ -28,7 +28,16 @@ fn paying_out(conn: &mut PgConnection, funds: &str, amount: &str) -> (AccountId,
 }
 
 fn claim_one(conn: &mut PgConnection, w: WithdrawalId) -> payouts::PayoutRequest {
-    let claimed = payouts::claim_due(conn, 100, 60_000).unwrap();
+    claim_one_leased(conn, w, 60_000)
+}
+
+/// Claims `w`'s payout with a lease of `lease_ms` (a short one ends at once, as if the
+/// claim's last call was long over).
+fn claim_one_leased(conn: &mut PgConnection, w: WithdrawalId, lease_ms: u64) -> payouts::PayoutRequest {
+    let claimed = payouts::claim_due(conn, 100, lease_ms).unwrap();
+    if lease_ms < 100 {
+        std::thread::sleep(Duration::from_millis(lease_ms + 5)); // let the short lease end
+    }
     claimed.requests.into_iter().find(|r| r.withdrawal == w).expect("the payout is due")
 }
 
@@ -96,7 +105,8 @@ fn transient_failures_back_off_then_fail_and_an_operator_can_retry_or_return() {
         assert!(results.len() < 3, "{results:?}");
         let mut req = None;
         testing::wait_until(Duration::from_secs(5), || {
-            req = payouts::claim_due(&mut conn, 10, 60_000).unwrap().requests.into_iter().find(|r| r.withdrawal == w);
+            // A 1 ms lease: an unknown outcome is due again only once its lease is over.
+            req = payouts::claim_due(&mut conn, 10, 1).unwrap().requests.into_iter().find(|r| r.withdrawal == w);
             req.is_some()
         });
         results.push(payouts::record(&mut conn, &req.unwrap(), &down, &policy).unwrap());
@@ -127,7 +137,7 @@ fn transient_failures_back_off_then_fail_and_an_operator_can_retry_or_return() {
     // Another one that fails, and the operator returns the money instead.
     let w2 = WithdrawalId::new(withdrawals::withdraw(&mut conn, &withdrawal(a, "5.00", "po2")).unwrap().id).unwrap();
     let once = RetryPolicy { max_attempts: 1, ..policy };
-    let req = claim_one(&mut conn, w2);
+    let req = claim_one_leased(&mut conn, w2, 1);
     assert_eq!(payouts::record(&mut conn, &req, &down, &once).unwrap(), Recorded::Failed);
     let p2 = payouts::for_withdrawal(&mut conn, w2).unwrap().unwrap();
     let before = balance(&mut conn, a);
@@ -185,7 +195,7 @@ impl PayoutGateway for Lookups {
 /// A withdrawal whose payout ended `failed` after calls with unknown outcomes.
 fn failed_payout(conn: &mut PgConnection, a: AccountId, amount: &str) -> (WithdrawalId, ledger_core::PayoutId) {
     let w = WithdrawalId::new(withdrawals::withdraw(conn, &withdrawal(a, amount, "fp")).unwrap().id).unwrap();
-    let req = claim_one(conn, w);
+    let req = claim_one_leased(conn, w, 1);
     let once = RetryPolicy { max_attempts: 1, base_ms: 1, max_backoff_ms: 1 };
     let timeout = Verdict::Unknown { error: "timeout after sending".into() };
     assert_eq!(payouts::record(conn, &req, &timeout, &once).unwrap(), Recorded::Failed);
@@ -249,12 +259,13 @@ fn fencing_tokens_are_never_reused_so_an_old_claims_answer_is_never_recorded() {
     let a = testing::funded_account(&mut conn, "payee", Currency::EUR, "100.00");
     let (w, p) = failed_payout(&mut conn, a, "10.00");
     let old = payouts::for_withdrawal(&mut conn, w).unwrap().unwrap();
-    assert_eq!(old.claim_token, None, "a failed payout is held by no claim");
+    let old_token = old.claim_token.expect("a failed payout keeps its last claim's token");
     // The operator retries: attempts start over, but the token does not go back.
     payouts::retry(&mut conn, p).unwrap();
     let again = claim_one(&mut conn, w);
     assert_eq!(again.attempt, 1);
-    let stale = PayoutRequest { token: again.token - 1, ..again.clone() };
+    assert!(again.token > old_token, "a new claim, a new token: they never go back");
+    let stale = PayoutRequest { token: old_token, ..again.clone() };
     let paid = Verdict::Paid { reference: None };
     assert_eq!(payouts::record(&mut conn, &stale, &paid, &RetryPolicy::default()).unwrap(), Recorded::Superseded);
     assert_eq!(payouts::record(&mut conn, &again, &paid, &RetryPolicy::default()).unwrap(), Recorded::Settled);
@@ -303,4 +314,92 @@ fn one_transaction_records_a_mixed_batch_of_verdicts() {
     assert_eq!(system_balance(&mut conn, SystemRole::ExternalSettlement), 300);
     assert_eq!(balance(&mut conn, a), 10_000 - 100 - 500, "the refused 3.00 came back");
     assert_audit_clean(&mut conn);
+}
+
+/// A gateway whose lookup runs `during` (another party acting meanwhile) and then says
+/// the payout was never received.
+struct LookupWhile<F: Fn() + Send + Sync>(F);
+
+impl<F: Fn() + Send + Sync> PayoutGateway for LookupWhile<F> {
+    fn send(&self, r: &PayoutRequest) -> SendOutcome {
+        panic!("an operator's return never sends ({})", r.idempotency_key)
+    }
+    fn lookup(&self, _: &PayoutRequest) -> LookupOutcome {
+        (self.0)();
+        LookupOutcome::NotFound
+    }
+}
+
+#[testing::test]
+fn a_return_is_refused_when_the_payout_was_sent_again_during_its_lookup() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let a = testing::funded_account(&mut conn, "payee", Currency::EUR, "100.00");
+    let (w, p) = failed_payout(&mut conn, a, "10.00");
+    let before = balance(&mut conn, a);
+    // While the operator's lookup runs: another operator retries the payout, a dispatcher
+    // sends it, the answer is lost and it fails again (one attempt allowed).
+    let url = db.url().to_string();
+    let meanwhile = LookupWhile(move || {
+        let mut other = ledger_core::db::connect(&url, &Default::default()).unwrap();
+        payouts::retry(&mut other, p).unwrap();
+        let req = claim_one_leased(&mut other, w, 1);
+        let once = RetryPolicy { max_attempts: 1, base_ms: 1, max_backoff_ms: 1 };
+        let lost = Verdict::Unknown { error: "timeout after sending".into() };
+        assert_eq!(payouts::record(&mut other, &req, &lost, &once).unwrap(), Recorded::Failed);
+    });
+    let err = payouts::return_failed(&mut conn, p, "give up", ReturnAuthority::Lookup(&meanwhile)).unwrap_err();
+    assert!(err.to_string().contains("sent again"), "{err}");
+    assert_eq!(balance(&mut conn, a), before, "nothing returned: the new call may have paid");
+    assert_eq!(withdrawals::get(&mut conn, w).unwrap().status(), WithdrawalStatus::PayingOut);
+    assert_audit_clean(&mut conn);
+}
+
+#[testing::test]
+fn a_return_waits_for_the_last_calls_lease_to_end() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let a = testing::funded_account(&mut conn, "payee", Currency::EUR, "100.00");
+    let w = WithdrawalId::new(withdrawals::withdraw(&mut conn, &withdrawal(a, "10.00", "lease")).unwrap().id).unwrap();
+    let req = claim_one(&mut conn, w); // a 60 s lease: its call may still be at work
+    let once = RetryPolicy { max_attempts: 1, base_ms: 1, max_backoff_ms: 1 };
+    let lost = Verdict::Unknown { error: "timeout".into() };
+    assert_eq!(payouts::record(&mut conn, &req, &lost, &once).unwrap(), Recorded::Failed);
+    let never = Lookups(LookupOutcome::NotFound);
+    let pid = ledger_core::PayoutId::new(req.payout.get()).unwrap();
+    let err = payouts::return_failed(&mut conn, pid, "give up", ReturnAuthority::Lookup(&never)).unwrap_err();
+    assert!(err.to_string().contains("in flight"), "{err}");
+    assert_eq!(balance(&mut conn, a), 9_000);
+}
+
+#[testing::test]
+fn a_verdict_that_cannot_be_recorded_fails_alone_and_the_rest_of_the_batch_is_recorded() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let a = testing::funded_account(&mut conn, "payee", Currency::EUR, "100.00");
+    let healthy =
+        WithdrawalId::new(withdrawals::withdraw(&mut conn, &withdrawal(a, "1.00", "ok")).unwrap().id).unwrap();
+    let broken =
+        WithdrawalId::new(withdrawals::withdraw(&mut conn, &withdrawal(a, "2.00", "bad")).unwrap().id).unwrap();
+    // Data a settlement cannot accept: the broken payout's withdrawal is no longer paying out.
+    diesel::RunQueryDsl::execute(
+        diesel::sql_query(format!("UPDATE withdrawals SET status = 'completed' WHERE id = {broken}")),
+        &mut conn,
+    )
+    .unwrap();
+    let claim = payouts::claim_due(&mut conn, 100, 60_000).unwrap();
+    let by_w = |w: WithdrawalId| claim.requests.iter().find(|r| r.withdrawal == w).unwrap().clone();
+    // A reference with a NUL in it (valid JSON; PostgreSQL refuses it in TEXT).
+    let verdicts = vec![
+        (by_w(healthy), Verdict::Paid { reference: Some("ref\u{0}-1".into()) }),
+        (by_w(broken), Verdict::Paid { reference: None }),
+    ];
+    let recorded = payouts::record_all(&mut conn, &verdicts, &RetryPolicy::default()).unwrap();
+    assert_eq!(recorded[0], Recorded::Settled);
+    assert!(matches!(&recorded[1], Recorded::Unrecordable { error } if error.contains("inconsistent")), "{recorded:?}");
+    let ok = payouts::for_withdrawal(&mut conn, healthy).unwrap().unwrap();
+    assert_eq!((ok.status(), ok.gateway_reference.as_deref()), (PayoutStatus::Settled, Some("ref-1")));
+    let bad = payouts::for_withdrawal(&mut conn, broken).unwrap().unwrap();
+    assert_eq!(bad.status(), PayoutStatus::Failed, "for an operator, not claimed and failing forever");
+    assert!(bad.last_error.unwrap().contains("could not record"));
 }

@@ -101,6 +101,9 @@ pub fn run_round(
     config: &DispatchConfig,
     stopping: &(dyn Fn() -> bool + Sync),
 ) -> Result<RoundReport, LedgerError> {
+    config.validate().map_err(|reason| {
+        LedgerError::Invalid(crate::error::InvalidInput::BadField { field: "dispatch config", reason })
+    })?;
     let claim = {
         let mut conn = pool.get()?;
         payouts::claim_due(&mut conn, config.batch as i64, config.lease_ms)?
@@ -129,6 +132,7 @@ pub fn run_round(
             Recorded::Failed => report.failed += 1,
             Recorded::Released => report.released += 1,
             Recorded::Superseded => report.superseded += 1,
+            Recorded::Unrecordable { .. } => report.failed += 1,
         }
     }
     Ok(report)

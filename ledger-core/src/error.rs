@@ -60,6 +60,10 @@ pub enum LedgerError {
     Database(#[from] DieselError),
     #[error("connection pool error: {0}")]
     Pool(String),
+    /// Stored rows disagree with what the operation requires (for example a pending
+    /// payout whose withdrawal is not paying out). Nothing was written.
+    #[error("inconsistent ledger data: {0}")]
+    Inconsistent(String),
 }
 
 impl From<r2d2::Error> for LedgerError {
@@ -170,6 +174,7 @@ impl LedgerError {
             LedgerError::BalanceOverflow(_) => "balance_overflow",
             LedgerError::LockTimeout(_) => "lock_timeout",
             LedgerError::RetriesExhausted { .. } => "retries_exhausted",
+            LedgerError::Inconsistent(_) => "inconsistent",
             LedgerError::Database(_) => "database",
             LedgerError::Pool(_) => "pool",
         }

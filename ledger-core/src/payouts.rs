@@ -353,6 +353,12 @@ pub fn claim_due(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<C
     Ok(Claim { requests, lease_until: asked_at + Duration::from_millis(lease_ms) })
 }
 
+/// A claimed payout and the verdict on it.
+pub type Judged = (PayoutRequest, Verdict);
+
+/// Records a batch of verdicts in one transaction (see [`record_all_with`]).
+pub type RecordBatch<'a> = dyn FnMut(&[Judged]) -> Result<Vec<Recorded>, LedgerError> + 'a;
+
 /// What recording did with one verdict.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Recorded {
@@ -369,6 +375,11 @@ pub enum Recorded {
     /// The claim is no longer current (its token was superseded by a newer claim, or an
     /// operator acted): nothing recorded. A later claim looks the payout up.
     Superseded,
+    /// The verdict could not be recorded (inconsistent data): the payout was set
+    /// `failed` with the error, for an operator.
+    Unrecordable {
+        error: String,
+    },
 }
 
 /// Backoff and retry limits for unknown gateway outcomes.
@@ -407,13 +418,74 @@ pub fn record(
 
 /// Records a claim's verdicts in one transaction, each only under its current token:
 /// the paid are settled in one statement, the refused returned (customer accounts
-/// locked in ascending id order), the unknown rescheduled, the unsent released.
+/// locked in ascending id order), the unknown rescheduled, the unsent released. See
+/// [`record_all_with`] for what happens when that transaction fails.
 pub fn record_all(
     conn: &mut PgConnection,
     verdicts: &[(PayoutRequest, Verdict)],
     policy: &RetryPolicy,
 ) -> Result<Vec<Recorded>, LedgerError> {
-    tx::transaction(conn, &TxOptions::default(), |tx| record_all_tx(tx, verdicts, policy))
+    let conn = std::cell::RefCell::new(conn);
+    record_all_with(
+        verdicts,
+        &mut |batch| {
+            tx::transaction(&mut conn.borrow_mut(), &TxOptions::default(), |tx| record_all_tx(tx, batch, policy))
+        },
+        &mut |request, error| {
+            tx::transaction(&mut conn.borrow_mut(), &TxOptions::default(), |tx| mark_unrecordable(tx, request, error))
+        },
+    )
+}
+
+/// Records `verdicts` with `record` (which runs [`record_all_tx`] in a transaction of
+/// the caller's making). If the batch fails for a reason that is not transient, each
+/// verdict is recorded alone, so the payout to blame fails alone; one that still cannot
+/// be recorded is set `failed` by `give_up` with the error (an operator's case: it is
+/// never refunded without a lookup), instead of being claimed and failing forever.
+pub fn record_all_with(
+    verdicts: &[(PayoutRequest, Verdict)],
+    record: &mut RecordBatch<'_>,
+    give_up: &mut dyn FnMut(&PayoutRequest, &str) -> Result<bool, LedgerError>,
+) -> Result<Vec<Recorded>, LedgerError> {
+    match record(verdicts) {
+        Ok(done) => return Ok(done),
+        Err(e) if e.is_transient() || matches!(e, LedgerError::RetriesExhausted { .. }) => return Err(e),
+        Err(_) => {}
+    }
+    let mut out = Vec::with_capacity(verdicts.len());
+    for one in verdicts {
+        match record(std::slice::from_ref(one)) {
+            Ok(mut done) => out.push(done.pop().expect("one result per verdict")),
+            Err(e) if e.is_transient() || matches!(e, LedgerError::RetriesExhausted { .. }) => return Err(e),
+            Err(e) => {
+                let error = format!("could not record {:?}: {e}", one.1);
+                out.push(if give_up(&one.0, &error)? {
+                    Recorded::Unrecordable { error }
+                } else {
+                    Recorded::Superseded
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sets a payout whose verdict cannot be recorded `failed`, with why, if its claim is
+/// still current. Returns whether it did.
+pub fn mark_unrecordable(tx: &mut Tx<'_>, request: &PayoutRequest, error: &str) -> Result<bool, LedgerError> {
+    let n = diesel::update(
+        payouts::table
+            .find(request.payout.get())
+            .filter(payouts::status.eq(PayoutStatus::Pending.as_str()))
+            .filter(payouts::claim_token.eq(request.token)),
+    )
+    .set((
+        payouts::status.eq(PayoutStatus::Failed.as_str()),
+        payouts::last_error.eq(Some(db_text(error, 500))),
+        payouts::updated_at.eq(diesel::dsl::now),
+    ))
+    .execute(tx.conn())?;
+    Ok(n == 1)
 }
 
 pub fn record_all_tx(
@@ -468,6 +540,8 @@ pub fn record_all_tx(
     for (i, p, was_possibly_sent) in released {
         let n = diesel::update(payouts::table.find(p.id))
             .set((
+                // Nothing was sent: the claim does not count as an attempt.
+                payouts::attempts.eq(payouts::attempts - 1),
                 payouts::claim_token.eq(None::<i64>),
                 payouts::possibly_sent.eq(p.possibly_sent && was_possibly_sent),
                 payouts::next_attempt_at.eq(diesel::dsl::now),
@@ -490,12 +564,13 @@ fn reschedule(
     counts: bool,
     policy: &RetryPolicy,
 ) -> Result<Recorded, LedgerError> {
-    let error: String = error.chars().take(500).collect();
+    let error = db_text(error, 500);
     if counts && p.attempts >= i32::try_from(policy.max_attempts).unwrap_or(i32::MAX) {
         diesel::update(payouts::table.find(p.id))
             .set((
+                // The last claim's token stays: an operator's return compares it to see
+                // that no call went out since its lookup.
                 payouts::status.eq(PayoutStatus::Failed.as_str()),
-                payouts::claim_token.eq(None::<i64>),
                 payouts::last_error.eq(Some(&error)),
                 payouts::updated_at.eq(diesel::dsl::now),
             ))
@@ -534,8 +609,18 @@ fn set_withdrawal(
     )
     .set((withdrawals::status.eq(status.as_str()), withdrawals::reason.eq(reason)))
     .execute(tx.conn())?;
-    assert_eq!(updated, 1, "a pending payout's withdrawal is paying out");
+    if updated != 1 {
+        return Err(LedgerError::Inconsistent(format!(
+            "withdrawal {withdrawal} of a pending payout is not paying out"
+        )));
+    }
     Ok(())
+}
+
+/// Text from a gateway, fit for a TEXT column: PostgreSQL refuses NUL characters (a
+/// JSON string may carry one), and no field grows without bound.
+fn db_text(text: &str, max_chars: usize) -> String {
+    text.chars().filter(|c| *c != '\0').take(max_chars).collect()
 }
 
 /// Phase 2, accepted, for many payouts in one statement: per payout one entry moving
@@ -554,8 +639,7 @@ fn settle_all(tx: &mut Tx<'_>, paid: &[(usize, &Payout, Option<&str>)]) -> Resul
         withdrawals: i64,
     }
     let ids: Vec<i64> = paid.iter().map(|(_, p, _)| p.id).collect();
-    let references: Vec<Option<String>> =
-        paid.iter().map(|(_, _, r)| r.map(|r| r.chars().take(200).collect())).collect();
+    let references: Vec<Option<String>> = paid.iter().map(|(_, _, r)| r.map(|r| db_text(r, 200))).collect();
     let done: Settled = diesel::sql_query(
         "WITH s AS (
              SELECT x.id, x.withdrawal_id, x.currency, x.amount_minor, v.reference
@@ -592,13 +676,15 @@ fn settle_all(tx: &mut Tx<'_>, paid: &[(usize, &Payout, Option<&str>)]) -> Resul
     .bind::<Array<BigInt>, _>(&ids)
     .bind::<Array<Nullable<Text>>, _>(&references)
     .get_result(tx.conn())?;
-    // Pair what the statement did with what was asked (assertions, not hopes).
+    // Pair what the statement did with what was asked. A mismatch (a withdrawal that is
+    // not paying out) is an error, so the transaction rolls back whole.
     let n = ids.len() as i64;
-    assert_eq!(
-        (done.entries, done.postings, done.payouts, done.withdrawals),
-        (n, 2 * n, n, n),
-        "each settled payout: one entry, two postings, its payout and its withdrawal"
-    );
+    if (done.entries, done.postings, done.payouts, done.withdrawals) != (n, 2 * n, n, n) {
+        return Err(LedgerError::Inconsistent(format!(
+            "settling {n} payout(s) wrote {} entries, {} postings, {} payouts and {} withdrawals",
+            done.entries, done.postings, done.payouts, done.withdrawals
+        )));
+    }
     Ok(())
 }
 
@@ -623,7 +709,7 @@ fn return_tx(tx: &mut Tx<'_>, payout: &Payout, reason: &str, forced: Option<&str
         ],
     )?;
     accounts::set_balance(tx, &customer, after)?;
-    let reason: String = reason.chars().take(500).collect();
+    let reason = db_text(reason, 500);
     diesel::update(payouts::table.find(payout.id))
         .set((
             payouts::status.eq(PayoutStatus::Returned.as_str()),
@@ -689,6 +775,16 @@ pub fn return_failed(
     if before.status() != PayoutStatus::Failed {
         return Err(not_failed_err(id, &format!("is {}", before.status)));
     }
+    // Its last call may still be at work in the gateway until the claim's lease ends:
+    // a lookup before then could miss a payment that lands a moment later.
+    let lease_running: bool =
+        payouts::table.find(id.get()).select(payouts::next_attempt_at.gt(diesel::dsl::now)).first(conn)?;
+    if lease_running && matches!(authority, ReturnAuthority::Lookup(_)) && before.possibly_sent {
+        return Err(LedgerError::Invalid(InvalidInput::BadField {
+            field: "payout",
+            reason: format!("payout {id}'s last call may still be in flight until its lease ends; try again shortly"),
+        }));
+    }
     // The lookup runs with no transaction open; the decision is re-checked under lock.
     let (paid, forced) = match authority {
         ReturnAuthority::Force { reason: why } => {
@@ -725,6 +821,14 @@ pub fn return_failed(
             .ok_or_else(|| not_failed_err(id, "does not exist"))?;
         if payout.status() != PayoutStatus::Failed {
             return Err(not_failed_err(id, &format!("is {}", payout.status)));
+        }
+        // Claimed again since the lookup (an operator's retry, a dispatcher's call): the
+        // lookup no longer speaks for it.
+        if (payout.claim_token, payout.attempts) != (before.claim_token, before.attempts) {
+            return Err(LedgerError::Invalid(InvalidInput::BadField {
+                field: "payout",
+                reason: format!("payout {id} was sent again while it was being looked up; nothing returned"),
+            }));
         }
         match &paid {
             Some(reference) => {

@@ -272,7 +272,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 2)]
     pub payout_threads: usize,
     /// Payouts claimed per dispatcher round (one claim, one recording transaction).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     pub payout_batch: usize,
     /// How long a claimed payout is reserved; at least three gateway calls
     /// (--payout-timeout-ms plus --payout-connect-timeout-ms each) plus 250 ms.

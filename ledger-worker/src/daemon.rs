@@ -100,7 +100,7 @@ impl Default for WorkerConfig {
             shutdown_grace_ms: 10_000,
             application_name: "ledger-worker".into(),
             payout_threads: 2,
-            payout_batch: 16,
+            payout_batch: 256,
             payout_lease_ms: 60_000,
             payout_poll_ms: 50,
             payout_retry: RetryPolicy::default(),
@@ -1155,9 +1155,19 @@ fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
 
 fn record_payouts(shared: &Shared, verdicts: &[(PayoutRequest, Verdict)]) {
     let opts = TxOptions { max_attempts: shared.config.tx_attempts.max(3), ..TxOptions::default() };
-    let result = ledger_core::tx::transaction_pooled_until(&shared.pool, &opts, &UntilDeadline(shared), |tx| {
-        payouts::record_all_tx(tx, verdicts, &shared.config.payout_retry)
-    });
+    let result = payouts::record_all_with(
+        verdicts,
+        &mut |batch| {
+            ledger_core::tx::transaction_pooled_until(&shared.pool, &opts, &UntilDeadline(shared), |tx| {
+                payouts::record_all_tx(tx, batch, &shared.config.payout_retry)
+            })
+        },
+        &mut |request, error| {
+            ledger_core::tx::transaction_pooled_until(&shared.pool, &opts, &UntilDeadline(shared), |tx| {
+                payouts::mark_unrecordable(tx, request, error)
+            })
+        },
+    );
     let recorded = match result {
         Ok(r) => r,
         // The answers are lost with the database; the leases run out and the payouts
@@ -1198,6 +1208,10 @@ fn record_payouts(shared: &Shared, verdicts: &[(PayoutRequest, Verdict)]) {
             }
             Recorded::Released => debug!(payout, "payout not sent; claim given back"),
             Recorded::Superseded => debug!(payout, "payout claim superseded; not recorded"),
+            Recorded::Unrecordable { error } => {
+                shared.metrics.payouts_failed.fetch_add(1, Ordering::Relaxed);
+                error!(payout, error = %error, "payout answer could not be recorded; payout set failed for an operator");
+            }
         }
     }
 }

@@ -255,7 +255,10 @@ impl WebhookGateway {
         if credentials.secret.0.is_empty() {
             return Err(WebhookError::EmptySecret { var: SECRET_VAR });
         }
+        // Keep-alive for every call in flight (ureq keeps one idle connection by default).
         let agent = ureq::AgentBuilder::new()
+            .max_idle_connections(256)
+            .max_idle_connections_per_host(256)
             .timeout_connect(config.connect_timeout)
             .timeout(config.timeout)
             .redirects(0)
@@ -459,7 +462,8 @@ pub fn read_send_answer(status: u16, body: &str) -> SendOutcome {
 /// |---|---|
 /// | 200, `{"status": "accepted", ...}` | Accepted (`"reference"` kept if a string) |
 /// | 200, `{"status": "rejected", "reason": "<string>", ...}` | Rejected |
-/// | 404 | NotFound: the gateway never received a call with this key |
+/// | 404, `{"status": "not_found", ...}` | NotFound: the gateway never received a call with this key |
+/// | 404 with any other body | Unknown: a missing route (a mistyped URL, a proxy) is not a missing payout |
 /// | 401, 403 | Unauthorized |
 /// | anything else (other statuses or bodies, 3xx, ...) | Unknown |
 pub fn read_lookup_answer(status: u16, body: &str) -> LookupOutcome {
@@ -478,7 +482,15 @@ pub fn read_lookup_answer(status: u16, body: &str) -> LookupOutcome {
                 },
             }
         }
-        404 => LookupOutcome::NotFound,
+        // Only an explicit answer about the key: a bare 404 from a mistyped URL or a proxy
+        // that does not know the route must not be read as "never received", or a
+        // payout that may have been paid would be refunded.
+        404 => match object(body) {
+            Some(map) if map.get("status").and_then(Value::as_str) == Some("not_found") => LookupOutcome::NotFound,
+            _ => LookupOutcome::Unknown {
+                error: format!("HTTP 404 without {{\"status\":\"not_found\"}} (a missing route?): {}", quote(body)),
+            },
+        },
         401 | 403 => LookupOutcome::Unauthorized { error: format!("HTTP {status}: {}", quote(body)) },
         300..=399 => {
             LookupOutcome::Unknown { error: format!("HTTP {status} (redirects are not followed): {}", quote(body)) }
@@ -639,8 +651,12 @@ mod tests {
             (201, r#"{"status":"accepted"}"#, &unknown),
             (202, r#"{"status":"accepted"}"#, &unknown),
             (204, "", &unknown),
-            (404, "", &|o| *o == L::NotFound),
-            (404, r#"{"status":"accepted"}"#, &|o| *o == L::NotFound),
+            (404, r#"{"status":"not_found"}"#, &|o| *o == L::NotFound),
+            (404, r#"{"status":"not_found","detail":"no payout with this key"}"#, &|o| *o == L::NotFound),
+            (404, "", &|o| matches!(o, L::Unknown { .. })),
+            (404, "<html>Not Found</html>", &|o| matches!(o, L::Unknown { .. })),
+            (404, r#"{"error":"no such route"}"#, &|o| matches!(o, L::Unknown { .. })),
+            (404, r#"{"status":"accepted"}"#, &|o| matches!(o, L::Unknown { .. })),
             (401, "", &|o| matches!(o, L::Unauthorized { .. })),
             (403, "", &|o| matches!(o, L::Unauthorized { .. })),
             (301, "", &unknown),

@@ -422,3 +422,23 @@ fn secrets_never_show_in_debug_output_errors_or_outcomes() {
         assert!(!seen.contains(secret), "{secret} leaked: {seen}");
     }
 }
+
+#[testing::test]
+fn a_mistyped_url_never_refunds_a_payout_that_may_have_been_paid() {
+    let bank = start(Faults::none());
+    let right = gateway(&bank);
+    let p = payout(IBAN);
+    // The first call paid, but its answer was lost: the payout may have been sent.
+    assert!(matches!(right.send(&p), SendOutcome::Accepted { .. }));
+    let in_doubt = PayoutRequest { possibly_sent: true, ..p.clone() };
+    // A restart with a typo in the path: every route answers a bare 404.
+    let typo_url = bank.url().replace("/payouts", "/payout");
+    let credentials = Credentials { token: Secret::new(bank.token()), secret: Secret::new(bank.secret()) };
+    let typo = WebhookGateway::new(config(&typo_url), credentials).unwrap();
+    assert!(matches!(typo.lookup(&in_doubt), LookupOutcome::Unknown { .. }), "a missing route is not a missing payout");
+    let verdict = ledger_core::payouts::resolve(&typo, &in_doubt, &|| true);
+    assert!(matches!(verdict, ledger_core::payouts::Verdict::Unknown { .. }), "{verdict:?}");
+    // The right URL finds the payment.
+    assert!(matches!(right.lookup(&in_doubt), LookupOutcome::Accepted { .. }));
+    assert_clean(&bank);
+}

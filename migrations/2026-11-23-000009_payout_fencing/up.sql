@@ -28,7 +28,8 @@ ALTER TABLE payouts ADD COLUMN claim_token BIGINT NULL;
 -- when the payout is claimed, before the call). Such a payout is refunded only after a
 -- lookup at the gateway says it was rejected or never received.
 ALTER TABLE payouts ADD COLUMN possibly_sent BOOLEAN NOT NULL DEFAULT false;
-UPDATE payouts SET possibly_sent = true WHERE attempts > 0;
+-- (The old `payout retry` reset attempts to 0 but kept last_error: that one was sent too.)
+UPDATE payouts SET possibly_sent = true WHERE attempts > 0 OR last_error IS NOT NULL;
 
 -- An operator's return without a confirming lookup (`payout return --force`), and why.
 ALTER TABLE payouts ADD COLUMN forced_return_reason TEXT NULL;

@@ -382,7 +382,7 @@ fn handle(request: &Request, shared: &Shared) -> (u16, String) {
             };
             match shared.paid().get(&key) {
                 Some(p) => (200, json!({ "status": "accepted", "reference": p.reference }).to_string()),
-                None => (404, json!({ "error": "no such payout" }).to_string()),
+                None => (404, json!({ "status": "not_found" }).to_string()),
             }
         }
         _ => {

@@ -97,6 +97,16 @@ pub fn instance_id(conn: &mut PgConnection) -> Result<String, LedgerError> {
     Ok(ledger_instance::table.select(ledger_instance::instance_id).first(conn)?)
 }
 
+/// Gives this ledger a new random instance id, for a database restored from a backup or
+/// cloned from another: its new payouts' keys then differ from every key the original
+/// sent, although withdrawal ids repeat. Payouts already queued keep their stored keys.
+pub fn renew_instance_id(conn: &mut PgConnection) -> Result<String, LedgerError> {
+    Ok(diesel::update(ledger_instance::table)
+        .set(ledger_instance::instance_id.eq(diesel::dsl::sql::<Text>("replace(gen_random_uuid()::text, '-', '')")))
+        .returning(ledger_instance::instance_id)
+        .get_result(conn)?)
+}
+
 /// Queues a payout (status pending) inside the debiting transaction. Its gateway key
 /// is made by the database (`ledger_payout_key`), stored, and never recomputed.
 pub fn enqueue(

@@ -33,7 +33,14 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Apply pending schema migrations.
-    Migrate,
+    Migrate {
+        /// Give this ledger a new instance id (part of every new payout's gateway key).
+        /// Run it once on a database restored from a backup or cloned from another, so
+        /// its new payouts never reuse keys the original already sent. Payouts already
+        /// queued keep their keys.
+        #[arg(long)]
+        new_instance_id: bool,
+    },
     /// Open or show customer accounts.
     #[command(subcommand)]
     Account(AccountCommand),

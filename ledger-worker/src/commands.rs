@@ -132,10 +132,18 @@ fn amount_for(conn: &mut PgConnection, account: AccountId, text: &str) -> Result
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let out = Output { json: cli.json };
     match cli.command {
-        Command::Migrate => {
+        Command::Migrate { new_instance_id } => {
             let mut conn = db::connect(&require_url(cli.database_url)?, &db::SessionConfig::default())?;
             let n = db::run_migrations(&mut conn)?;
-            out.print(json!({ "applied": n }), || format!("{n} migration(s) applied"));
+            let (instance, renewed) = if new_instance_id {
+                (payouts::renew_instance_id(&mut conn)?, true)
+            } else {
+                (payouts::instance_id(&mut conn)?, false)
+            };
+            out.print(json!({ "applied": n, "instance_id": instance, "instance_id_renewed": renewed }), || {
+                let what = if renewed { "new instance id" } else { "instance id" };
+                format!("{n} migration(s) applied; {what} {instance}")
+            });
         }
         Command::Account(AccountCommand::Open { owner, currency, overdraft_limit, key }) => {
             let currency = Currency::from_code(&currency)?;

@@ -172,3 +172,50 @@ fn metrics_are_served_in_prometheus_format_when_asked() {
     assert_eq!(finished, 10, "{body}");
     assert!(body.contains("ledger_job_latency_seconds_count 10"), "{body}");
 }
+
+#[testing::test]
+fn migrate_can_give_a_restored_ledger_a_new_instance_id_and_queued_payouts_keep_their_keys() {
+    let db = testing::committed();
+    let url = db.url();
+    let first = ok_json(url, &["migrate"]);
+    let old = first["instance_id"].as_str().unwrap().to_string();
+    assert_eq!(old.len(), 32);
+    let a = ok_json(url, &["account", "open", "--owner", "ida", "--currency", "EUR"]);
+    let a_id = a["id"].as_i64().unwrap().to_string();
+    ok_json(url, &["deposit", "--account", &a_id, "--amount", "10.00", "--key", "i-d"]);
+    ok_json(url, &["withdraw", "--account", &a_id, "--to", IBAN, "--amount", "1.00", "--key", "i-w1"]);
+    let mut daemon = spawn_daemon(url, &["--gateway", "none", "--exit-when-idle"]);
+    assert!(wait_exit(&mut daemon, std::time::Duration::from_secs(60)).success());
+    let renewed = ok_json(url, &["migrate", "--new-instance-id"]);
+    let new = renewed["instance_id"].as_str().unwrap().to_string();
+    assert!(renewed["instance_id_renewed"].as_bool().unwrap() && new != old && new.len() == 32);
+    ok_json(url, &["withdraw", "--account", &a_id, "--to", IBAN, "--amount", "1.00", "--key", "i-w2"]);
+    let mut daemon = spawn_daemon(url, &["--gateway", "none", "--exit-when-idle"]);
+    assert!(wait_exit(&mut daemon, std::time::Duration::from_secs(60)).success());
+    let mut conn = db.conn();
+    let keys: Vec<String> =
+        ledger_core::payouts::list(&mut conn, None, 10).unwrap().into_iter().map(|p| p.idempotency_key).collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys[0].starts_with(&format!("payout-{new}-w")), "the new payout carries the new id: {keys:?}");
+    assert!(keys[1].starts_with(&format!("payout-{old}-w")), "the queued one keeps its key: {keys:?}");
+}
+
+#[testing::test]
+fn run_refuses_to_start_without_an_explicit_gateway_and_the_demo_refuses_a_database_with_data() {
+    let db = testing::committed();
+    let url = db.url();
+    let out = cli(url, &["run", "--exit-when-idle"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--gateway webhook") && stderr.contains("--gateway log") && stderr.contains("--gateway none"),
+        "{stderr}"
+    );
+    let mut conn = db.conn();
+    let before = testing::snapshot(&mut conn);
+    let out = worker_command().args(["demo", "--database-url", url]).stdin(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the demo must refuse a database that holds a ledger");
+    assert!(stderr.contains("nothing was written"), "{stderr}");
+    assert_eq!(testing::snapshot(&mut conn), before, "the demo wrote nothing");
+}

@@ -100,11 +100,23 @@ pub fn instance_id(conn: &mut PgConnection) -> Result<String, LedgerError> {
 /// Gives this ledger a new random instance id, for a database restored from a backup or
 /// cloned from another: its new payouts' keys then differ from every key the original
 /// sent, although withdrawal ids repeat. Payouts already queued keep their stored keys.
+///
+/// Payouts still open in such a copy may have been sent by the original after the copy
+/// was taken: they are all marked possibly sent, so each is looked up before anything
+/// else is done with it.
 pub fn renew_instance_id(conn: &mut PgConnection) -> Result<String, LedgerError> {
-    Ok(diesel::update(ledger_instance::table)
-        .set(ledger_instance::instance_id.eq(diesel::dsl::sql::<Text>("replace(gen_random_uuid()::text, '-', '')")))
-        .returning(ledger_instance::instance_id)
-        .get_result(conn)?)
+    tx::transaction(conn, &TxOptions::default(), |tx| {
+        diesel::update(
+            payouts::table
+                .filter(payouts::status.eq_any([PayoutStatus::Pending.as_str(), PayoutStatus::Failed.as_str()])),
+        )
+        .set(payouts::possibly_sent.eq(true))
+        .execute(tx.conn())?;
+        Ok(diesel::update(ledger_instance::table)
+            .set(ledger_instance::instance_id.eq(diesel::dsl::sql::<Text>("replace(gen_random_uuid()::text, '-', '')")))
+            .returning(ledger_instance::instance_id)
+            .get_result(tx.conn())?)
+    })
 }
 
 /// Queues a payout (status pending) inside the debiting transaction. Its gateway key
@@ -466,7 +478,9 @@ pub fn record_all_with(
     for one in verdicts {
         match record(std::slice::from_ref(one)) {
             Ok(mut done) => out.push(done.pop().expect("one result per verdict")),
-            Err(e) if e.is_transient() || matches!(e, LedgerError::RetriesExhausted { .. }) => return Err(e),
+            // Only data that cannot be recorded gives up; anything else (a timeout, a
+            // cancelled statement, an overloaded server) leaves the claim to its lease.
+            Err(e) if !is_data_error(&e) => return Err(e),
             Err(e) => {
                 let error = format!("could not record {:?}: {e}", one.1);
                 out.push(if give_up(&one.0, &error)? {
@@ -478,6 +492,16 @@ pub fn record_all_with(
         }
     }
     Ok(out)
+}
+
+/// Errors that say the stored data (or the gateway's text) cannot take this verdict, as
+/// opposed to the database failing to run it.
+fn is_data_error(e: &LedgerError) -> bool {
+    match e {
+        LedgerError::Inconsistent(_) | LedgerError::BalanceOverflow(_) => true,
+        LedgerError::Database(_) => e.sqlstate().is_some_and(|s| matches!(s.class(), "22" | "23")),
+        _ => false,
+    }
 }
 
 /// Sets a payout whose verdict cannot be recorded `failed`, with why, if its claim is
@@ -742,7 +766,10 @@ pub fn retry(conn: &mut PgConnection, id: PayoutId) -> Result<Payout, LedgerErro
                 .set((
                     payouts::status.eq(PayoutStatus::Pending.as_str()),
                     payouts::attempts.eq(0),
-                    payouts::next_attempt_at.eq(diesel::dsl::now),
+                    payouts::claim_token.eq(None::<i64>),
+                    // Not before the last claim's lease ends: its call may still be at work.
+                    payouts::next_attempt_at
+                        .eq(diesel::dsl::sql::<diesel::sql_types::Timestamptz>("GREATEST(next_attempt_at, now())")),
                     payouts::updated_at.eq(diesel::dsl::now),
                 ))
                 .execute(tx.conn())?;

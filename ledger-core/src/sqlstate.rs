@@ -193,7 +193,7 @@ mod tests {
     /// The layout check against a real server error, in this crate's own tests (the
     /// integration tests in `tests/sqlstate.rs` cover many more codes).
     #[cfg(feature = "testing")]
-    #[test]
+    #[crate::testing::test]
     fn the_sqlstate_of_a_real_server_error_is_read_from_diesels_error() {
         use diesel::RunQueryDsl;
         crate::testing::with_rollback(|conn| {

@@ -382,7 +382,7 @@ impl PayoutGateway for WebhookGateway {
         let request = self.authenticate(self.agent.get(&self.lookup_url(&r.idempotency_key)), "");
         let outcome = match self.call(request, None) {
             Ok((status, bytes)) => match std::str::from_utf8(&bytes) {
-                Ok(text) => read_lookup_answer(status, text),
+                Ok(text) => read_lookup_answer(status, text, &r.idempotency_key),
                 Err(_) => LookupOutcome::Unknown { error: format!("HTTP {status} with a body that is not UTF-8") },
             },
             Err(error) => LookupOutcome::Unknown { error },
@@ -462,11 +462,11 @@ pub fn read_send_answer(status: u16, body: &str) -> SendOutcome {
 /// |---|---|
 /// | 200, `{"status": "accepted", ...}` | Accepted (`"reference"` kept if a string) |
 /// | 200, `{"status": "rejected", "reason": "<string>", ...}` | Rejected |
-/// | 404, `{"status": "not_found", ...}` | NotFound: the gateway never received a call with this key |
+/// | 404, `{"status": "not_found", "idempotency_key": "<the key>", ...}` | NotFound: the gateway never received a call with this key |
 /// | 404 with any other body | Unknown: a missing route (a mistyped URL, a proxy) is not a missing payout |
 /// | 401, 403 | Unauthorized |
 /// | anything else (other statuses or bodies, 3xx, ...) | Unknown |
-pub fn read_lookup_answer(status: u16, body: &str) -> LookupOutcome {
+pub fn read_lookup_answer(status: u16, body: &str, key: &str) -> LookupOutcome {
     match status {
         200 => {
             let Some(map) = object(body) else {
@@ -486,9 +486,18 @@ pub fn read_lookup_answer(status: u16, body: &str) -> LookupOutcome {
         // that does not know the route must not be read as "never received", or a
         // payout that may have been paid would be refunded.
         404 => match object(body) {
-            Some(map) if map.get("status").and_then(Value::as_str) == Some("not_found") => LookupOutcome::NotFound,
+            // ...and about this key: the answer names it back.
+            Some(map)
+                if map.get("status").and_then(Value::as_str) == Some("not_found")
+                    && map.get("idempotency_key").and_then(Value::as_str) == Some(key) =>
+            {
+                LookupOutcome::NotFound
+            }
             _ => LookupOutcome::Unknown {
-                error: format!("HTTP 404 without {{\"status\":\"not_found\"}} (a missing route?): {}", quote(body)),
+                error: format!(
+                    "HTTP 404 without {{\"status\":\"not_found\",\"idempotency_key\":<this key>}} (a missing route?): {}",
+                    quote(body)
+                ),
             },
         },
         401 | 403 => LookupOutcome::Unauthorized { error: format!("HTTP {status}: {}", quote(body)) },
@@ -651,8 +660,12 @@ mod tests {
             (201, r#"{"status":"accepted"}"#, &unknown),
             (202, r#"{"status":"accepted"}"#, &unknown),
             (204, "", &unknown),
-            (404, r#"{"status":"not_found"}"#, &|o| *o == L::NotFound),
-            (404, r#"{"status":"not_found","detail":"no payout with this key"}"#, &|o| *o == L::NotFound),
+            (404, r#"{"status":"not_found","idempotency_key":"k-1"}"#, &|o| *o == L::NotFound),
+            (404, r#"{"status":"not_found","idempotency_key":"k-1","detail":"never received"}"#, &|o| {
+                *o == L::NotFound
+            }),
+            (404, r#"{"status":"not_found"}"#, &|o| matches!(o, L::Unknown { .. })),
+            (404, r#"{"status":"not_found","idempotency_key":"k-2"}"#, &|o| matches!(o, L::Unknown { .. })),
             (404, "", &|o| matches!(o, L::Unknown { .. })),
             (404, "<html>Not Found</html>", &|o| matches!(o, L::Unknown { .. })),
             (404, r#"{"error":"no such route"}"#, &|o| matches!(o, L::Unknown { .. })),
@@ -674,7 +687,7 @@ mod tests {
             (0, "", &unknown),
         ];
         for (status, body, check) in rows {
-            let got = read_lookup_answer(*status, body);
+            let got = read_lookup_answer(*status, body, "k-1");
             assert!(check(&got), "GET answered {status} {body:?}: read as {got:?}");
         }
     }

@@ -382,7 +382,7 @@ fn handle(request: &Request, shared: &Shared) -> (u16, String) {
             };
             match shared.paid().get(&key) {
                 Some(p) => (200, json!({ "status": "accepted", "reference": p.reference }).to_string()),
-                None => (404, json!({ "status": "not_found" }).to_string()),
+                None => (404, json!({ "status": "not_found", "idempotency_key": key }).to_string()),
             }
         }
         _ => {
@@ -549,7 +549,7 @@ mod tests {
         }
     }
 
-    #[test]
+    #[ledger_core::testing::test]
     fn pays_once_per_key_over_one_kept_alive_connection_and_refuses_bad_credentials() {
         let bank = Bank::start("tok", "sec", Duration::from_millis(1)).unwrap();
         let mut stream = TcpStream::connect(bank.addr).unwrap();
@@ -579,7 +579,7 @@ mod tests {
     /// The worker's webhook gateway (the contract's client side) is paid by this bank:
     /// signed and authenticated, once per key, answered the same on a replay, found by a
     /// lookup, and over kept-alive connections.
-    #[test]
+    #[ledger_core::testing::test]
     fn the_webhook_gateway_is_paid_once_per_key() {
         use crate::webhook::{Credentials, Secret, WebhookConfig, WebhookGateway};
         use ledger_core::payouts::{LookupOutcome, PayoutGateway, PayoutRequest, SendOutcome};

@@ -655,7 +655,7 @@ fn lookup(shared: &Shared, key: &str) -> Answer {
     if let Some(reason) = books.refused.get(key) {
         return respond(200, json!({ "status": "rejected", "reason": reason }));
     }
-    respond(404, json!({ "status": "not_found" }))
+    respond(404, json!({ "status": "not_found", "idempotency_key": key }))
 }
 
 fn pay(shared: &Shared, request: &Request, key: &str, fault: Fault) -> Answer {

@@ -299,7 +299,7 @@ fn serve(listener: TcpListener, state: &BankState) {
         let paid = accepted.contains_key(&key);
         if lookup && !paid {
             drop(accepted);
-            respond(&mut stream, "404 Not Found", r#"{"status":"not_found"}"#);
+            respond(&mut stream, "404 Not Found", &format!(r#"{{"status":"not_found","idempotency_key":"{key}"}}"#));
             continue;
         }
         if !paid {

@@ -403,3 +403,83 @@ fn a_verdict_that_cannot_be_recorded_fails_alone_and_the_rest_of_the_batch_is_re
     assert_eq!(bad.status(), PayoutStatus::Failed, "for an operator, not claimed and failing forever");
     assert!(bad.last_error.unwrap().contains("could not record"));
 }
+
+/// A gateway whose calls take `call_ms` and that counts calls for one key in flight at once.
+struct SlowGateway {
+    call_ms: u64,
+    in_flight: std::sync::atomic::AtomicUsize,
+    overlaps: std::sync::atomic::AtomicUsize,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl SlowGateway {
+    fn call(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.calls.fetch_add(1, SeqCst);
+        if self.in_flight.fetch_add(1, SeqCst) > 0 {
+            self.overlaps.fetch_add(1, SeqCst);
+        }
+        std::thread::sleep(Duration::from_millis(self.call_ms));
+        self.in_flight.fetch_sub(1, SeqCst);
+    }
+}
+
+impl PayoutGateway for SlowGateway {
+    fn send(&self, _: &PayoutRequest) -> SendOutcome {
+        self.call();
+        SendOutcome::Unknown { error: "timeout".into() }
+    }
+    fn lookup(&self, _: &PayoutRequest) -> LookupOutcome {
+        self.call();
+        LookupOutcome::Unknown { error: "timeout".into() }
+    }
+}
+
+/// Two dispatchers 300 ms apart, one payout, calls of 600 ms under a lease of `lease_ms`:
+/// returns the calls made and how many overlapped. `guarded` uses the dispatcher's rule (a call starts only if it ends
+/// within the lease); unguarded, every call is allowed.
+fn two_dispatchers(lease_ms: u64, guarded: bool) -> (usize, usize) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let db = testing::committed();
+    let mut setup = db.conn();
+    let (_a, w) = paying_out(&mut setup, "50.00", "10.00");
+    let gateway = SlowGateway {
+        call_ms: 600,
+        in_flight: Default::default(),
+        overlaps: Default::default(),
+        calls: Default::default(),
+    };
+    let budget = Duration::from_millis(600 + ledger_core::dispatcher::LEASE_MARGIN_MS);
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        for start_after_ms in [0_u64, 300] {
+            let (gateway, barrier, url) = (&gateway, &barrier, db.url().to_string());
+            s.spawn(move || {
+                let mut conn = ledger_core::db::connect(&url, &Default::default()).unwrap();
+                barrier.wait();
+                std::thread::sleep(Duration::from_millis(start_after_ms));
+                let claim = payouts::claim_due(&mut conn, 10, lease_ms).unwrap();
+                let lease_until = claim.lease_until;
+                let may_call = move || !guarded || std::time::Instant::now() + budget <= lease_until;
+                let verdicts = ledger_core::dispatcher::resolve_all(gateway, &claim.requests, 4, &may_call);
+                payouts::record_all(&mut conn, &verdicts, &RetryPolicy::default()).unwrap();
+            });
+        }
+    });
+    assert!(payouts::for_withdrawal(&mut setup, w).unwrap().is_some());
+    (gateway.calls.load(SeqCst), gateway.overlaps.load(SeqCst))
+}
+
+#[testing::test]
+fn no_call_outlives_its_lease_so_two_dispatchers_never_call_for_one_payout_at_once() {
+    // The negative control: without the rule, the second dispatcher claims the payout
+    // once the first's lease ran out, while the first's call is still running.
+    // A 200 ms lease is shorter than one 600 ms call.
+    let (calls, overlaps) = two_dispatchers(200, false);
+    assert!(calls >= 2 && overlaps >= 1, "the unguarded run must overlap ({calls} calls, {overlaps} overlaps)");
+    // With it, a call that could outlast the lease is never started...
+    assert_eq!(two_dispatchers(200, true), (0, 0), "no call could end within the lease, so none was made");
+    // ...and with a lease that holds the call, it is made once, and the second dispatcher
+    // finds the payout leased.
+    assert_eq!(two_dispatchers(2_000, true), (1, 0));
+}

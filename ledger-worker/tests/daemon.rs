@@ -16,11 +16,11 @@ use ledger_worker::daemon::{LedgerProcessor, Processor, WorkerConfig, WorkerPool
 use ledger_worker::metrics::Metrics;
 
 #[testing::test]
-fn five_thousand_withdrawals_two_daemons_and_a_sigkill_end_exactly_once() {
+fn three_thousand_withdrawals_two_daemons_and_a_sigkill_end_exactly_once() {
     let db = testing::committed();
     let mut conn = db.conn();
-    let (_accounts, jobs) = seed(&mut conn, 50, "1000.00", 5_000);
-    assert_eq!(jobs.len(), 5_000);
+    let (_accounts, jobs) = seed(&mut conn, 50, "600.00", 3_000);
+    assert_eq!(jobs.len(), 3_000);
     // Small batches and few threads keep the run long enough to be killed mid-way.
     let args = ["--threads", "2", "--batch-size", "2", "--exit-when-idle"];
     let mut a = spawn_daemon(db.url(), &args);

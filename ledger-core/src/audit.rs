@@ -5,7 +5,9 @@
 //!    posting's running balance is right, and no balance is below its floor.
 //! 3. The payouts-in-transit accounts hold exactly the payouts not yet settled or
 //!    returned; the external-settlement accounts hold exactly the settled ones; every
-//!    debited withdrawal has exactly one entry and one payout, in matching states.
+//!    debited withdrawal has exactly one entry and one payout, in matching states;
+//!    every settlement or return entry moves out of transit exactly the amounts of the
+//!    payouts that name it as their resolution (a settlement entry covers a batch).
 
 use std::fmt;
 
@@ -27,6 +29,8 @@ pub enum Violation {
     PayoutStateMismatch { withdrawal: i64, withdrawal_status: String, payout_status: String },
     WithdrawalWithoutPayout { withdrawal: i64 },
     WithdrawalEntryMismatch { withdrawal: i64 },
+    ResolutionMismatch { entry: i64, moved_minor: i64, payouts_minor: i64 },
+    PayoutResolutionWrong { payout: i64 },
 }
 
 impl fmt::Display for Violation {
@@ -62,6 +66,14 @@ impl fmt::Display for Violation {
             Violation::WithdrawalEntryMismatch { withdrawal } => {
                 write!(f, "withdrawal {withdrawal}: its journal entry does not move its amount")
             }
+            Violation::ResolutionMismatch { entry, moved_minor, payouts_minor } => write!(
+                f,
+                "entry {entry}: moves {moved_minor} out of transit, but the payouts it resolves total {payouts_minor}"
+            ),
+            Violation::PayoutResolutionWrong { payout } => write!(
+                f,
+                "payout {payout}: its resolution entry is not a settlement (or return) out of transit in its currency"
+            ),
         }
     }
 }
@@ -286,6 +298,40 @@ fn run_checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
          ORDER BY w.id",
     )? {
         v.push(Violation::WithdrawalEntryMismatch { withdrawal: r.a });
+    }
+    for r in rows(
+        conn,
+        "SELECT e.id AS a, (-COALESCE(m.moved, 0))::bigint AS b, COALESCE(r.total, 0)::bigint AS c, NULL::text AS t
+         FROM journal_entries e
+         LEFT JOIN (SELECT p.entry_id, SUM(p.amount_minor) AS moved
+                    FROM postings p JOIN accounts a ON a.id = p.account_id
+                    WHERE a.system_role = 'payouts_in_transit' GROUP BY p.entry_id) m ON m.entry_id = e.id
+         LEFT JOIN (SELECT resolution_entry_id, SUM(amount_minor) AS total FROM payouts
+                    WHERE resolution_entry_id IS NOT NULL GROUP BY resolution_entry_id) r
+                ON r.resolution_entry_id = e.id
+         -- Every settlement or return entry, and every entry a payout names as its
+         -- resolution (which must be one of those kinds).
+         WHERE (e.kind IN ('payout_settlement', 'payout_return') OR r.total IS NOT NULL)
+           AND (e.kind NOT IN ('payout_settlement', 'payout_return') OR -COALESCE(m.moved, 0) <> COALESCE(r.total, 0))
+         ORDER BY e.id",
+    )? {
+        v.push(Violation::ResolutionMismatch {
+            entry: r.a,
+            moved_minor: r.b.unwrap_or(0),
+            payouts_minor: r.c.unwrap_or(0),
+        });
+    }
+    for r in rows(
+        conn,
+        "SELECT p.id AS a, NULL::bigint AS b, NULL::bigint AS c, NULL::text AS t
+         FROM payouts p JOIN journal_entries e ON e.id = p.resolution_entry_id
+         WHERE e.kind <> CASE p.status WHEN 'settled' THEN 'payout_settlement' ELSE 'payout_return' END
+            OR NOT EXISTS (SELECT 1 FROM postings q JOIN accounts a ON a.id = q.account_id
+                           WHERE q.entry_id = e.id AND a.system_role = 'payouts_in_transit'
+                             AND q.currency = p.currency AND q.amount_minor < 0)
+         ORDER BY p.id",
+    )? {
+        v.push(Violation::PayoutResolutionWrong { payout: r.a });
     }
     Ok(report)
 }

@@ -109,6 +109,23 @@ pub fn run_round(
         payouts::claim_due(&mut conn, config.batch as i64, config.lease_ms)?
         // the connection goes back to the pool here, before any gateway call
     };
+    run_claimed(pool, gateway, config, claim, stopping)
+}
+
+/// The rest of a round for payouts already claimed: by [`payouts::claim_due`], or by the
+/// batch that queued them (`withdrawals::process_batch_fast_claiming_tx`, handed over
+/// after its commit). Calls the gateway for each (none once the claim's lease no longer
+/// leaves room for a whole call) and records every verdict in one transaction.
+pub fn run_claimed(
+    pool: &Pool,
+    gateway: &dyn PayoutGateway,
+    config: &DispatchConfig,
+    claim: payouts::Claim,
+    stopping: &(dyn Fn() -> bool + Sync),
+) -> Result<RoundReport, LedgerError> {
+    config.validate().map_err(|reason| {
+        LedgerError::Invalid(crate::error::InvalidInput::BadField { field: "dispatch config", reason })
+    })?;
     if claim.requests.is_empty() {
         return Ok(RoundReport::default());
     }

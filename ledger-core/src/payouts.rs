@@ -82,6 +82,9 @@ pub struct Payout {
     pub possibly_sent: bool,
     /// Set when an operator returned the payout without a confirming lookup.
     pub forced_return_reason: Option<String>,
+    /// The entry that settled or returned it. Payouts settled in one recording
+    /// transaction share one settlement entry (per currency), which moves their sum.
+    pub resolution_entry_id: Option<i64>,
 }
 
 impl Payout {
@@ -335,8 +338,9 @@ pub fn claim_due(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<C
     assert!(limit > 0, "claim at least one payout");
     let asked_at = Instant::now();
     let rows: Vec<ClaimedRow> = tx::transaction(conn, &TxOptions::default(), |tx| {
-        diesel::sql_query(
-            "WITH due AS (
+        tx::with_batch_plans(tx, |tx| {
+            diesel::sql_query(
+                "WITH due AS (
                  SELECT id, possibly_sent FROM payouts
                  WHERE status = 'pending' AND next_attempt_at <= now()
                  ORDER BY next_attempt_at, id LIMIT $1
@@ -348,11 +352,12 @@ pub fn claim_due(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<C
              FROM due WHERE p.id = due.id
              RETURNING p.id, p.withdrawal_id, p.currency, p.amount_minor, p.destination, p.idempotency_key,
                        p.attempts, p.claim_token, due.possibly_sent AS was_possibly_sent",
-        )
-        .bind::<BigInt, _>(limit)
-        .bind::<BigInt, _>(i64::try_from(lease_ms).unwrap_or(i64::MAX))
-        .load(tx.conn())
-        .map_err(LedgerError::from)
+            )
+            .bind::<BigInt, _>(limit)
+            .bind::<BigInt, _>(i64::try_from(lease_ms).unwrap_or(i64::MAX))
+            .load(tx.conn())
+            .map_err(LedgerError::from)
+        })
     })?;
     let requests = rows
         .into_iter()
@@ -527,6 +532,14 @@ pub fn record_all_tx(
     verdicts: &[(PayoutRequest, Verdict)],
     policy: &RetryPolicy,
 ) -> Result<Vec<Recorded>, LedgerError> {
+    tx::with_batch_plans(tx, |tx| record_all_planned(tx, verdicts, policy))
+}
+
+fn record_all_planned(
+    tx: &mut Tx<'_>,
+    verdicts: &[(PayoutRequest, Verdict)],
+    policy: &RetryPolicy,
+) -> Result<Vec<Recorded>, LedgerError> {
     let mut ids: Vec<i64> = verdicts.iter().map(|(r, _)| r.payout.get()).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -657,9 +670,13 @@ fn db_text(text: &str, max_chars: usize) -> String {
     text.chars().filter(|c| *c != '\0').take(max_chars).collect()
 }
 
-/// Phase 2, accepted, for many payouts in one statement: per payout one entry moving
-/// the amount from payouts-in-transit to external settlement; the payouts settled and
-/// their withdrawals completed. The rows are locked and their tokens checked already.
+/// Phase 2, accepted, for many payouts in one statement: one settlement entry per
+/// currency moves the batch's total from payouts-in-transit to external settlement
+/// (the money left together, and one entry per batch instead of one per payout keeps a
+/// settlement's cost off the debit's); each payout points at its entry
+/// (`resolution_entry_id`), is settled, and its withdrawal completed. The audit checks
+/// that every settlement entry moves exactly the sum of the payouts that point at it.
+/// The rows are locked and their tokens checked already.
 fn settle_all(tx: &mut Tx<'_>, paid: &[(usize, &Payout, Option<&str>)]) -> Result<(), LedgerError> {
     #[derive(QueryableByName)]
     struct Settled {
@@ -674,34 +691,41 @@ fn settle_all(tx: &mut Tx<'_>, paid: &[(usize, &Payout, Option<&str>)]) -> Resul
     }
     let ids: Vec<i64> = paid.iter().map(|(_, p, _)| p.id).collect();
     let references: Vec<Option<String>> = paid.iter().map(|(_, _, r)| r.map(|r| db_text(r, 200))).collect();
+    let currencies: std::collections::BTreeSet<&str> = paid.iter().map(|(_, p, _)| p.currency.as_str()).collect();
     let done: Settled = diesel::sql_query(
         "WITH s AS (
              SELECT x.id, x.withdrawal_id, x.currency, x.amount_minor, v.reference
              FROM unnest($1::bigint[], $2::text[]) AS v(id, reference)
              JOIN payouts x ON x.id = v.id
+         ), c AS (
+             -- numeric sum: a total beyond bigint fails the insert below, never wraps.
+             SELECT currency, sum(amount_minor) AS total, count(*) AS n FROM s GROUP BY currency
+         ), ce AS MATERIALIZED (
+             -- The entry ids are drawn here, once per currency, so nothing joins back.
+             SELECT c.*, nextval('journal_entries_id_seq') AS entry_id FROM c ORDER BY currency
          ), e AS (
-             INSERT INTO journal_entries (kind, reference)
-             SELECT 'payout_settlement', 'payout:' || id FROM s ORDER BY id
-             RETURNING id, reference
-         ), se AS (
-             SELECT s.*, e.id AS entry_id FROM s JOIN e ON e.reference = 'payout:' || s.id
+             INSERT INTO journal_entries (id, kind, reference)
+             -- The payouts it settles are those naming it (resolution_entry_id).
+             SELECT entry_id, 'payout_settlement', 'payout-batch:' || currency || ':' || n
+             FROM ce ORDER BY entry_id
+             RETURNING id
          ), p AS (
              INSERT INTO postings (entry_id, account_id, currency, amount_minor, balance_after_minor)
-             SELECT se.entry_id, a.id, se.currency,
-                    CASE a.system_role WHEN 'payouts_in_transit' THEN -se.amount_minor ELSE se.amount_minor END,
+             SELECT ce.entry_id, a.id, ce.currency,
+                    CASE a.system_role WHEN 'payouts_in_transit' THEN -ce.total ELSE ce.total END,
                     NULL
-             FROM se JOIN accounts a
-               ON a.currency = se.currency AND a.system_role IN ('payouts_in_transit', 'external_settlement')
-             ORDER BY se.id, a.system_role DESC
+             FROM ce JOIN accounts a
+               ON a.currency = ce.currency AND a.system_role IN ('payouts_in_transit', 'external_settlement')
+             ORDER BY ce.currency, a.system_role DESC
              RETURNING 1
          ), u AS (
-             UPDATE payouts x SET status = 'settled', resolution_entry_id = se.entry_id,
-                 gateway_reference = se.reference, claim_token = NULL, updated_at = now()
-             FROM se WHERE x.id = se.id
+             UPDATE payouts x SET status = 'settled', resolution_entry_id = ce.entry_id,
+                 gateway_reference = s.reference, claim_token = NULL, updated_at = now()
+             FROM s JOIN ce ON ce.currency = s.currency WHERE x.id = s.id
              RETURNING 1
          ), w AS (
              UPDATE withdrawals x SET status = 'completed'
-             FROM se WHERE x.id = se.withdrawal_id AND x.status = 'paying_out'
+             FROM s WHERE x.id = s.withdrawal_id AND x.status = 'paying_out'
              RETURNING 1
          )
          SELECT (SELECT count(*) FROM e) AS entries, (SELECT count(*) FROM p) AS postings,
@@ -713,9 +737,10 @@ fn settle_all(tx: &mut Tx<'_>, paid: &[(usize, &Payout, Option<&str>)]) -> Resul
     // Pair what the statement did with what was asked. A mismatch (a withdrawal that is
     // not paying out) is an error, so the transaction rolls back whole.
     let n = ids.len() as i64;
-    if (done.entries, done.postings, done.payouts, done.withdrawals) != (n, 2 * n, n, n) {
+    let c = currencies.len() as i64;
+    if (done.entries, done.postings, done.payouts, done.withdrawals) != (c, 2 * c, n, n) {
         return Err(LedgerError::Inconsistent(format!(
-            "settling {n} payout(s) wrote {} entries, {} postings, {} payouts and {} withdrawals",
+            "settling {n} payout(s) in {c} currenc(ies) wrote {} entries, {} postings, {} payouts and {} withdrawals",
             done.entries, done.postings, done.payouts, done.withdrawals
         )));
     }

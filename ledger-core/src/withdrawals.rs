@@ -332,7 +332,7 @@ pub struct BatchItem {
 ///
 /// Returns `Err` only when the whole transaction is unusable (then nothing commits).
 pub fn process_batch_tx(tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<BatchItem>, LedgerError> {
-    process_batch(tx, ids, true)
+    Ok(process_batch(tx, ids, true, None)?.0)
 }
 
 /// Like [`process_batch_tx`] but without the savepoint around the set-based write: two
@@ -340,18 +340,56 @@ pub fn process_batch_tx(tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<Bat
 /// aborted: roll it back and run the same ids through [`process_batch_tx`] in a new one
 /// (which then isolates the failing job). The worker daemon does exactly that.
 pub fn process_batch_fast_tx(tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<BatchItem>, LedgerError> {
-    process_batch(tx, ids, false)
+    Ok(process_batch(tx, ids, false, None)?.0)
 }
 
-fn process_batch(tx: &mut Tx<'_>, ids: &[WithdrawalId], guarded: bool) -> Result<Vec<BatchItem>, LedgerError> {
+/// Like [`process_batch_fast_tx`], and every payout it queues is also claimed for the
+/// caller's dispatcher at once: written with a fresh fencing token, marked possibly
+/// sent, and leased for `lease_ms` from this transaction's start (`now()`).
+///
+/// The returned [`payouts::Claim`]'s `lease_until` is this process's view of that lease:
+/// the moment the statement was sent plus the lease the server still had left while it
+/// ran, so it ends no later than the database's however long the transaction has been
+/// open. After commit, hand the claim to a dispatcher ([`crate::dispatcher::run_claimed`]);
+/// if the transaction rolls back, drop it. A claim that is never used simply runs out:
+/// the payout is claimed again after `lease_ms` and looked up first. This saves each
+/// payout a separate claim transaction and row update.
+pub fn process_batch_fast_claiming_tx(
+    tx: &mut Tx<'_>,
+    ids: &[WithdrawalId],
+    lease_ms: u64,
+) -> Result<(Vec<BatchItem>, payouts::Claim), LedgerError> {
+    let (items, claim) = process_batch(tx, ids, false, Some(lease_ms))?;
+    Ok((items, claim.unwrap_or_else(|| payouts::Claim { requests: vec![], lease_until: std::time::Instant::now() })))
+}
+
+fn process_batch(
+    tx: &mut Tx<'_>,
+    ids: &[WithdrawalId],
+    guarded: bool,
+    claim_lease_ms: Option<u64>,
+) -> Result<(Vec<BatchItem>, Option<payouts::Claim>), LedgerError> {
+    tx::with_batch_plans(tx, |tx| process_batch_planned(tx, ids, guarded, claim_lease_ms))
+}
+
+fn process_batch_planned(
+    tx: &mut Tx<'_>,
+    ids: &[WithdrawalId],
+    guarded: bool,
+    claim_lease_ms: Option<u64>,
+) -> Result<(Vec<BatchItem>, Option<payouts::Claim>), LedgerError> {
     use std::collections::{HashMap, HashSet};
     if ids.is_empty() {
-        return Ok(vec![]);
+        return Ok((vec![], None));
     }
     let raw: Vec<i64> = ids.iter().map(|i| i.get()).collect();
+    // Only pending rows are locked (a finished one may be waited for by its payout's
+    // settlement or return). IS NOT DISTINCT FROM rather than `=`: an equality on status
+    // would offer the planner the pending partial index as a path, read whole (see
+    // tx::with_batch_plans); this way each row is reached by id.
     let jobs: Vec<LockedJob> = withdrawals::table
         .filter(withdrawals::id.eq_any(&raw))
-        .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
+        .filter(withdrawals::status.is_not_distinct_from(WithdrawalStatus::Pending.as_str()))
         .order(withdrawals::id.asc())
         .select((
             Withdrawal::as_select(),
@@ -367,6 +405,7 @@ fn process_batch(tx: &mut Tx<'_>, ids: &[WithdrawalId], guarded: bool) -> Result
         .for_update()
         .skip_locked()
         .load(tx.conn())?;
+    assert!(jobs.iter().all(|(job, _, _)| job.status() == WithdrawalStatus::Pending), "only pending jobs are locked");
     let lock_set: tx::LockSet = jobs.iter().map(|(j, _, _)| AccountId::from_db(j.account_id)).collect();
     let locked: HashMap<i64, Result<accounts::LockedAccount, LedgerError>> =
         lock_set.ids().map(AccountId::get).zip(accounts::lock_all(tx, &lock_set)?).collect();
@@ -374,14 +413,14 @@ fn process_batch(tx: &mut Tx<'_>, ids: &[WithdrawalId], guarded: bool) -> Result
     // Fast path: the whole batch in a handful of set-based statements (round trips per
     // batch, not per job). Anything unexpected rolls that savepoint back and the batch
     // is redone one savepoint per job, so a bad job still fails alone.
-    let mut items = if guarded {
-        match tx.savepoint(|tx| write_plan(tx, &jobs, &plan)) {
-            Ok(items) => items,
+    let (mut items, claimed) = if guarded {
+        match tx.savepoint(|tx| write_plan(tx, &jobs, &plan, claim_lease_ms)) {
+            Ok(written) => written,
             Err(e) if e.is_transient() => return Err(e),
-            Err(_) => process_one_by_one(tx, &jobs, locked)?,
+            Err(_) => (process_one_by_one(tx, &jobs, locked)?, None),
         }
     } else {
-        write_plan(tx, &jobs, &plan)?
+        write_plan(tx, &jobs, &plan, claim_lease_ms)?
     };
     let seen: HashSet<WithdrawalId> = items.iter().map(|i| i.id).collect();
     for id in ids {
@@ -389,7 +428,7 @@ fn process_batch(tx: &mut Tx<'_>, ids: &[WithdrawalId], guarded: bool) -> Result
             items.push(BatchItem { id: *id, outcome: JobOutcome::Skipped, enqueued_at_us: None });
         }
     }
-    Ok(items)
+    Ok((items, claimed))
 }
 
 /// A job row locked for processing, when it was enqueued (µs), and its in-transit account.
@@ -445,7 +484,12 @@ fn rebuild_refusal(e: &LedgerError) -> LedgerError {
 /// their postings, the payouts, and update the balances and job statuses. One round
 /// trip per batch instead of several per job; the postings trigger checks every entry
 /// is balanced and the foreign keys are checked as usual at the end of the statement.
-fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<Vec<BatchItem>, LedgerError> {
+fn write_plan(
+    tx: &mut Tx<'_>,
+    jobs: &[LockedJob],
+    plan: &[Decision],
+    claim_lease_ms: Option<u64>,
+) -> Result<(Vec<BatchItem>, Option<payouts::Claim>), LedgerError> {
     use diesel::sql_types::{Array, BigInt, Nullable, Text};
     use std::collections::HashMap;
 
@@ -463,6 +507,14 @@ fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<
         entries: Vec<i64>,
         #[diesel(sql_type = Array<BigInt>)]
         payouts: Vec<i64>,
+        /// Per payout (same order): its claim token when claimed here, else NULL.
+        #[diesel(sql_type = Array<Nullable<BigInt>>)]
+        tokens: Vec<Option<i64>>,
+        #[diesel(sql_type = Array<Text>)]
+        keys: Vec<String>,
+        /// What was left of the claims' lease while the statement ran (server clock).
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        lease_left_ms: f64,
     }
 
     let mut d_wid = vec![];
@@ -473,11 +525,9 @@ fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<
     let mut d_transit = vec![];
     let mut d_destination = vec![];
     let mut last_balance: HashMap<i64, i64> = HashMap::new();
-    let mut all_ids = Vec::with_capacity(jobs.len());
-    let mut all_status = Vec::with_capacity(jobs.len());
-    let mut all_reason: Vec<Option<String>> = Vec::with_capacity(jobs.len());
+    let mut rejected_ids = Vec::new();
+    let mut rejected_reasons = Vec::new();
     for ((job, _, _), decision) in jobs.iter().zip(plan) {
-        all_ids.push(job.id);
         match decision {
             Decision::Debit { after_minor, in_transit } => {
                 d_wid.push(job.id);
@@ -488,27 +538,30 @@ fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<
                 d_transit.push(*in_transit);
                 d_destination.push(job.destination.clone());
                 last_balance.insert(job.account_id, *after_minor); // jobs are in id order
-                all_status.push(WithdrawalStatus::PayingOut.as_str().to_string());
-                all_reason.push(None);
             }
             Decision::Reject { reason, .. } => {
-                all_status.push(WithdrawalStatus::Rejected.as_str().to_string());
-                all_reason.push(Some(reason.clone()));
+                rejected_ids.push(job.id);
+                rejected_reasons.push(reason.clone());
             }
         }
     }
     let (balance_ids, balances): (Vec<i64>, Vec<i64>) = last_balance.into_iter().unzip();
+    // Before the statement is sent: the server's clock_timestamp() is later still.
+    let sent_at = std::time::Instant::now();
     let written: Written = diesel::sql_query(
-        "WITH d AS (
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[],
-                                  $6::bigint[], $7::text[])
-                 AS d(wid, account_id, currency, amount, after, transit, destination)
+        "WITH de AS MATERIALIZED (
+             -- Each debit's entry id is drawn here, in job order, so nothing joins back.
+             SELECT d.*, nextval('journal_entries_id_seq') AS entry_id
+             FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[],
+                         $6::bigint[], $7::text[])
+                 WITH ORDINALITY AS d(wid, account_id, currency, amount, after, transit, destination, n)
+             ORDER BY n
+         ), d AS (
+             SELECT * FROM de
          ), e AS (
-             INSERT INTO journal_entries (kind, reference)
-             SELECT 'withdrawal', 'withdrawal:' || wid FROM d ORDER BY wid
-             RETURNING id, reference
-         ), de AS (
-             SELECT d.*, e.id AS entry_id FROM d JOIN e ON e.reference = 'withdrawal:' || d.wid
+             INSERT INTO journal_entries (id, kind, reference)
+             SELECT entry_id, 'withdrawal', 'withdrawal:' || wid FROM de ORDER BY entry_id
+             RETURNING id
          ), p AS (
              INSERT INTO postings (entry_id, account_id, currency, amount_minor, balance_after_minor)
              SELECT entry_id, account, currency, amount, after FROM (
@@ -524,24 +577,45 @@ fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<
              FROM unnest($8::bigint[], $9::bigint[]) AS v(id, balance) WHERE a.id = v.id
              RETURNING 1
          ), po AS (
-             INSERT INTO payouts (withdrawal_id, account_id, currency, amount_minor, destination, idempotency_key)
-             SELECT wid, account_id, currency, amount, destination, ledger_payout_key(wid) FROM d ORDER BY wid
-             RETURNING id, withdrawal_id
+             -- With a lease ($12), each payout is claimed as it is queued (see
+             -- process_batch_fast_claiming_tx): the same fields claim_due would set.
+             INSERT INTO payouts (withdrawal_id, account_id, currency, amount_minor, destination, idempotency_key,
+                                  claim_token, possibly_sent, attempts, next_attempt_at)
+             SELECT wid, account_id, currency, amount, destination, ledger_payout_key(wid),
+                    CASE WHEN $12::bigint IS NULL THEN NULL ELSE nextval('payout_claim_tokens') END,
+                    $12::bigint IS NOT NULL,
+                    CASE WHEN $12::bigint IS NULL THEN 0 ELSE 1 END,
+                    now() + make_interval(secs => COALESCE($12::bigint, 0)::float8 / 1000)
+             FROM d ORDER BY wid
+             RETURNING id, withdrawal_id, claim_token, idempotency_key
+         ), wd AS (
+             -- Debited jobs, then refused ones: each row reached by id. (IS NOT DISTINCT
+             -- FROM rather than =: an equality on status would offer the planner the
+             -- pending partial index as a path, see tx::with_batch_plans.)
+             UPDATE withdrawals x
+             SET status = 'paying_out', entry_id = de.entry_id, reason = NULL,
+                 attempts = x.attempts + 1, finished_at = clock_timestamp()
+             FROM de
+             WHERE x.id = de.wid AND x.status IS NOT DISTINCT FROM 'pending'
+             RETURNING 1
          ), w AS (
              UPDATE withdrawals x
-             SET status = v.status, entry_id = de.entry_id, reason = v.reason,
+             SET status = 'rejected', reason = v.reason,
                  attempts = x.attempts + 1, finished_at = clock_timestamp()
-             FROM unnest($10::bigint[], $11::text[], $12::text[]) AS v(id, status, reason)
-             LEFT JOIN de ON de.wid = v.id
-             WHERE x.id = v.id AND x.status = 'pending'
+             FROM unnest($10::bigint[], $11::text[]) AS v(id, reason)
+             WHERE x.id = v.id AND x.status IS NOT DISTINCT FROM 'pending'
              RETURNING 1
          )
          SELECT (SELECT count(*) FROM p) AS postings,
                 (SELECT count(*) FROM b) AS balances,
-                (SELECT count(*) FROM w) AS jobs,
+                (SELECT count(*) FROM wd) + (SELECT count(*) FROM w) AS jobs,
                 COALESCE((SELECT array_agg(de.wid ORDER BY de.wid) FROM de), '{}') AS debited,
                 COALESCE((SELECT array_agg(de.entry_id ORDER BY de.wid) FROM de), '{}') AS entries,
-                COALESCE((SELECT array_agg(po.id ORDER BY po.withdrawal_id) FROM po), '{}') AS payouts",
+                COALESCE((SELECT array_agg(po.id ORDER BY po.withdrawal_id) FROM po), '{}') AS payouts,
+                COALESCE((SELECT array_agg(po.claim_token ORDER BY po.withdrawal_id) FROM po), '{}') AS tokens,
+                COALESCE((SELECT array_agg(po.idempotency_key ORDER BY po.withdrawal_id) FROM po), '{}') AS keys,
+                (EXTRACT(EPOCH FROM now() + make_interval(secs => COALESCE($12::bigint, 0)::float8 / 1000)
+                                    - clock_timestamp()) * 1000)::float8 AS lease_left_ms",
     )
     .bind::<Array<BigInt>, _>(&d_wid)
     .bind::<Array<BigInt>, _>(&d_account)
@@ -552,9 +626,9 @@ fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<
     .bind::<Array<Text>, _>(&d_destination)
     .bind::<Array<BigInt>, _>(&balance_ids)
     .bind::<Array<BigInt>, _>(&balances)
-    .bind::<Array<BigInt>, _>(&all_ids)
-    .bind::<Array<Text>, _>(&all_status)
-    .bind::<Array<Nullable<Text>>, _>(&all_reason)
+    .bind::<Array<BigInt>, _>(&rejected_ids)
+    .bind::<Array<Text>, _>(&rejected_reasons)
+    .bind::<Nullable<BigInt>, _>(claim_lease_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX)))
     .get_result(tx.conn())?;
     // Pair the statement's counts with what was planned (assertions, not hopes).
     assert_eq!(written.postings as usize, d_wid.len() * 2, "two postings per debit");
@@ -565,10 +639,39 @@ fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<
         d_wid.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>()
     );
     assert_eq!((written.entries.len(), written.payouts.len()), (d_wid.len(), d_wid.len()));
+    assert_eq!((written.tokens.len(), written.keys.len()), (d_wid.len(), d_wid.len()));
+    assert!(
+        written.tokens.iter().all(|t| t.is_some() == claim_lease_ms.is_some()),
+        "every payout is claimed exactly when a lease was asked for"
+    );
     let entry_of: HashMap<i64, i64> = written.debited.iter().copied().zip(written.entries.iter().copied()).collect();
     let payout_of: HashMap<i64, i64> = written.debited.iter().copied().zip(written.payouts.iter().copied()).collect();
+    let mut claimed = None;
+    if claim_lease_ms.is_some() {
+        let left = std::time::Duration::from_millis(written.lease_left_ms.max(0.0).floor() as u64);
+        let claim = claimed.insert(payouts::Claim { requests: vec![], lease_until: sent_at + left });
+        let job_of: HashMap<i64, &Withdrawal> = jobs.iter().map(|(j, _, _)| (j.id, j)).collect();
+        for ((wid, payout), (token, key)) in
+            written.debited.iter().zip(&written.payouts).zip(written.tokens.iter().zip(written.keys))
+        {
+            let job = job_of[wid];
+            let currency = Currency::from_code(&job.currency)?;
+            claim.requests.push(payouts::PayoutRequest {
+                payout: PayoutId::from_db(*payout),
+                withdrawal: WithdrawalId::from_db(*wid),
+                amount_minor: job.amount_minor,
+                amount: currency.format_minor(job.amount_minor),
+                currency: job.currency.clone(),
+                destination: job.destination.clone(),
+                idempotency_key: key,
+                attempt: 1,
+                token: token.expect("claimed above"),
+                possibly_sent: false,
+            });
+        }
+    }
 
-    Ok(jobs
+    let items = jobs
         .iter()
         .zip(plan)
         .map(|((job, enqueued_at_us, _), d)| BatchItem {
@@ -582,7 +685,8 @@ fn write_plan(tx: &mut Tx<'_>, jobs: &[LockedJob], plan: &[Decision]) -> Result<
             },
             enqueued_at_us: Some(*enqueued_at_us),
         })
-        .collect())
+        .collect();
+    Ok((items, claimed))
 }
 
 /// The careful path: one savepoint per job, so a job that fails for an unexpected reason
@@ -692,17 +796,19 @@ pub fn claim_due(
 ) -> Result<Vec<(WithdrawalId, AccountId)>, LedgerError> {
     assert!(limit > 0, "claim at least one job");
     let ids: Vec<(i64, i64)> = tx::transaction(conn, &TxOptions::default(), |tx| {
-        withdrawals::table
-            .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
-            .filter(withdrawals::next_attempt_at.le(diesel::dsl::now))
-            .filter(withdrawals::id.ne_all(exclude))
-            .order((withdrawals::next_attempt_at.asc(), withdrawals::id.asc()))
-            .limit(limit)
-            .select((withdrawals::id, withdrawals::account_id))
-            .for_update()
-            .skip_locked()
-            .load(tx.conn())
-            .map_err(LedgerError::from)
+        tx::with_batch_plans(tx, |tx| {
+            withdrawals::table
+                .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
+                .filter(withdrawals::next_attempt_at.le(diesel::dsl::now))
+                .filter(withdrawals::id.ne_all(exclude))
+                .order((withdrawals::next_attempt_at.asc(), withdrawals::id.asc()))
+                .limit(limit)
+                .select((withdrawals::id, withdrawals::account_id))
+                .for_update()
+                .skip_locked()
+                .load(tx.conn())
+                .map_err(LedgerError::from)
+        })
     })?;
     Ok(ids.into_iter().map(|(w, a)| (WithdrawalId::from_db(w), AccountId::from_db(a))).collect())
 }

@@ -121,6 +121,12 @@ pub enum Command {
         /// Length of the latency phase (arrivals at half the measured peak).
         #[arg(long, default_value_t = 5)]
         latency_seconds: u64,
+        /// Arrivals per second in the latency phase (default: half the measured peak).
+        #[arg(long)]
+        latency_rate: Option<f64>,
+        /// Only these modes (repeatable; default: all three).
+        #[arg(long = "mode", value_enum)]
+        modes: Vec<crate::bench::Mode>,
         /// Show where the time goes (pg_stat_statements on the throwaway server, CPU).
         #[arg(long)]
         profile: bool,

@@ -350,22 +350,32 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             pgbench,
             pgbench_seconds,
             latency_seconds,
+            latency_rate,
+            modes,
             profile,
         } => {
             init_logging(cli.log_format, "warn");
-            crate::bench::run(&crate::bench::BenchOptions {
-                database_url: cli.database_url,
-                scenario,
-                withdrawals,
-                threads,
-                batch_size,
-                accounts,
-                pgbench,
-                pgbench_seconds,
-                latency_seconds,
-                json: cli.json,
-                profile,
-            })?;
+            let mut mode_options = crate::bench::ModeOptions::default();
+            if !modes.is_empty() {
+                mode_options.modes = modes;
+            }
+            crate::bench::run_with(
+                &crate::bench::BenchOptions {
+                    database_url: cli.database_url,
+                    scenario,
+                    withdrawals,
+                    threads,
+                    batch_size,
+                    accounts,
+                    pgbench,
+                    pgbench_seconds,
+                    latency_seconds,
+                    latency_rate,
+                    json: cli.json,
+                    profile,
+                },
+                &mode_options,
+            )?;
         }
         Command::Demo { accounts, withdrawals, threads } => {
             init_logging(cli.log_format, "warn");

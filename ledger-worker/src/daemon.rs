@@ -164,6 +164,18 @@ pub trait Processor: Send + Sync + 'static {
     fn process_careful(&self, tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<BatchItem>, LedgerError> {
         self.process(tx, ids)
     }
+
+    /// Like `process`, and the payouts it queues are claimed for this process's
+    /// dispatcher with a lease of `lease_ms` (returned to hand over after commit). The
+    /// default claims nothing: the dispatcher finds the payouts by polling.
+    fn process_claiming(
+        &self,
+        tx: &mut Tx<'_>,
+        ids: &[WithdrawalId],
+        _lease_ms: u64,
+    ) -> Result<(Vec<BatchItem>, Option<payouts::Claim>), LedgerError> {
+        Ok((self.process(tx, ids)?, None))
+    }
 }
 
 /// The fast path first (one set-based write, no savepoint); after an unexpected error,
@@ -177,6 +189,16 @@ impl Processor for LedgerProcessor {
 
     fn process_careful(&self, tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<BatchItem>, LedgerError> {
         withdrawals::process_batch_tx(tx, ids)
+    }
+
+    fn process_claiming(
+        &self,
+        tx: &mut Tx<'_>,
+        ids: &[WithdrawalId],
+        lease_ms: u64,
+    ) -> Result<(Vec<BatchItem>, Option<payouts::Claim>), LedgerError> {
+        let (items, claim) = withdrawals::process_batch_fast_claiming_tx(tx, ids, lease_ms)?;
+        Ok((items, Some(claim)))
     }
 }
 
@@ -203,6 +225,9 @@ struct Shared {
     /// Poked when a batch debited something: its payouts are due now, so an idle
     /// dispatcher need not wait for its next poll.
     payout_wake: (Sender<()>, Receiver<()>),
+    /// Payouts claimed by the batch that queued them (in its own transaction), handed
+    /// to a dispatcher after commit: no claim transaction, no wait for a poll.
+    payout_handoff: (Sender<payouts::Claim>, Receiver<payouts::Claim>),
     /// The gateway refused our credentials: no more calls from this process until it is
     /// restarted with credentials that work. Nothing is paid or refunded meanwhile.
     gateway_refused: AtomicBool,
@@ -470,6 +495,7 @@ impl WorkerPool {
             dispatching,
             tracker: Arc::default(),
             payout_wake: bounded(1),
+            payout_handoff: bounded(config.payout_threads.max(1) * HANDOFF_PER_DISPATCHER),
             gateway_refused: AtomicBool::new(false),
         });
         let supervisor = {
@@ -588,6 +614,13 @@ impl WorkerPool {
             }
             if handle.is_finished() {
                 let _ = handle.join();
+            }
+        }
+        if busy.is_empty() {
+            // A batch that committed after the dispatchers stopped may have handed over
+            // claims: give them back, so their payouts are due at once, not after the lease.
+            for claim in self.shared.payout_handoff.1.try_iter().collect::<Vec<_>>() {
+                release_claim(&self.shared, claim);
             }
         }
         let left_pending = self.shared.inflight().len();
@@ -814,10 +847,25 @@ fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
     let opts = TxOptions { max_attempts: shared.config.tx_attempts, ..TxOptions::default() };
     let mut attempts = 0_u64;
     shared.metrics.batches.fetch_add(1, Ordering::Relaxed);
+    // Claim the payouts as they are queued when a dispatcher here can take them (the
+    // claim's lease, as this process sees it, ends before the database's).
+    let lease_ms = shared.config.payout_lease_ms;
+    let claim_here = shared.dispatching && !shared.gateway_refused.load(Ordering::SeqCst) && !shared.stopping();
+    let mut claimed: Option<payouts::Claim> = None;
     let mut result = ledger_core::tx::transaction_pooled_until(&shared.pool, &opts, shared, |tx| {
         attempts += 1;
-        shared.processor.process(tx, ids)
+        claimed = None; // only the attempt that commits counts
+        if claim_here {
+            let (items, claim) = shared.processor.process_claiming(tx, ids, lease_ms)?;
+            claimed = claim;
+            Ok(items)
+        } else {
+            shared.processor.process(tx, ids)
+        }
     });
+    if result.is_err() {
+        claimed = None; // not committed (or not known to be): the leases run out
+    }
     if !shared.stopping()
         && matches!(&result, Err(e) if !e.is_transient() && !matches!(e, LedgerError::RetriesExhausted { .. }))
     {
@@ -830,7 +878,13 @@ fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
     shared.metrics.retried.fetch_add(attempts.saturating_sub(1), Ordering::Relaxed);
     let committed_at = now_us();
     if let Ok(items) = &result {
-        if items.iter().any(|i| matches!(i.outcome, JobOutcome::Debited { .. })) {
+        let debited = items.iter().filter(|i| matches!(i.outcome, JobOutcome::Debited { .. })).count();
+        let handed = claimed.as_ref().map_or(0, |c| c.requests.len());
+        if let Some(claim) = claimed.filter(|c| !c.requests.is_empty()) {
+            hand_off(shared, claim);
+        }
+        if debited > handed {
+            // Payouts queued unclaimed (the careful path): due now.
             let _ = shared.payout_wake.0.try_send(());
         }
     }
@@ -881,6 +935,34 @@ fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
                 }
             }
         }
+    }
+}
+
+/// How many handed-over claims may wait per dispatcher thread. Bounded: when the
+/// dispatchers fall behind, the batch workers wait for them (backpressure).
+const HANDOFF_PER_DISPATCHER: usize = 2;
+
+/// The longest a batch worker waits for a dispatcher to take its claimed payouts
+/// before it gives the claims back itself.
+const HANDOFF_WAIT: Duration = Duration::from_secs(2);
+
+/// Gives a batch's claimed payouts to a dispatcher. If none takes them in time (all
+/// busy, stopped, or shutting down), the claims are released so the payouts are due at
+/// once instead of after the lease.
+fn hand_off(shared: &Shared, claim: payouts::Claim) {
+    let claim = match shared.payout_handoff.0.send_timeout(claim, HANDOFF_WAIT) {
+        Ok(()) => return,
+        Err(SendTimeoutError::Timeout(c) | SendTimeoutError::Disconnected(c)) => c,
+    };
+    release_claim(shared, claim);
+}
+
+/// Gives back claims no call was made under (their payouts are due again at once).
+fn release_claim(shared: &Shared, claim: payouts::Claim) {
+    let verdicts: Vec<(PayoutRequest, Verdict)> = claim.requests.into_iter().map(|r| (r, Verdict::NotSent)).collect();
+    if !verdicts.is_empty() {
+        debug!(payouts = verdicts.len(), "handing claimed payouts back unsent");
+        record_payouts(shared, &verdicts);
     }
 }
 
@@ -1065,20 +1147,23 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(fastrand::u64(exp.min(cap_ms) / 2..=exp.min(cap_ms)))
 }
 
-/// Waits for a batch to debit something (or `poll` to pass, or shutdown).
-fn wait_for_payouts(shared: &Shared, poll: Duration) {
+/// Waits for a handed-over claim or a batch that debited something (or `poll` to pass,
+/// or shutdown). Returns a handed-over claim if one came.
+fn wait_for_payouts(shared: &Shared, poll: Duration) -> Option<payouts::Claim> {
     let until = Instant::now() + poll;
     while !shared.stopping() {
         let now = Instant::now();
         if now >= until {
-            return;
+            return None;
         }
-        match shared.payout_wake.1.recv_timeout((until - now).min(Duration::from_millis(10))) {
-            Ok(()) => return,
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+        let slice = (until - now).min(Duration::from_millis(10));
+        crossbeam_channel::select! {
+            recv(shared.payout_handoff.1) -> claim => return claim.ok(),
+            recv(shared.payout_wake.1) -> _ => return None,
+            default(slice) => {}
         }
     }
+    None
 }
 
 fn sleep_unless_stopping(shared: &Shared, total: Duration) {
@@ -1102,35 +1187,71 @@ fn sleep_unless_stopping(shared: &Shared, total: Duration) {
 /// stays pending and is due again when its lease runs out.
 fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
     let config = &shared.config;
+    let poll = Duration::from_millis(config.payout_poll_ms);
     let mut failures = 0_u32;
+    let mut last_poll = Instant::now() - poll;
+    let mut waiting: Option<payouts::Claim> = None;
+    let mut last_was_table = false;
     while !shared.stopping() {
         if shared.gateway_refused.load(Ordering::SeqCst) {
             doing("stopped: the gateway refused our credentials");
+            if let Some(claim) = waiting.take().or_else(|| shared.payout_handoff.1.try_recv().ok()) {
+                release_claim(shared, claim);
+            }
             sleep_unless_stopping(shared, Duration::from_millis(200));
             continue;
         }
-        doing("claiming payouts (database)");
-        // The connection goes back to the pool here, before any gateway call.
-        let claimed = checkout(shared)
-            .and_then(|mut conn| payouts::claim_due(&mut conn, config.payout_batch as i64, config.payout_lease_ms));
-        let requests = match claimed {
-            Ok(r) => {
-                failures = 0;
-                r
-            }
-            Err(e) => {
-                failures += 1;
-                if !shared.stopping() {
-                    warn!(error = %e, "claiming payouts failed; retrying");
+        // A claim handed over by a batch first; the table (retries, other daemons'
+        // expired leases, payouts queued unclaimed) at least every poll interval. Fair
+        // between the two: after a table round, handed claims get the next round, so
+        // neither source can starve the other.
+        let table_turn = last_poll.elapsed() >= poll && !last_was_table;
+        let handed = waiting.take().or_else(|| if table_turn { None } else { shared.payout_handoff.1.try_recv().ok() });
+        last_was_table = handed.is_none();
+        let requests = match handed {
+            // Batches that committed meanwhile are sent and recorded in the same round:
+            // one recording transaction for all of them. The round's lease is the
+            // earliest of theirs.
+            Some(mut claim) => {
+                while claim.requests.len() < config.payout_batch {
+                    let Ok(more) = shared.payout_handoff.1.try_recv() else { break };
+                    claim.lease_until = claim.lease_until.min(more.lease_until);
+                    claim.requests.extend(more.requests);
                 }
-                doing("backing off (payouts)");
-                sleep_unless_stopping(shared, backoff(failures));
-                continue;
+                claim
+            }
+            None => {
+                last_poll = Instant::now();
+                doing("claiming payouts (database)");
+                // The connection goes back to the pool here, before any gateway call.
+                let claimed = checkout(shared).and_then(|mut conn| {
+                    payouts::claim_due(&mut conn, config.payout_batch as i64, config.payout_lease_ms)
+                });
+                match claimed {
+                    Ok(r) => {
+                        failures = 0;
+                        r
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if !shared.stopping() {
+                            warn!(error = %e, "claiming payouts failed; retrying");
+                        }
+                        doing("backing off (payouts)");
+                        sleep_unless_stopping(shared, backoff(failures));
+                        continue;
+                    }
+                }
             }
         };
         if requests.requests.is_empty() {
             doing("waiting for payouts");
-            wait_for_payouts(shared, Duration::from_millis(config.payout_poll_ms));
+            match wait_for_payouts(shared, poll) {
+                // Taken next round, whenever the table was last looked at.
+                Some(claim) => waiting = Some(claim),
+                // Woken by a debit queued unclaimed, or the poll passed: look at the table.
+                None => last_poll = Instant::now() - poll,
+            }
             continue;
         }
         // Calls with bounded concurrency and no transaction open; none once stopping,
@@ -1149,6 +1270,12 @@ fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
         shared.metrics.gateway_calls.fetch_add(verdicts.len() as u64, Ordering::Relaxed);
         doing("recording payouts (database)");
         record_payouts(shared, &verdicts);
+    }
+    // Claims handed over but not started: give them back, so they are due at once
+    // (if the database is gone, their leases simply run out).
+    doing("handing back unsent payouts");
+    for claim in waiting.into_iter().chain(shared.payout_handoff.1.try_iter()) {
+        release_claim(shared, claim);
     }
     debug!("payout dispatcher stopped");
 }

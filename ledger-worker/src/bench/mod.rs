@@ -92,6 +92,8 @@ pub struct BenchOptions {
     pub pgbench: bool,
     pub pgbench_seconds: u64,
     pub latency_seconds: u64,
+    /// Arrivals per second in the latency phase; `None`: half the measured peak.
+    pub latency_rate: Option<f64>,
     pub json: bool,
     /// Print where the time of the throughput phase went (pg_stat_statements and CPU).
     pub profile: bool,
@@ -497,7 +499,7 @@ fn run_mode(
         row.ops_per_sec = n as f64 / elapsed.as_secs_f64();
         row.rss_mb = rss;
         if profiling {
-            print_profile(&mut conn, n, elapsed, cpu)?;
+            print_profile(&mut conn, "throughput", n, elapsed, cpu)?;
         }
         check_final(&mut conn, mode)?;
         latency_phase(&spec, &mut conn, &accounts, opts, bank.as_ref(), row)?;
@@ -716,7 +718,13 @@ fn start_profile(conn: &mut PgConnection) -> bool {
 
 /// Where a job's time went: server time per statement (pg_stat_statements, this
 /// database only) and the worker process's own CPU, per job.
-fn print_profile(conn: &mut PgConnection, jobs: usize, elapsed: Duration, worker_cpu_s: f64) -> Result<()> {
+fn print_profile(
+    conn: &mut PgConnection,
+    phase: &str,
+    jobs: usize,
+    elapsed: Duration,
+    worker_cpu_s: f64,
+) -> Result<()> {
     #[derive(QueryableByName)]
     struct Stmt {
         #[diesel(sql_type = diesel::sql_types::Text)]
@@ -736,7 +744,7 @@ fn print_profile(conn: &mut PgConnection, jobs: usize, elapsed: Duration, worker
     .load(conn)?;
     let server_ms: f64 = rows.iter().map(|r| r.total_ms).sum();
     eprintln!(
-        "   profile of the throughput phase ({jobs} jobs in {:.2} s on 2 cores = {:.0} µs of wall time per job):",
+        "   profile of the {phase} phase ({jobs} jobs in {:.2} s on 2 cores = {:.0} µs of wall time per job):",
         elapsed.as_secs_f64(),
         elapsed.as_secs_f64() * 1e6 / jobs as f64
     );
@@ -746,7 +754,13 @@ fn print_profile(conn: &mut PgConnection, jobs: usize, elapsed: Duration, worker
         worker_cpu_s * 1e6 / jobs as f64
     );
     for r in rows {
-        eprintln!("   {:>7.1} µs/job {:>7} calls  {}", r.total_ms * 1e3 / jobs as f64, r.calls, r.query);
+        eprintln!(
+            "   {:>7.1} µs/job {:>7} calls {:>7.2} ms/call  {}",
+            r.total_ms * 1e3 / jobs as f64,
+            r.calls,
+            r.total_ms / r.calls.max(1) as f64,
+            r.query
+        );
     }
     Ok(())
 }
@@ -772,7 +786,7 @@ fn latency_phase(
     bank: Option<&Bank>,
     row: &mut Row,
 ) -> Result<()> {
-    let rate = (row.ops_per_sec / 2.0).max(1.0);
+    let rate = opts.latency_rate.unwrap_or(row.ops_per_sec / 2.0).max(1.0);
     row.latency_rate = rate;
     let first_id = count(conn, "SELECT COALESCE(max(id), 0) AS n FROM withdrawals")?;
     // The arrivals below are on top of what the accounts were funded for.
@@ -780,6 +794,9 @@ fn latency_phase(
     let mut worker = Worker::spawn(spec, false)?;
     // Give it time to connect and LISTEN before the clock starts.
     thread::sleep(Duration::from_millis(500));
+    let profiling = opts.profile && start_profile(conn);
+    let cpu_before = cpu_seconds(worker.pid()).unwrap_or(0.0);
+    let phase_started = Instant::now();
     let stop = AtomicBool::new(false);
     let url = spec.url;
     let produced = thread::scope(|s| -> Result<usize> {
@@ -816,9 +833,13 @@ fn latency_phase(
         stall.check(left)?;
         thread::sleep(Duration::from_millis(20));
     }
+    let cpu_after = cpu_seconds(worker.pid()).unwrap_or(cpu_before);
     let status = worker.stop()?;
     if !status.success() {
         bail!("the latency-phase worker exited with {status}");
+    }
+    if profiling {
+        print_profile(conn, "latency", produced, phase_started.elapsed(), cpu_after - cpu_before)?;
     }
     #[derive(QueryableByName)]
     struct Lat {
@@ -859,6 +880,45 @@ fn latency_phase(
         row.p50_ms,
         row.p99_ms,
         row.max_ms
+    );
+    if spec.mode.end_to_end() {
+        stage_split(conn, first_id)?;
+    }
+    Ok(())
+}
+
+/// Where an end-to-end withdrawal's time went: enqueue to debited, and debited to its
+/// payout's final state, each with its own p50/p99 (so a fast stage cannot hide a slow one).
+fn stage_split(conn: &mut PgConnection, first_id: i64) -> Result<()> {
+    #[derive(QueryableByName)]
+    struct Split {
+        #[diesel(sql_type = Nullable<Double>)]
+        debit_p50: Option<f64>,
+        #[diesel(sql_type = Nullable<Double>)]
+        debit_p99: Option<f64>,
+        #[diesel(sql_type = Nullable<Double>)]
+        payout_p50: Option<f64>,
+        #[diesel(sql_type = Nullable<Double>)]
+        payout_p99: Option<f64>,
+    }
+    let s: Split = diesel::sql_query(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS debit_p50,
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY d) AS debit_p99,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY p) AS payout_p50,
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY p) AS payout_p99
+         FROM (SELECT (EXTRACT(EPOCH FROM w.finished_at - w.created_at) * 1000)::float8 AS d,
+                      (EXTRACT(EPOCH FROM p.updated_at - w.finished_at) * 1000)::float8 AS p
+               FROM withdrawals w JOIN payouts p ON p.withdrawal_id = w.id
+               WHERE w.id > $1 AND p.status IN ('settled', 'returned')) l",
+    )
+    .bind::<BigInt, _>(first_id)
+    .get_result(conn)?;
+    eprintln!(
+        "     stages: enqueue to debited p50 {:.1} ms, p99 {:.1} ms; debited to paid out p50 {:.1} ms, p99 {:.1} ms",
+        s.debit_p50.unwrap_or(0.0),
+        s.debit_p99.unwrap_or(0.0),
+        s.payout_p50.unwrap_or(0.0),
+        s.payout_p99.unwrap_or(0.0)
     );
     Ok(())
 }

@@ -1,0 +1,140 @@
+//! Batch statements read the rows of their batch, not the backlog, whatever the
+//! planner's statistics say; and they leave the caller's planner settings as they were.
+
+mod common;
+
+use diesel::pg::PgConnection;
+use diesel::sql_types::{BigInt, Text};
+use diesel::{QueryableByName, RunQueryDsl};
+use ledger_core::withdrawals;
+use ledger_core::{testing, Currency, TxOptions, WithdrawalId};
+
+#[derive(QueryableByName)]
+struct Reads {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = BigInt)]
+    idx: i64,
+}
+
+/// Rows of `table` this transaction has read so far, by sequential and by index scans.
+fn reads(conn: &mut PgConnection, table: &str) -> Reads {
+    diesel::sql_query(
+        "SELECT COALESCE(seq_tup_read, 0) AS seq, COALESCE(idx_tup_fetch, 0) AS idx
+         FROM pg_stat_xact_user_tables WHERE relname = $1",
+    )
+    .bind::<Text, _>(table)
+    .get_result(conn)
+    .unwrap()
+}
+
+/// `n` pending withdrawals of 0.01 from `account`, in one statement (a burst of intake).
+fn backlog(conn: &mut PgConnection, account: i64, n: i64) -> Vec<WithdrawalId> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let ids: Vec<Id> = diesel::sql_query(
+        "INSERT INTO withdrawals (account_id, currency, amount_minor, destination, idempotency_key)
+         SELECT $1, 'EUR', 1, 'DE89370400440532013000', 'burst-' || g FROM generate_series(1, $2) g
+         RETURNING id",
+    )
+    .bind::<BigInt, _>(account)
+    .bind::<BigInt, _>(n)
+    .load(conn)
+    .unwrap();
+    let mut ids: Vec<WithdrawalId> = ids.into_iter().map(|r| WithdrawalId::new(r.id).unwrap()).collect();
+    ids.sort();
+    ids
+}
+
+#[testing::test]
+fn a_batch_reads_its_own_rows_not_the_backlog_even_with_stale_statistics() {
+    const BACKLOG: i64 = 6_000;
+    const BATCH: usize = 300;
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let account = testing::funded_account(&mut conn, "burst", Currency::EUR, "1000.00");
+    // Statistics taken while nothing is pending: the planner believes the pending partial
+    // indexes are empty, the state a daemon is in right after a burst of intake.
+    diesel::sql_query("ANALYZE withdrawals").execute(&mut conn).unwrap();
+    diesel::sql_query("ANALYZE payouts").execute(&mut conn).unwrap();
+    let ids = backlog(&mut conn, account.get(), BACKLOG);
+    let batch = &ids[..BATCH];
+    let (items, read) = ledger_core::tx::transaction(&mut conn, &TxOptions::default(), |tx| {
+        let items = withdrawals::process_batch_fast_tx(tx, batch)?;
+        Ok::<_, ledger_core::LedgerError>((items, reads(tx.conn(), "withdrawals")))
+    })
+    .unwrap();
+    assert_eq!(items.len(), BATCH);
+    assert!(items.iter().all(|i| matches!(i.outcome, withdrawals::JobOutcome::Debited { .. })), "{items:?}");
+    // Each job's row is read a few times (the lock, the update, foreign-key checks from
+    // its entry and payout); reading the backlog would be BACKLOG rows per statement.
+    let total = read.seq + read.idx;
+    assert!(
+        total <= 8 * BATCH as i64,
+        "a batch of {BATCH} read {} rows by sequential scans and {} by index scans of withdrawals \
+         (a backlog of {BACKLOG})",
+        read.seq,
+        read.idx
+    );
+    assert_eq!(read.seq, 0, "no sequential scan of withdrawals");
+}
+
+#[derive(QueryableByName, Debug, PartialEq, Eq)]
+struct Settings {
+    #[diesel(sql_type = Text)]
+    jit: String,
+    #[diesel(sql_type = Text)]
+    seqscan: String,
+    #[diesel(sql_type = Text)]
+    bitmapscan: String,
+    #[diesel(sql_type = Text)]
+    hashjoin: String,
+    #[diesel(sql_type = Text)]
+    mergejoin: String,
+}
+
+fn settings(conn: &mut PgConnection) -> Settings {
+    diesel::sql_query(
+        "SELECT current_setting('jit') AS jit, current_setting('enable_seqscan') AS seqscan,
+                current_setting('enable_bitmapscan') AS bitmapscan, current_setting('enable_hashjoin') AS hashjoin,
+                current_setting('enable_mergejoin') AS mergejoin",
+    )
+    .get_result(conn)
+    .unwrap()
+}
+
+#[testing::test]
+fn batch_plans_leave_the_callers_planner_settings_as_they_were() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let account = testing::funded_account(&mut conn, "settings", Currency::EUR, "10.00");
+    let ids = backlog(&mut conn, account.get(), 2);
+    let (inside, after) = ledger_core::tx::transaction(&mut conn, &TxOptions::default(), |tx| {
+        // The caller's own choices, some of them the opposite of the batch's.
+        diesel::sql_query("SET LOCAL enable_hashjoin = off").execute(tx.conn())?;
+        diesel::sql_query("SET LOCAL enable_mergejoin = on").execute(tx.conn())?;
+        let before = settings(tx.conn());
+        let inside = ledger_core::tx::with_batch_plans(tx, |tx| Ok(settings(tx.conn())))?;
+        withdrawals::process_batch_fast_tx(tx, &ids)?;
+        let after = settings(tx.conn());
+        assert_eq!(after, before, "restored after with_batch_plans and after a batch");
+        Ok::<_, ledger_core::LedgerError>((inside, after))
+    })
+    .unwrap();
+    assert_eq!(
+        inside,
+        Settings {
+            jit: "off".into(),
+            seqscan: "off".into(),
+            bitmapscan: "off".into(),
+            hashjoin: "off".into(),
+            mergejoin: "off".into()
+        }
+    );
+    assert_eq!((after.hashjoin.as_str(), after.mergejoin.as_str()), ("off", "on"));
+    // SET LOCAL ends with the transaction: the session is back to its defaults.
+    assert_eq!(settings(&mut conn).hashjoin, "on");
+}

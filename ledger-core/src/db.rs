@@ -85,10 +85,13 @@ pub fn connect(url: &str, session: &SessionConfig) -> Result<PgConnection, Ledge
     Ok(conn)
 }
 
+/// Called on every connection a pool hands out, before its session settings are applied
+/// (the test harness watches connections this way; production pools have none).
+pub type ConnectionHook = std::sync::Arc<dyn Fn(&mut PgConnection) + Send + Sync>;
+
 struct ApplySession {
     session: SessionConfig,
-    #[cfg(feature = "testing")]
-    guard: Option<crate::testing::LockGuard>,
+    hook: Option<ConnectionHook>,
 }
 
 impl std::fmt::Debug for ApplySession {
@@ -99,9 +102,8 @@ impl std::fmt::Debug for ApplySession {
 
 impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for ApplySession {
     fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
-        #[cfg(feature = "testing")]
-        if let Some(guard) = &self.guard {
-            guard.install(conn);
+        if let Some(hook) = &self.hook {
+            hook(conn);
         }
         self.session.apply(conn).map_err(|e| match e {
             LedgerError::Database(d) => diesel::r2d2::Error::QueryError(d),
@@ -130,25 +132,12 @@ impl Default for PoolConfig {
 
 /// Builds an r2d2 pool; fails fast if the database cannot be reached.
 pub fn pool(url: &str, config: &PoolConfig) -> Result<Pool, LedgerError> {
-    build_pool(
-        url,
-        config,
-        ApplySession {
-            session: config.session.clone(),
-            #[cfg(feature = "testing")]
-            guard: None,
-        },
-    )
+    build_pool(url, config, ApplySession { session: config.session.clone(), hook: None })
 }
 
-/// A pool whose connections are watched by the test harness's lock guard.
-#[cfg(feature = "testing")]
-pub fn pool_with_guard(
-    url: &str,
-    config: &PoolConfig,
-    guard: Option<crate::testing::LockGuard>,
-) -> Result<Pool, LedgerError> {
-    build_pool(url, config, ApplySession { session: config.session.clone(), guard })
+/// A pool that runs `hook` on every connection it hands out.
+pub fn pool_with_hook(url: &str, config: &PoolConfig, hook: Option<ConnectionHook>) -> Result<Pool, LedgerError> {
+    build_pool(url, config, ApplySession { session: config.session.clone(), hook })
 }
 
 fn build_pool(url: &str, config: &PoolConfig, customizer: ApplySession) -> Result<Pool, LedgerError> {

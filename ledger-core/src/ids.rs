@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::error::InvalidInput;
+use crate::input::InvalidInput;
 
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {

@@ -17,9 +17,11 @@ pub mod dispatcher;
 pub mod error;
 pub mod idempotency;
 pub mod ids;
+pub mod input;
 pub mod journal;
 pub mod locks;
 pub mod money;
+pub mod outbox;
 pub mod payouts;
 #[rustfmt::skip]
 pub mod schema;

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::error::InvalidInput;
+use crate::input::InvalidInput;
 
 /// The currencies the ledger holds, with their ISO 4217 minor-unit scale.
 /// The `currencies` table is seeded with exactly this list (a test compares them).

@@ -37,6 +37,8 @@ use crate::schema::{ledger_instance, payouts, withdrawals};
 use crate::tx::{self, Tx, TxOptions};
 use crate::withdrawals::WithdrawalStatus;
 
+pub use crate::outbox::{Claim, PayoutRequest};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PayoutStatus {
     Pending,
@@ -122,35 +124,6 @@ pub fn renew_instance_id(conn: &mut PgConnection) -> Result<String, LedgerError>
     })
 }
 
-/// Queues a payout (status pending) inside the debiting transaction. Its gateway key
-/// is made by the database (`ledger_payout_key`), stored, and never recomputed.
-pub fn enqueue(
-    tx: &mut Tx<'_>,
-    withdrawal: WithdrawalId,
-    account: AccountId,
-    amount: Amount,
-    currency: Currency,
-    destination: &str,
-) -> Result<PayoutId, LedgerError> {
-    #[derive(QueryableByName)]
-    struct Id {
-        #[diesel(sql_type = BigInt)]
-        id: i64,
-    }
-    let row: Id = diesel::sql_query(
-        "INSERT INTO payouts (withdrawal_id, account_id, currency, amount_minor, destination, idempotency_key)
-         VALUES ($1, $2, $3, $4, $5, ledger_payout_key($1))
-         RETURNING id",
-    )
-    .bind::<BigInt, _>(withdrawal.get())
-    .bind::<BigInt, _>(account.get())
-    .bind::<Text, _>(currency.code())
-    .bind::<BigInt, _>(amount.minor())
-    .bind::<Text, _>(destination)
-    .get_result(tx.conn())?;
-    Ok(PayoutId::from_db(row.id))
-}
-
 pub fn get(conn: &mut PgConnection, id: PayoutId) -> Result<Payout, LedgerError> {
     payouts::table.find(id.get()).select(Payout::as_select()).first(conn).optional()?.ok_or_else(|| {
         LedgerError::Invalid(InvalidInput::BadField { field: "payout", reason: format!("no payout {id}") })
@@ -172,26 +145,6 @@ pub fn list(conn: &mut PgConnection, status: Option<PayoutStatus>, limit: i64) -
         query = query.filter(payouts::status.eq(s.as_str()));
     }
     Ok(query.load(conn)?)
-}
-
-/// What the gateway is asked to do. `idempotency_key` must be passed on: it is what
-/// makes a repeated call (after a timeout or a crash) safe.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PayoutRequest {
-    pub payout: PayoutId,
-    pub withdrawal: WithdrawalId,
-    pub amount_minor: i64,
-    /// The amount as a decimal string in the currency's scale, e.g. "50.00".
-    pub amount: String,
-    pub currency: String,
-    pub destination: String,
-    pub idempotency_key: String,
-    /// 1 for the first claim, then 2, 3... (informational; `retry` starts it over).
-    pub attempt: i32,
-    /// This claim's fencing token: an answer is recorded only while it is current.
-    pub token: i64,
-    /// An earlier call may have reached the gateway: look it up before anything else.
-    pub possibly_sent: bool,
 }
 
 /// The answer to a payout's POST, read under the gateway's contract.
@@ -320,15 +273,6 @@ struct ClaimedRow {
     claim_token: i64,
     #[diesel(sql_type = Bool)]
     was_possibly_sent: bool,
-}
-
-/// Claimed payouts and how long this process may call the gateway for them.
-#[derive(Debug)]
-pub struct Claim {
-    pub requests: Vec<PayoutRequest>,
-    /// The lease as this process sees it: taken before the claim was sent, so it ends
-    /// no later than the lease the database granted. No call may still run after it.
-    pub lease_until: Instant,
 }
 
 /// Claims up to `limit` due payouts in one statement: each gets a new fencing token and

@@ -15,7 +15,7 @@ use crate::idempotency::{self, Begun};
 use crate::ids::{AccountId, EntryId, IdempotencyKey, PayoutId, WithdrawalId};
 use crate::journal::{self, EntryKind, Leg};
 use crate::money::{Amount, Currency};
-use crate::payouts;
+use crate::outbox;
 use crate::schema::withdrawals;
 use crate::tx::{self, Tx, TxOptions};
 
@@ -270,7 +270,7 @@ fn debit_locked(
         ],
     )?;
     accounts::set_balance(tx, account, after)?;
-    let payout = payouts::enqueue(tx, withdrawal, account.id(), amount, currency, &job.destination)?;
+    let payout = outbox::enqueue(tx, withdrawal, account.id(), amount, currency, &job.destination)?;
     Ok((entry, payout, after))
 }
 
@@ -347,7 +347,7 @@ pub fn process_batch_fast_tx(tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Ve
 /// caller's dispatcher at once: written with a fresh fencing token, marked possibly
 /// sent, and leased for `lease_ms` from this transaction's start (`now()`).
 ///
-/// The returned [`payouts::Claim`]'s `lease_until` is this process's view of that lease:
+/// The returned [`outbox::Claim`]'s `lease_until` is this process's view of that lease:
 /// the moment the statement was sent plus the lease the server still had left while it
 /// ran, so it ends no later than the database's however long the transaction has been
 /// open. After commit, hand the claim to a dispatcher ([`crate::dispatcher::run_claimed`]);
@@ -358,9 +358,9 @@ pub fn process_batch_fast_claiming_tx(
     tx: &mut Tx<'_>,
     ids: &[WithdrawalId],
     lease_ms: u64,
-) -> Result<(Vec<BatchItem>, payouts::Claim), LedgerError> {
+) -> Result<(Vec<BatchItem>, outbox::Claim), LedgerError> {
     let (items, claim) = process_batch(tx, ids, false, Some(lease_ms))?;
-    Ok((items, claim.unwrap_or_else(|| payouts::Claim { requests: vec![], lease_until: std::time::Instant::now() })))
+    Ok((items, claim.unwrap_or_else(|| outbox::Claim { requests: vec![], lease_until: std::time::Instant::now() })))
 }
 
 fn process_batch(
@@ -368,7 +368,7 @@ fn process_batch(
     ids: &[WithdrawalId],
     guarded: bool,
     claim_lease_ms: Option<u64>,
-) -> Result<(Vec<BatchItem>, Option<payouts::Claim>), LedgerError> {
+) -> Result<(Vec<BatchItem>, Option<outbox::Claim>), LedgerError> {
     tx::with_batch_plans(tx, |tx| process_batch_planned(tx, ids, guarded, claim_lease_ms))
 }
 
@@ -377,7 +377,7 @@ fn process_batch_planned(
     ids: &[WithdrawalId],
     guarded: bool,
     claim_lease_ms: Option<u64>,
-) -> Result<(Vec<BatchItem>, Option<payouts::Claim>), LedgerError> {
+) -> Result<(Vec<BatchItem>, Option<outbox::Claim>), LedgerError> {
     use std::collections::{HashMap, HashSet};
     if ids.is_empty() {
         return Ok((vec![], None));
@@ -489,7 +489,7 @@ fn write_plan(
     jobs: &[LockedJob],
     plan: &[Decision],
     claim_lease_ms: Option<u64>,
-) -> Result<(Vec<BatchItem>, Option<payouts::Claim>), LedgerError> {
+) -> Result<(Vec<BatchItem>, Option<outbox::Claim>), LedgerError> {
     use diesel::sql_types::{Array, BigInt, Nullable, Text};
     use std::collections::HashMap;
 
@@ -649,14 +649,14 @@ fn write_plan(
     let mut claimed = None;
     if claim_lease_ms.is_some() {
         let left = std::time::Duration::from_millis(written.lease_left_ms.max(0.0).floor() as u64);
-        let claim = claimed.insert(payouts::Claim { requests: vec![], lease_until: sent_at + left });
+        let claim = claimed.insert(outbox::Claim { requests: vec![], lease_until: sent_at + left });
         let job_of: HashMap<i64, &Withdrawal> = jobs.iter().map(|(j, _, _)| (j.id, j)).collect();
         for ((wid, payout), (token, key)) in
             written.debited.iter().zip(&written.payouts).zip(written.tokens.iter().zip(written.keys))
         {
             let job = job_of[wid];
             let currency = Currency::from_code(&job.currency)?;
-            claim.requests.push(payouts::PayoutRequest {
+            claim.requests.push(outbox::PayoutRequest {
                 payout: PayoutId::from_db(*payout),
                 withdrawal: WithdrawalId::from_db(*wid),
                 amount_minor: job.amount_minor,

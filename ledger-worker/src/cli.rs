@@ -1,7 +1,5 @@
-//! Command-line parsing. `main` maps `commands::run`'s result to an exit code and prints
-//! errors as one line on stderr.
-
-use std::process::ExitCode;
+//! Command-line parsing: the options of every command, as typed values. Nothing here
+//! runs anything; `commands::main` parses and dispatches.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -303,35 +301,4 @@ pub struct RunArgs {
     /// How often an idle dispatcher looks for due payouts.
     #[arg(long, default_value_t = 50)]
     pub payout_poll_ms: u64,
-}
-
-pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
-            }
-            // One line, as scripts expect; `--help` has the rest.
-            let text = e.to_string();
-            let line: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
-                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
-                .collect();
-            eprintln!("{} (see --help)", line.join(" "));
-            return ExitCode::from(2);
-        }
-    };
-    match crate::commands::run(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            let message = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
-    }
 }

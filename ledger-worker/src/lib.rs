@@ -1,5 +1,5 @@
 //! The ledger's worker daemon and command-line interface. `main.rs` only calls
-//! [`cli::main`]; everything else lives here so it can be tested and embedded.
+//! [`commands::main`]; everything else lives here so it can be tested and embedded.
 
 pub mod bench;
 pub mod cli;

@@ -171,8 +171,11 @@ impl TestDb {
     pub fn pool(&self) -> &Pool {
         self.pool.get_or_init(|| {
             let config = PoolConfig { max_size: 32, min_idle: Some(0), ..PoolConfig::default() };
-            db::pool_with_guard(&self.url, &config, Some(self.guard.clone()))
-                .unwrap_or_else(|e| panic!("pool for {}: {e}", self.name))
+            {
+                let guard = self.guard.clone();
+                db::pool_with_hook(&self.url, &config, Some(std::sync::Arc::new(move |conn| guard.install(conn))))
+            }
+            .unwrap_or_else(|e| panic!("pool for {}: {e}", self.name))
         })
     }
 

@@ -69,6 +69,32 @@ pub struct Account {
 }
 
 impl Account {
+    /// The balance after taking `amount` out, if that stays at or above the floor.
+    pub fn balance_after_debit(&self, amount: Amount) -> Result<i64, LedgerError> {
+        let after = self.balance_minor.checked_sub(amount.minor()).ok_or(LedgerError::BalanceOverflow(self.id))?;
+        if after < self.floor_minor() {
+            return Err(LedgerError::InsufficientFunds {
+                account: self.id,
+                balance_minor: self.balance_minor,
+                floor_minor: self.floor_minor(),
+                requested_minor: amount.minor(),
+            });
+        }
+        Ok(after)
+    }
+
+    /// Checks the account can take part in a movement in `currency`.
+    pub fn expect_currency(&self, currency: Currency) -> Result<(), LedgerError> {
+        if self.currency != currency {
+            return Err(LedgerError::CurrencyMismatch {
+                account: self.id,
+                account_currency: self.currency.code().to_string(),
+                request_currency: currency.code().to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// The lowest balance the account may reach: 0, or minus its overdraft limit.
     pub fn floor_minor(&self) -> i64 {
         -self.overdraft_limit_minor
@@ -123,20 +149,7 @@ impl LockedAccount {
 
     /// The balance after taking `amount` out, if that stays at or above the floor.
     pub fn balance_after_debit(&self, amount: Amount) -> Result<i64, LedgerError> {
-        let after = self
-            .account
-            .balance_minor
-            .checked_sub(amount.minor())
-            .ok_or(LedgerError::BalanceOverflow(self.account.id))?;
-        if after < self.account.floor_minor() {
-            return Err(LedgerError::InsufficientFunds {
-                account: self.account.id,
-                balance_minor: self.account.balance_minor,
-                floor_minor: self.account.floor_minor(),
-                requested_minor: amount.minor(),
-            });
-        }
-        Ok(after)
+        self.account.balance_after_debit(amount)
     }
 
     /// Records a balance this transaction has written (see `set_balance`), for callers
@@ -151,14 +164,7 @@ impl LockedAccount {
 
     /// Checks the account can take part in a movement in `currency`.
     pub fn expect_currency(&self, currency: Currency) -> Result<(), LedgerError> {
-        if self.account.currency != currency {
-            return Err(LedgerError::CurrencyMismatch {
-                account: self.account.id,
-                account_currency: self.account.currency.code().to_string(),
-                request_currency: currency.code().to_string(),
-            });
-        }
-        Ok(())
+        self.account.expect_currency(currency)
     }
 }
 

@@ -8,6 +8,22 @@
 //! Every operation comes in two forms: `op(conn, ..)` runs its own transaction (retrying
 //! transient failures), and `op_tx(tx, ..)` joins the caller's transaction, so an
 //! embedding service can combine ledger writes with its own in one commit.
+//!
+//! # Layout
+//!
+//! - Values: [`money`] (amounts, currencies), [`ids`], [`input`] (bad input, refused
+//!   before the database is touched).
+//! - Storage primitives: [`db`] (pools, sessions), [`tx`] (transactions, savepoints,
+//!   ordered lock sets, batch plans), [`accounts`], [`journal`], [`idempotency`].
+//! - Movements: [`deposits`], [`transfers`], [`withdrawals`]. A withdrawal is decided in
+//!   one place, [`withdrawals::decide`]; the batch path and the single path both call it.
+//! - Payouts: [`outbox`] (phase 1, written with the debit), [`payouts`] (phase 2: what a
+//!   gateway answer means, [`payouts::resolve`], and how it is recorded), [`dispatcher`]
+//!   (the round an embedding service runs).
+//! - Checks: [`audit`] (the invariants across the database), [`sqlstate`] (errors
+//!   classified by SQLSTATE).
+//!
+//! ARCHITECTURE.md at the repository root has the stages and the invariants.
 
 pub mod accounts;
 pub mod audit;

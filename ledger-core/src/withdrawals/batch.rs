@@ -1,0 +1,354 @@
+//! Many jobs in one transaction: lock them and their accounts (ascending ids), decide
+//! each ([`decide`]), and carry the decisions out in one set-based statement
+//! (`write_plan.sql`); after an unexpected error, one savepoint per job.
+
+use super::*;
+
+/// What happened to one job of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// Debited; entry and payout written; the withdrawal is paying out.
+    Debited { entry: EntryId, payout: PayoutId },
+    /// A business refusal, recorded on the job.
+    Rejected { code: &'static str, reason: String },
+    /// Not processed here: another worker holds it, or it is no longer pending.
+    Skipped,
+    /// An infrastructure error rolled this job back (its savepoint) and left it pending;
+    /// the caller records the attempt.
+    Errored { error: String, transient: bool },
+}
+
+/// One job's result, with when it was enqueued (µs since the Unix epoch, database clock).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchItem {
+    pub id: WithdrawalId,
+    pub outcome: JobOutcome,
+    pub enqueued_at_us: Option<i64>,
+}
+
+/// Processes several jobs in the caller's transaction, one commit for all of them.
+///
+/// 1. The pending jobs among `ids` are locked with `FOR UPDATE SKIP LOCKED`: a job
+///    another worker (or daemon) is processing is skipped, not waited for.
+/// 2. All their accounts are locked at once, in ascending id order, so two batches can
+///    never deadlock however their jobs interleave.
+/// 3. Each job runs in its own savepoint: a refusal or error undoes that job only.
+///
+/// Returns `Err` only when the whole transaction is unusable (then nothing commits).
+pub fn process_batch_tx(tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<BatchItem>, LedgerError> {
+    Ok(process_batch(tx, ids, true, None)?.0)
+}
+
+/// Like [`process_batch_tx`] but without the savepoint around the set-based write: two
+/// round trips fewer per batch. If it returns a non-transient `Err`, the transaction is
+/// aborted: roll it back and run the same ids through [`process_batch_tx`] in a new one
+/// (which then isolates the failing job). The worker daemon does exactly that.
+pub fn process_batch_fast_tx(tx: &mut Tx<'_>, ids: &[WithdrawalId]) -> Result<Vec<BatchItem>, LedgerError> {
+    Ok(process_batch(tx, ids, false, None)?.0)
+}
+
+/// Like [`process_batch_fast_tx`], and every payout it queues is also claimed for the
+/// caller's dispatcher at once: written with a fresh fencing token, marked possibly
+/// sent, and leased for `lease_ms` from this transaction's start (`now()`).
+///
+/// The returned [`outbox::Claim`]'s `lease_until` is this process's view of that lease:
+/// the moment the statement was sent plus the lease the server still had left while it
+/// ran, so it ends no later than the database's however long the transaction has been
+/// open. After commit, hand the claim to a dispatcher ([`crate::dispatcher::run_claimed`]);
+/// if the transaction rolls back, drop it. A claim that is never used simply runs out:
+/// the payout is claimed again after `lease_ms` and looked up first. This saves each
+/// payout a separate claim transaction and row update.
+pub fn process_batch_fast_claiming_tx(
+    tx: &mut Tx<'_>,
+    ids: &[WithdrawalId],
+    lease_ms: u64,
+) -> Result<(Vec<BatchItem>, outbox::Claim), LedgerError> {
+    let (items, claim) = process_batch(tx, ids, false, Some(lease_ms))?;
+    Ok((items, claim.unwrap_or_else(|| outbox::Claim { requests: vec![], lease_until: std::time::Instant::now() })))
+}
+
+fn process_batch(
+    tx: &mut Tx<'_>,
+    ids: &[WithdrawalId],
+    guarded: bool,
+    claim_lease_ms: Option<u64>,
+) -> Result<(Vec<BatchItem>, Option<outbox::Claim>), LedgerError> {
+    tx::with_batch_plans(tx, |tx| process_batch_planned(tx, ids, guarded, claim_lease_ms))
+}
+
+fn process_batch_planned(
+    tx: &mut Tx<'_>,
+    ids: &[WithdrawalId],
+    guarded: bool,
+    claim_lease_ms: Option<u64>,
+) -> Result<(Vec<BatchItem>, Option<outbox::Claim>), LedgerError> {
+    use std::collections::{HashMap, HashSet};
+    if ids.is_empty() {
+        return Ok((vec![], None));
+    }
+    let raw: Vec<i64> = ids.iter().map(|i| i.get()).collect();
+    // Only pending rows are locked (a finished one may be waited for by its payout's
+    // settlement or return). IS NOT DISTINCT FROM rather than `=`: an equality on status
+    // would offer the planner the pending partial index as a path, read whole (see
+    // tx::with_batch_plans); this way each row is reached by id.
+    let jobs: Vec<LockedJob> = withdrawals::table
+        .filter(withdrawals::id.eq_any(&raw))
+        .filter(withdrawals::status.is_not_distinct_from(WithdrawalStatus::Pending.as_str()))
+        .order(withdrawals::id.asc())
+        .select((
+            Withdrawal::as_select(),
+            diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                "(EXTRACT(EPOCH FROM withdrawals.created_at) * 1000000)::bigint",
+            ),
+            // The in-transit account of the job's currency, fetched with the job.
+            diesel::dsl::sql::<diesel::sql_types::Nullable<diesel::sql_types::BigInt>>(
+                "(SELECT a.id FROM accounts a WHERE a.system_role = 'payouts_in_transit' \
+                 AND a.currency = withdrawals.currency)",
+            ),
+        ))
+        .for_update()
+        .skip_locked()
+        .load(tx.conn())?;
+    assert!(jobs.iter().all(|(job, _, _)| job.status() == WithdrawalStatus::Pending), "only pending jobs are locked");
+    let lock_set: tx::LockSet = jobs.iter().map(|(j, _, _)| AccountId::from_db(j.account_id)).collect();
+    let locked: HashMap<i64, Result<accounts::LockedAccount, LedgerError>> =
+        lock_set.ids().map(AccountId::get).zip(accounts::lock_all(tx, &lock_set)?).collect();
+    let plan = plan_batch(&jobs, &locked);
+    // Fast path: the whole batch in a handful of set-based statements (round trips per
+    // batch, not per job). Anything unexpected rolls that savepoint back and the batch
+    // is redone one savepoint per job, so a bad job still fails alone.
+    let (mut items, claimed) = if guarded {
+        match tx.savepoint(|tx| write_plan(tx, &jobs, &plan, claim_lease_ms)) {
+            Ok(written) => written,
+            Err(e) if e.is_transient() => return Err(e),
+            Err(_) => (process_one_by_one(tx, &jobs, locked)?, None),
+        }
+    } else {
+        write_plan(tx, &jobs, &plan, claim_lease_ms)?
+    };
+    let seen: HashSet<WithdrawalId> = items.iter().map(|i| i.id).collect();
+    for id in ids {
+        if !seen.contains(id) {
+            items.push(BatchItem { id: *id, outcome: JobOutcome::Skipped, enqueued_at_us: None });
+        }
+    }
+    Ok((items, claimed))
+}
+
+/// A job row locked for processing, when it was enqueued (µs), and its in-transit account.
+type LockedJob = (Withdrawal, i64, Option<i64>);
+
+/// A job's decision, with what the batch statement needs to carry it out.
+enum Planned {
+    Debit { after_minor: i64, in_transit: i64 },
+    Reject { code: &'static str, reason: String },
+}
+
+/// Decides every job of a batch in memory ([`decide`]), in id order, tracking each
+/// account's balance as earlier jobs of the batch debit it.
+fn plan_batch(
+    jobs: &[LockedJob],
+    locked: &std::collections::HashMap<i64, Result<accounts::LockedAccount, LedgerError>>,
+) -> Vec<Planned> {
+    let mut balances: std::collections::HashMap<i64, accounts::LockedAccount> =
+        locked.iter().filter_map(|(id, a)| a.as_ref().ok().map(|a| (*id, a.clone()))).collect();
+    jobs.iter()
+        .map(|(job, _, in_transit)| {
+            let account = match locked.get(&job.account_id).expect("every job's account was looked up") {
+                Err(e) => Err(rebuild_refusal(e)),
+                Ok(_) => Ok(balances.get(&job.account_id).expect("locked accounts are tracked").account()),
+            };
+            match decide(&job.currency, job.amount_minor, account) {
+                Decision::Debit { after_minor, .. } => {
+                    balances.get_mut(&job.account_id).expect("a debited account is locked").note_balance(after_minor);
+                    let in_transit = in_transit.expect("every supported currency has an in-transit account");
+                    Planned::Debit { after_minor, in_transit }
+                }
+                Decision::Reject(e) => Planned::Reject { code: e.code(), reason: e.to_string() },
+            }
+        })
+        .collect()
+}
+
+/// Writes a planned batch in one statement: data-modifying CTEs insert the entries,
+/// their postings, the payouts, and update the balances and job statuses. One round
+/// trip per batch instead of several per job; the postings trigger checks every entry
+/// is balanced and the foreign keys are checked as usual at the end of the statement.
+fn write_plan(
+    tx: &mut Tx<'_>,
+    jobs: &[LockedJob],
+    plan: &[Planned],
+    claim_lease_ms: Option<u64>,
+) -> Result<(Vec<BatchItem>, Option<outbox::Claim>), LedgerError> {
+    use diesel::sql_types::{Array, BigInt, Nullable, Text};
+    use std::collections::HashMap;
+
+    #[derive(QueryableByName)]
+    struct Written {
+        #[diesel(sql_type = BigInt)]
+        postings: i64,
+        #[diesel(sql_type = BigInt)]
+        balances: i64,
+        #[diesel(sql_type = BigInt)]
+        jobs: i64,
+        #[diesel(sql_type = Array<BigInt>)]
+        debited: Vec<i64>,
+        #[diesel(sql_type = Array<BigInt>)]
+        entries: Vec<i64>,
+        #[diesel(sql_type = Array<BigInt>)]
+        payouts: Vec<i64>,
+        /// Per payout (same order): its claim token when claimed here, else NULL.
+        #[diesel(sql_type = Array<Nullable<BigInt>>)]
+        tokens: Vec<Option<i64>>,
+        #[diesel(sql_type = Array<Text>)]
+        keys: Vec<String>,
+        /// What was left of the claims' lease while the statement ran (server clock).
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        lease_left_ms: f64,
+    }
+
+    let mut d_wid = vec![];
+    let mut d_account = vec![];
+    let mut d_currency = vec![];
+    let mut d_amount = vec![];
+    let mut d_after = vec![];
+    let mut d_transit = vec![];
+    let mut d_destination = vec![];
+    let mut last_balance: HashMap<i64, i64> = HashMap::new();
+    let mut rejected_ids = Vec::new();
+    let mut rejected_reasons = Vec::new();
+    for ((job, _, _), decision) in jobs.iter().zip(plan) {
+        match decision {
+            Planned::Debit { after_minor, in_transit } => {
+                d_wid.push(job.id);
+                d_account.push(job.account_id);
+                d_currency.push(job.currency.clone());
+                d_amount.push(job.amount_minor);
+                d_after.push(*after_minor);
+                d_transit.push(*in_transit);
+                d_destination.push(job.destination.clone());
+                last_balance.insert(job.account_id, *after_minor); // jobs are in id order
+            }
+            Planned::Reject { reason, .. } => {
+                rejected_ids.push(job.id);
+                rejected_reasons.push(reason.clone());
+            }
+        }
+    }
+    let (balance_ids, balances): (Vec<i64>, Vec<i64>) = last_balance.into_iter().unzip();
+    // Before the statement is sent: the server's clock_timestamp() is later still.
+    let sent_at = std::time::Instant::now();
+    let written: Written = diesel::sql_query(include_str!("write_plan.sql"))
+        .bind::<Array<BigInt>, _>(&d_wid)
+        .bind::<Array<BigInt>, _>(&d_account)
+        .bind::<Array<Text>, _>(&d_currency)
+        .bind::<Array<BigInt>, _>(&d_amount)
+        .bind::<Array<BigInt>, _>(&d_after)
+        .bind::<Array<BigInt>, _>(&d_transit)
+        .bind::<Array<Text>, _>(&d_destination)
+        .bind::<Array<BigInt>, _>(&balance_ids)
+        .bind::<Array<BigInt>, _>(&balances)
+        .bind::<Array<BigInt>, _>(&rejected_ids)
+        .bind::<Array<Text>, _>(&rejected_reasons)
+        .bind::<Nullable<BigInt>, _>(claim_lease_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX)))
+        .get_result(tx.conn())?;
+    // Pair the statement's counts with what was planned (assertions, not hopes).
+    assert_eq!(written.postings as usize, d_wid.len() * 2, "two postings per debit");
+    assert_eq!(written.balances as usize, balance_ids.len(), "one balance per debited account");
+    assert_eq!(written.jobs as usize, jobs.len(), "the batch holds every job's row lock");
+    assert_eq!(
+        written.debited,
+        d_wid.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>()
+    );
+    assert_eq!((written.entries.len(), written.payouts.len()), (d_wid.len(), d_wid.len()));
+    assert_eq!((written.tokens.len(), written.keys.len()), (d_wid.len(), d_wid.len()));
+    assert!(
+        written.tokens.iter().all(|t| t.is_some() == claim_lease_ms.is_some()),
+        "every payout is claimed exactly when a lease was asked for"
+    );
+    let entry_of: HashMap<i64, i64> = written.debited.iter().copied().zip(written.entries.iter().copied()).collect();
+    let payout_of: HashMap<i64, i64> = written.debited.iter().copied().zip(written.payouts.iter().copied()).collect();
+    let mut claimed = None;
+    if claim_lease_ms.is_some() {
+        let left = std::time::Duration::from_millis(written.lease_left_ms.max(0.0).floor() as u64);
+        let claim = claimed.insert(outbox::Claim { requests: vec![], lease_until: sent_at + left });
+        let job_of: HashMap<i64, &Withdrawal> = jobs.iter().map(|(j, _, _)| (j.id, j)).collect();
+        for ((wid, payout), (token, key)) in
+            written.debited.iter().zip(&written.payouts).zip(written.tokens.iter().zip(written.keys))
+        {
+            let job = job_of[wid];
+            let currency = Currency::from_code(&job.currency)?;
+            claim.requests.push(outbox::PayoutRequest {
+                payout: PayoutId::from_db(*payout),
+                withdrawal: WithdrawalId::from_db(*wid),
+                amount_minor: job.amount_minor,
+                amount: currency.format_minor(job.amount_minor),
+                currency: job.currency.clone(),
+                destination: job.destination.clone(),
+                idempotency_key: key,
+                attempt: 1,
+                token: token.expect("claimed above"),
+                possibly_sent: false,
+            });
+        }
+    }
+
+    let items = jobs
+        .iter()
+        .zip(plan)
+        .map(|((job, enqueued_at_us, _), d)| BatchItem {
+            id: WithdrawalId::from_db(job.id),
+            outcome: match d {
+                Planned::Debit { .. } => JobOutcome::Debited {
+                    entry: EntryId::from_db(entry_of[&job.id]),
+                    payout: PayoutId::from_db(payout_of[&job.id]),
+                },
+                Planned::Reject { code, reason } => JobOutcome::Rejected { code, reason: reason.clone() },
+            },
+            enqueued_at_us: Some(*enqueued_at_us),
+        })
+        .collect();
+    Ok((items, claimed))
+}
+
+/// The careful path: one savepoint per job, so a job that fails for an unexpected reason
+/// is rolled back alone and reported, and the others still commit.
+fn process_one_by_one(
+    tx: &mut Tx<'_>,
+    jobs: &[LockedJob],
+    mut locked: std::collections::HashMap<i64, Result<accounts::LockedAccount, LedgerError>>,
+) -> Result<Vec<BatchItem>, LedgerError> {
+    let mut items: Vec<BatchItem> = Vec::with_capacity(jobs.len());
+    for (job, enqueued_at_us, in_transit) in jobs {
+        let outcome = match locked.get_mut(&job.account_id).expect("every job's account was looked up") {
+            Err(e) => {
+                let reason = e.to_string();
+                mark_rejected(tx, job.id, &reason)?;
+                JobOutcome::Rejected { code: e.code(), reason }
+            }
+            Ok(account) => {
+                let transit = AccountId::from_db(in_transit.expect("every currency has an in-transit account"));
+                let result = tx.savepoint(|tx| {
+                    let (entry, payout, after) = debit_locked(tx, job, account, transit)?;
+                    mark_debited(tx, job.id, entry)?;
+                    Ok::<_, LedgerError>((entry, payout, after))
+                });
+                match result {
+                    Ok((entry, payout, after)) => {
+                        account.note_balance(after);
+                        JobOutcome::Debited { entry, payout }
+                    }
+                    Err(e) if e.is_business_rejection() => {
+                        let reason = e.to_string();
+                        mark_rejected(tx, job.id, &reason)?;
+                        JobOutcome::Rejected { code: e.code(), reason }
+                    }
+                    Err(e) if e.transient() == Some(crate::error::Transient::ConnectionLost) => return Err(e),
+                    Err(e) => JobOutcome::Errored { error: e.to_string(), transient: e.is_transient() },
+                }
+            }
+        };
+        items.push(BatchItem { id: WithdrawalId::from_db(job.id), outcome, enqueued_at_us: Some(*enqueued_at_us) });
+    }
+    Ok(items)
+}

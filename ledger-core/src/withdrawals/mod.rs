@@ -1,0 +1,376 @@
+//! Withdrawals: a request row (the worker's job), then processing under row locks.
+//!
+//! Processing re-reads the job `FOR UPDATE` (so two workers cannot both process it),
+//! locks the account `FOR UPDATE` (so two withdrawals cannot both pass the balance
+//! check), checks the floor, and in one transaction writes the journal entry, the new
+//! balance, the payout outbox row and the job's final status. Funds move to the
+//! payouts-in-transit system account: held, not gone, until the payout settles.
+
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+
+use crate::accounts::{self, AccountStatus, SystemRole};
+use crate::error::{InvalidInput, LedgerError, RetryClass};
+use crate::idempotency::{self, Begun};
+use crate::ids::{AccountId, EntryId, IdempotencyKey, PayoutId, WithdrawalId};
+use crate::journal::{self, EntryKind, Leg};
+use crate::money::{Amount, Currency};
+use crate::outbox;
+use crate::schema::withdrawals;
+use crate::tx::{self, Tx, TxOptions};
+
+mod batch;
+mod decide;
+mod queue;
+
+pub use batch::{process_batch_fast_claiming_tx, process_batch_fast_tx, process_batch_tx, BatchItem, JobOutcome};
+use decide::rebuild_refusal;
+pub use decide::{decide, Decision};
+pub use queue::{claim_after, claim_due, fail_now, pending_count, record_failed_attempt};
+
+/// The transaction's timestamp, as a nullable timestamptz (Diesel's `now` is a plain timestamp).
+pub(crate) fn now_tz() -> diesel::expression::SqlLiteral<diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>> {
+    diesel::dsl::sql("clock_timestamp()")
+}
+
+/// An IBAN, checked for shape and its ISO 7064 mod-97 check digits. Spaces are removed
+/// and letters upper-cased, so "de89 3704 ..." and "DE893704..." are the same account.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Iban(String);
+
+impl Iban {
+    pub fn parse(text: &str) -> Result<Iban, InvalidInput> {
+        let bad = |reason: &str| InvalidInput::BadField { field: "IBAN", reason: reason.to_string() };
+        let compact: String = text.chars().filter(|c| *c != ' ').collect::<String>().to_ascii_uppercase();
+        if !(15..=34).contains(&compact.len()) {
+            return Err(bad("expected 15 to 34 letters and digits"));
+        }
+        let b = compact.as_bytes();
+        if !b[..2].iter().all(u8::is_ascii_uppercase) || !b[2..4].iter().all(u8::is_ascii_digit) {
+            return Err(bad("expected a country code and two check digits, like DE89..."));
+        }
+        if !b.iter().all(u8::is_ascii_alphanumeric) {
+            return Err(bad("only letters and digits are allowed"));
+        }
+        // Move the first four characters to the end, letters become 10..35, mod 97 == 1.
+        let remainder = b[4..].iter().chain(&b[..4]).fold(0_u32, |acc, &c| {
+            if c.is_ascii_digit() {
+                (acc * 10 + u32::from(c - b'0')) % 97
+            } else {
+                (acc * 100 + u32::from(c - b'A' + 10)) % 97
+            }
+        });
+        if remainder != 1 {
+            return Err(bad("check digits do not match"));
+        }
+        Ok(Iban(compact))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct WithdrawalRequest {
+    pub account: AccountId,
+    pub amount: Amount,
+    pub currency: Currency,
+    pub destination: Iban,
+    pub key: IdempotencyKey,
+}
+
+impl WithdrawalRequest {
+    fn fingerprint(&self) -> String {
+        format!(
+            "account={}|amount={}|currency={}|to={}",
+            self.account,
+            self.amount.minor(),
+            self.currency,
+            self.destination.as_str()
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WithdrawalStatus {
+    /// Requested; the worker has not processed it yet.
+    Pending,
+    /// Debited: funds held in payouts-in-transit, payout queued.
+    PayingOut,
+    /// The payout settled: the money has left.
+    Completed,
+    Rejected,
+    Failed,
+    Returned,
+}
+
+impl WithdrawalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WithdrawalStatus::Pending => "pending",
+            WithdrawalStatus::PayingOut => "paying_out",
+            WithdrawalStatus::Completed => "completed",
+            WithdrawalStatus::Rejected => "rejected",
+            WithdrawalStatus::Failed => "failed",
+            WithdrawalStatus::Returned => "returned",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<WithdrawalStatus> {
+        [
+            WithdrawalStatus::Pending,
+            WithdrawalStatus::PayingOut,
+            WithdrawalStatus::Completed,
+            WithdrawalStatus::Rejected,
+            WithdrawalStatus::Failed,
+            WithdrawalStatus::Returned,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = withdrawals, check_for_backend(diesel::pg::Pg))]
+pub struct Withdrawal {
+    pub id: i64,
+    pub account_id: i64,
+    pub currency: String,
+    pub amount_minor: i64,
+    pub destination: String,
+    pub idempotency_key: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub entry_id: Option<i64>,
+}
+
+impl Withdrawal {
+    pub fn status(&self) -> WithdrawalStatus {
+        WithdrawalStatus::parse(&self.status).expect("the status CHECK constraint limits the values")
+    }
+}
+
+/// What processing a job did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Processed {
+    /// Funds debited into payouts-in-transit, journal entry and payout written.
+    Debited { entry: EntryId, payout: PayoutId },
+    /// A business refusal (e.g. insufficient funds), recorded on the job with its reason.
+    Rejected { code: &'static str, reason: String },
+    /// The job was already final (another worker, or an earlier run, finished it).
+    AlreadyFinal(WithdrawalStatus),
+}
+
+/// Records a pending withdrawal (the job). Idempotent under the request's key. Checks
+/// the account exists, is open and holds the currency, so a bad request is refused now
+/// rather than rejected later; the balance is checked when the job runs.
+pub fn request(conn: &mut PgConnection, req: &WithdrawalRequest) -> Result<(WithdrawalId, bool), LedgerError> {
+    tx::transaction(conn, &TxOptions::default(), |tx| request_tx(tx, req))
+}
+
+/// Returns the withdrawal's id and whether this call replayed an earlier request.
+pub fn request_tx(tx: &mut Tx<'_>, req: &WithdrawalRequest) -> Result<(WithdrawalId, bool), LedgerError> {
+    if let Begun::Replay(id) = idempotency::begin(tx, &req.key, "withdrawal", &req.fingerprint())? {
+        return Ok((WithdrawalId::from_db(id), true));
+    }
+    let account = accounts::get(tx.conn(), req.account)?;
+    if account.kind != accounts::AccountKind::Customer {
+        return Err(LedgerError::SystemAccount(account.id));
+    }
+    if account.status == AccountStatus::Closed {
+        return Err(LedgerError::AccountClosed(account.id));
+    }
+    if account.currency != req.currency {
+        return Err(LedgerError::CurrencyMismatch {
+            account: account.id,
+            account_currency: account.currency.code().to_string(),
+            request_currency: req.currency.code().to_string(),
+        });
+    }
+    let id: i64 = diesel::insert_into(withdrawals::table)
+        .values((
+            withdrawals::account_id.eq(req.account.get()),
+            withdrawals::currency.eq(req.currency.code()),
+            withdrawals::amount_minor.eq(req.amount.minor()),
+            withdrawals::destination.eq(req.destination.as_str()),
+            withdrawals::idempotency_key.eq(req.key.as_str()),
+        ))
+        .returning(withdrawals::id)
+        .get_result(tx.conn())?;
+    idempotency::finish(tx, &req.key, id)?;
+    Ok((WithdrawalId::from_db(id), false))
+}
+
+pub fn get(conn: &mut PgConnection, id: WithdrawalId) -> Result<Withdrawal, LedgerError> {
+    withdrawals::table
+        .find(id.get())
+        .select(Withdrawal::as_select())
+        .first(conn)
+        .optional()?
+        .ok_or(LedgerError::UnknownWithdrawal(id))
+}
+
+/// Processes one pending job in the caller's transaction. Business refusals are
+/// recorded on the job (and returned as `Rejected`); infrastructure errors are returned
+/// as `Err` and leave the job pending for a retry.
+pub fn process_tx(tx: &mut Tx<'_>, id: WithdrawalId) -> Result<Processed, LedgerError> {
+    let job: Withdrawal = withdrawals::table
+        .find(id.get())
+        .select(Withdrawal::as_select())
+        .for_update()
+        .first(tx.conn())
+        .optional()?
+        .ok_or(LedgerError::UnknownWithdrawal(id))?;
+    if job.status() != WithdrawalStatus::Pending {
+        return Ok(Processed::AlreadyFinal(job.status()));
+    }
+    match debit_tx(tx, &job) {
+        Ok((entry, payout)) => {
+            mark_debited(tx, job.id, entry)?;
+            Ok(Processed::Debited { entry, payout })
+        }
+        Err(e) if e.is_business_rejection() => {
+            let reason = e.to_string();
+            mark_rejected(tx, job.id, &reason)?;
+            Ok(Processed::Rejected { code: e.code(), reason })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The money movement of a withdrawal, run in a savepoint so a refusal undoes only it.
+fn debit_tx(tx: &mut Tx<'_>, job: &Withdrawal) -> Result<(EntryId, PayoutId), LedgerError> {
+    tx.savepoint(|tx| {
+        let account = accounts::lock(tx, AccountId::from_db(job.account_id))?;
+        let currency = Currency::from_code(&job.currency)?;
+        let in_transit = accounts::system_account(tx.conn(), SystemRole::PayoutsInTransit, currency)?;
+        let (entry, payout, _after) = debit_locked(tx, job, &account, in_transit)?;
+        Ok((entry, payout))
+    })
+}
+
+/// Debits a job's amount from its account, which this transaction has locked, as
+/// [`decide`] says: writes the entry (customer -> payouts in transit), the new balance and
+/// the payout outbox row. Returns the entry, the payout and the balance after; a refusal
+/// is the error.
+pub(super) fn debit_locked(
+    tx: &mut Tx<'_>,
+    job: &Withdrawal,
+    account: &accounts::LockedAccount,
+    in_transit: AccountId,
+) -> Result<(EntryId, PayoutId, i64), LedgerError> {
+    assert_eq!(account.id().get(), job.account_id, "debit_locked needs the job's own account");
+    let withdrawal = WithdrawalId::from_db(job.id);
+    let (amount, currency, after) = match decide(&job.currency, job.amount_minor, Ok(account.account())) {
+        Decision::Debit { amount, currency, after_minor } => (amount, currency, after_minor),
+        Decision::Reject(e) => return Err(e),
+    };
+    let reference = format!("withdrawal:{}", job.id);
+    let entry = journal::post(
+        tx,
+        EntryKind::Withdrawal,
+        Some(&reference),
+        currency,
+        &[
+            Leg { account: account.id(), amount_minor: -amount.minor(), balance_after_minor: Some(after) },
+            Leg { account: in_transit, amount_minor: amount.minor(), balance_after_minor: None },
+        ],
+    )?;
+    accounts::set_balance(tx, account, after)?;
+    let payout = outbox::enqueue(tx, withdrawal, account.id(), amount, currency, &job.destination)?;
+    Ok((entry, payout, after))
+}
+
+pub(super) fn mark_debited(tx: &mut Tx<'_>, id: i64, entry: EntryId) -> Result<(), LedgerError> {
+    let updated = diesel::update(withdrawals::table.find(id))
+        .set((
+            withdrawals::status.eq(WithdrawalStatus::PayingOut.as_str()),
+            withdrawals::entry_id.eq(Some(entry.get())),
+            withdrawals::attempts.eq(withdrawals::attempts + 1),
+            withdrawals::finished_at.eq(now_tz()),
+        ))
+        .execute(tx.conn())?;
+    assert_eq!(updated, 1);
+    Ok(())
+}
+
+pub(super) fn mark_rejected(tx: &mut Tx<'_>, id: i64, reason: &str) -> Result<(), LedgerError> {
+    let updated = diesel::update(withdrawals::table.find(id))
+        .set((
+            withdrawals::status.eq(WithdrawalStatus::Rejected.as_str()),
+            withdrawals::reason.eq(Some(reason)),
+            withdrawals::attempts.eq(withdrawals::attempts + 1),
+            withdrawals::finished_at.eq(now_tz()),
+        ))
+        .execute(tx.conn())?;
+    assert_eq!(updated, 1);
+    Ok(())
+}
+
+/// Lists withdrawals, newest first, optionally by status and account.
+pub fn list(
+    conn: &mut PgConnection,
+    status: Option<WithdrawalStatus>,
+    account: Option<AccountId>,
+    limit: i64,
+) -> Result<Vec<Withdrawal>, LedgerError> {
+    let mut query =
+        withdrawals::table.select(Withdrawal::as_select()).order(withdrawals::id.desc()).limit(limit).into_boxed();
+    if let Some(s) = status {
+        query = query.filter(withdrawals::status.eq(s.as_str()));
+    }
+    if let Some(a) = account {
+        query = query.filter(withdrawals::account_id.eq(a.get()));
+    }
+    Ok(query.load(conn)?)
+}
+
+/// Withdraws synchronously: records the request and processes it in one transaction.
+/// A refusal (insufficient funds, closed account...) is returned as `Err` and leaves the
+/// database unchanged. A replayed key returns the first withdrawal's outcome.
+pub fn withdraw(conn: &mut PgConnection, req: &WithdrawalRequest) -> Result<Withdrawal, LedgerError> {
+    withdraw_with(conn, &TxOptions::default(), req)
+}
+
+pub fn withdraw_with(
+    conn: &mut PgConnection,
+    opts: &TxOptions,
+    req: &WithdrawalRequest,
+) -> Result<Withdrawal, LedgerError> {
+    tx::transaction(conn, opts, |tx| withdraw_tx(tx, req))
+}
+
+pub fn withdraw_tx(tx: &mut Tx<'_>, req: &WithdrawalRequest) -> Result<Withdrawal, LedgerError> {
+    let (id, replayed) = request_tx(tx, req)?;
+    if !replayed {
+        let job = get(tx.conn(), id)?;
+        // Run the debit directly (not process_tx): a refusal here must roll back the
+        // request too, not be recorded as a rejected job.
+        let (entry, _payout) = debit_tx(tx, &job)?;
+        mark_debited(tx, job.id, entry)?;
+    }
+    get(tx.conn(), id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_ibans_parse_and_normalise() {
+        for text in ["DE89370400440532013000", "de89 3704 0044 0532 0130 00", "GB29NWBK60161331926819"] {
+            assert!(Iban::parse(text).is_ok(), "{text}");
+        }
+        assert_eq!(Iban::parse("de89 3704 0044 0532 0130 00").unwrap().as_str(), "DE89370400440532013000");
+    }
+
+    #[test]
+    fn ibans_with_wrong_check_digits_or_shape_are_refused() {
+        for text in ["DE88370400440532013000", "DE8937040044053201300X!", "12345", "", "D189370400440532013000"] {
+            assert!(Iban::parse(text).is_err(), "{text}");
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The job queue's side of a withdrawal: what the claimer reads (due jobs, by cursor
+//! or sweep) and how a failed attempt is recorded.
+
+use super::*;
+
+/// Records a failed attempt on a pending job: it waits (exponential backoff with jitter,
+/// capped at `max_backoff_ms`) before it is claimed again, and after `max_attempts`
+/// attempts it ends as `failed` with its last error. Returns the job's status after.
+pub fn record_failed_attempt(
+    conn: &mut PgConnection,
+    id: WithdrawalId,
+    error: &str,
+    max_attempts: u32,
+    max_backoff_ms: u64,
+) -> Result<Option<WithdrawalStatus>, LedgerError> {
+    #[derive(QueryableByName)]
+    struct Status {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        status: String,
+    }
+    let error: String = error.chars().take(500).collect();
+    let row: Option<Status> = diesel::sql_query(
+        "UPDATE withdrawals SET
+             attempts = attempts + 1,
+             last_error = $2,
+             next_attempt_at = now() + make_interval(secs =>
+                 least($4::float8 / 1000, 0.05 * power(2, attempts)) * (0.5 + random() / 2)),
+             status = CASE WHEN attempts + 1 >= $3 THEN 'failed' ELSE status END,
+             reason = CASE WHEN attempts + 1 >= $3 THEN 'gave up after ' || (attempts + 1) || ' attempts: ' || $2
+                           ELSE reason END,
+             finished_at = CASE WHEN attempts + 1 >= $3 THEN now() ELSE finished_at END
+         WHERE id = $1 AND status = 'pending'
+         RETURNING status",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(id.get())
+    .bind::<diesel::sql_types::Text, _>(&error)
+    .bind::<diesel::sql_types::Integer, _>(i32::try_from(max_attempts).unwrap_or(i32::MAX))
+    .bind::<diesel::sql_types::BigInt, _>(i64::try_from(max_backoff_ms).unwrap_or(i64::MAX))
+    .get_result(conn)
+    .optional()?;
+    Ok(row.and_then(|r| WithdrawalStatus::parse(&r.status)))
+}
+
+/// Ends a pending job as `failed` at once (a panic while processing it: retrying a
+/// programmer error will not help, and an operator must look).
+pub fn fail_now(conn: &mut PgConnection, id: WithdrawalId, reason: &str) -> Result<bool, LedgerError> {
+    let reason: String = reason.chars().take(500).collect();
+    let updated = diesel::update(
+        withdrawals::table.find(id.get()).filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str())),
+    )
+    .set((
+        withdrawals::status.eq(WithdrawalStatus::Failed.as_str()),
+        withdrawals::reason.eq(Some(&reason)),
+        withdrawals::last_error.eq(Some(&reason)),
+        withdrawals::attempts.eq(withdrawals::attempts + 1),
+        withdrawals::finished_at.eq(now_tz()),
+    ))
+    .execute(conn)?;
+    Ok(updated == 1)
+}
+
+/// Due jobs for a claimer: pending, past their `next_attempt_at`, not locked by a worker
+/// right now (`SKIP LOCKED`), not in `exclude` (already queued here). Oldest first.
+pub fn claim_due(
+    conn: &mut PgConnection,
+    limit: i64,
+    exclude: &[i64],
+) -> Result<Vec<(WithdrawalId, AccountId)>, LedgerError> {
+    assert!(limit > 0, "claim at least one job");
+    let ids: Vec<(i64, i64)> = tx::transaction(conn, &TxOptions::default(), |tx| {
+        tx::with_batch_plans(tx, |tx| {
+            withdrawals::table
+                .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
+                .filter(withdrawals::next_attempt_at.le(diesel::dsl::now))
+                .filter(withdrawals::id.ne_all(exclude))
+                .order((withdrawals::next_attempt_at.asc(), withdrawals::id.asc()))
+                .limit(limit)
+                .select((withdrawals::id, withdrawals::account_id))
+                .for_update()
+                .skip_locked()
+                .load(tx.conn())
+                .map_err(LedgerError::from)
+        })
+    })?;
+    Ok(ids.into_iter().map(|(w, a)| (WithdrawalId::from_db(w), AccountId::from_db(a))).collect())
+}
+
+/// Due jobs with an id above `after`, in id order: the claimer's fast path while it
+/// works through a backlog (it keeps the highest id it queued as the cursor). Jobs it
+/// passes over (a retry whose time has come, a job committed late with a lower id) are
+/// picked up by [`claim_due`] once the claimer has caught up.
+pub fn claim_after(
+    conn: &mut PgConnection,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<(WithdrawalId, AccountId)>, LedgerError> {
+    assert!(limit > 0, "claim at least one job");
+    let ids: Vec<(i64, i64)> = tx::transaction(conn, &TxOptions::default(), |tx| {
+        withdrawals::table
+            .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
+            .filter(withdrawals::id.gt(after))
+            // A bounded id window keeps the cost at O(limit) whatever plan the planner
+            // picks (right after a bulk insert its row estimates are far off). Ids are
+            // dense; if a gap ever leaves a window empty, the sweep moves the cursor on.
+            .filter(withdrawals::id.le(after.saturating_add(limit.saturating_mul(4))))
+            .filter(withdrawals::next_attempt_at.le(diesel::dsl::now))
+            .order(withdrawals::id.asc())
+            .limit(limit)
+            .select((withdrawals::id, withdrawals::account_id))
+            .for_update()
+            .skip_locked()
+            .load(tx.conn())
+            .map_err(LedgerError::from)
+    })?;
+    Ok(ids.into_iter().map(|(w, a)| (WithdrawalId::from_db(w), AccountId::from_db(a))).collect())
+}
+
+/// How many jobs are still pending (due or waiting for a retry).
+pub fn pending_count(conn: &mut PgConnection) -> Result<i64, LedgerError> {
+    Ok(withdrawals::table
+        .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
+        .count()
+        .get_result(conn)?)
+}

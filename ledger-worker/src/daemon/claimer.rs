@@ -1,0 +1,148 @@
+//! The claimer: wakes on NOTIFY, walks due withdrawals from a cursor (and sweeps for
+//! stragglers), and queues their ids on the lanes.
+
+use super::*;
+
+/// The claimer: claims due jobs into the channel while it has room; when caught up,
+/// waits for a NOTIFY on `ledger_withdrawals` (checked every 2 ms) or the poll interval.
+pub(super) fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
+    let config = &shared.config;
+    let mut conn: Option<PgConnection> = None;
+    let mut failures = 0_u32;
+    let mut cursor: i64 = 0;
+    let mut last_sweep = Instant::now();
+    let max_claim = (config.batch_size * config.threads).max(1);
+    let per_lane = lane_capacity(config);
+    let min_claim = config.batch_size.min(per_lane * senders.len() / 2).max(1);
+    while !shared.stopping() {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => {
+                doing("connecting to the database (claimer)");
+                match listen(&shared.url, &config.application_name) {
+                    Ok(c) => {
+                        if failures > 0 {
+                            info!("claimer reconnected");
+                        }
+                        failures = 0;
+                        conn.insert(c)
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        warn!(error = %e, "claimer cannot connect; retrying");
+                        doing("backing off (claimer)");
+                        sleep_unless_stopping(&shared, backoff(failures));
+                        continue;
+                    }
+                }
+            }
+        };
+        let room = senders.iter().map(|s| per_lane.saturating_sub(s.len())).sum::<usize>().min(max_claim);
+        // Claim in chunks worth a round trip: with the queue nearly full, let the
+        // workers drain it a little instead of claiming a handful of ids at a time.
+        if room < min_claim {
+            doing("waiting for room in the queue");
+            thread::sleep(Duration::from_micros(500));
+            continue;
+        }
+        doing("claiming jobs (database)");
+        // Fast path: the next jobs after the cursor. When that comes up short (caught
+        // up), sweep for due jobs the cursor passed over, excluding what is queued here.
+        let claimed = withdrawals::claim_after(c, cursor, room as i64).and_then(|mut ids| {
+            // The sweep is for stragglers and retries, which can wait a few ms: at a
+            // steady trickle it would otherwise run on every wake-up.
+            if ids.len() < room && (ids.is_empty() || last_sweep.elapsed() >= SWEEP_EVERY) {
+                last_sweep = Instant::now();
+                let mut exclude: Vec<i64> = shared.inflight().iter().copied().collect();
+                exclude.extend(ids.iter().map(|(w, _)| w.get()));
+                ids.extend(withdrawals::claim_due(c, (room - ids.len()) as i64, &exclude)?);
+            }
+            Ok(ids)
+        });
+        match claimed {
+            Ok(ids) => {
+                failures = 0;
+                let claimed = ids.len();
+                for (id, account) in ids {
+                    cursor = cursor.max(id.get());
+                    shared.inflight().insert(id.get());
+                    let lane = &senders[lane_of(account.get(), senders.len())];
+                    doing("queueing jobs");
+                    if !send_unless_stopping(&shared, lane, id.get()) {
+                        shared.inflight().remove(&id.get());
+                    }
+                }
+                shared.metrics.claimed.fetch_add(claimed as u64, Ordering::Relaxed);
+                if claimed < room {
+                    // Caught up. Idle when nothing is pending and nothing is in flight
+                    // (checked only when this round found nothing at all).
+                    doing("checking for work (database)");
+                    let idle = claimed == 0
+                        && shared.inflight().is_empty()
+                        && withdrawals::pending_count(c).map(|n| n == 0).unwrap_or(false)
+                        && (!shared.dispatching || payouts::pending_count(c).map(|n| n == 0).unwrap_or(false));
+                    shared.idle.store(idle, Ordering::SeqCst);
+                    doing("waiting for a NOTIFY (database)");
+                    if let Err(e) = wait_for_work(&shared, c) {
+                        warn!(error = %e, "lost the LISTEN connection; reconnecting");
+                        conn = None;
+                    }
+                } else {
+                    shared.idle.store(false, Ordering::SeqCst);
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, "claiming failed; retrying");
+                if e.is_transient() || failures > 3 {
+                    conn = None;
+                }
+                doing("backing off (claimer)");
+                sleep_unless_stopping(&shared, backoff(failures));
+            }
+        }
+    }
+    debug!("claimer stopped");
+}
+
+/// How often the claimer sweeps for due jobs its cursor passed over while it has work.
+pub(super) const SWEEP_EVERY: Duration = Duration::from_millis(50);
+
+pub(super) fn listen(url: &str, application_name: &str) -> Result<PgConnection, LedgerError> {
+    let session = SessionConfig {
+        lock_timeout_ms: Some(1_000),
+        statement_timeout_ms: Some(30_000),
+        application_name: Some(format!("{application_name}:claimer")),
+    };
+    let mut conn = db::connect(url, &session)?;
+    diesel::sql_query("LISTEN ledger_withdrawals").execute(&mut conn)?;
+    Ok(conn)
+}
+
+pub(super) fn wait_for_work(shared: &Shared, conn: &mut PgConnection) -> Result<(), LedgerError> {
+    let deadline = Instant::now() + Duration::from_millis(shared.config.poll_interval_ms);
+    loop {
+        let mut woke = false;
+        for n in conn.notifications_iter() {
+            n?;
+            woke = true;
+        }
+        if woke || Instant::now() >= deadline || shared.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Diesel does not expose the socket to wait on; checking for a NOTIFY costs one
+        // non-blocking read, so a 1 ms check adds at most ~1 ms to a job's latency.
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+pub(super) fn send_unless_stopping(shared: &Shared, sender: &Sender<i64>, id: i64) -> bool {
+    loop {
+        match sender.send_timeout(id, Duration::from_millis(50)) {
+            Ok(()) => return true,
+            Err(SendTimeoutError::Disconnected(_)) => return false,
+            Err(SendTimeoutError::Timeout(_)) if shared.stopping.load(Ordering::SeqCst) => return false,
+            Err(SendTimeoutError::Timeout(_)) => {}
+        }
+    }
+}

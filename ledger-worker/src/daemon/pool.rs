@@ -1,0 +1,282 @@
+//! The pool's face: start it (`WorkerPool::builder`), feed it (`submit`), watch it, and
+//! stop it within a bounded time (`shutdown`).
+
+use super::*;
+
+/// Why `submit` did not queue a job.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the worker pool is shutting down")]
+    ShuttingDown,
+    #[error("the job queue stayed full for {0:?}")]
+    QueueFull(Duration),
+}
+
+/// A running worker pool. Dropping it without `shutdown` stops it too (same steps).
+pub struct WorkerPool {
+    shared: Arc<Shared>,
+    /// One lane (bounded channel) per worker; see [`lane_of`].
+    senders: Option<Vec<Sender<i64>>>,
+    supervisor: Option<JoinHandle<()>>,
+    claimer: Option<JoinHandle<()>>,
+    dispatchers: Vec<JoinHandle<()>>,
+}
+
+/// What shutdown saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Jobs queued or in progress here that were not finished: they stay pending (or
+    /// are rolled back to pending by the server) and are claimed again later.
+    pub left_pending: usize,
+    pub elapsed_ms: u128,
+    /// Threads still busy when shutdown stopped waiting (grace period plus
+    /// [`WIND_DOWN`]), as "name: what it was doing". Empty after a clean stop.
+    pub still_running: Vec<String>,
+}
+
+impl ShutdownReport {
+    /// Every thread ended within the grace period (plus [`WIND_DOWN`]).
+    pub fn is_clean(&self) -> bool {
+        self.still_running.is_empty()
+    }
+}
+
+/// Sets up a [`WorkerPool`]: what processes jobs, where metrics go, and which gateway
+/// (if any) the payout dispatcher calls.
+pub struct Builder {
+    url: String,
+    config: WorkerConfig,
+    processor: Arc<dyn Processor>,
+    metrics: Arc<Metrics>,
+    gateway: Option<Arc<dyn PayoutGateway>>,
+}
+
+impl Builder {
+    pub fn processor(mut self, processor: Arc<dyn Processor>) -> Builder {
+        self.processor = processor;
+        self
+    }
+
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Builder {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Dispatches payouts through `gateway` on `payout_threads` threads.
+    pub fn gateway(mut self, gateway: Arc<dyn PayoutGateway>) -> Builder {
+        self.gateway = Some(gateway);
+        self
+    }
+
+    pub fn start(self) -> Result<WorkerPool, LedgerError> {
+        WorkerPool::start_inner(self)
+    }
+}
+
+impl WorkerPool {
+    /// Processes withdrawals with ledger-core; no payout dispatcher.
+    pub fn start(url: &str, config: WorkerConfig) -> Result<WorkerPool, LedgerError> {
+        WorkerPool::builder(url, config).start()
+    }
+
+    pub fn builder(url: &str, config: WorkerConfig) -> Builder {
+        Builder {
+            url: url.to_string(),
+            config,
+            processor: Arc::new(LedgerProcessor),
+            metrics: Metrics::new(),
+            gateway: None,
+        }
+    }
+
+    pub(super) fn start_inner(b: Builder) -> Result<WorkerPool, LedgerError> {
+        let Builder { url, config, processor, metrics, gateway } = b;
+        config.validate().map_err(|reason| {
+            LedgerError::Invalid(ledger_core::InvalidInput::BadField { field: "worker configuration", reason })
+        })?;
+        let session = SessionConfig {
+            lock_timeout_ms: Some(config.lock_timeout_ms),
+            statement_timeout_ms: None,
+            application_name: Some(config.application_name.clone()),
+        };
+        // Connections that stop answering fail by themselves (unless the URL says otherwise).
+        let url = db::with_network_timeouts(&url);
+        let pool = db::pool(
+            &url,
+            &PoolConfig { max_size: config.pool_size, min_idle: Some(0), connection_timeout_ms: 10_000, session },
+        )?;
+        let per_lane = lane_capacity(&config);
+        let (senders, receivers): (Vec<Sender<i64>>, Vec<Receiver<i64>>) =
+            (0..config.threads).map(|_| bounded::<i64>(per_lane)).unzip();
+        let dispatching = gateway.is_some() && config.payout_threads > 0;
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            pool,
+            url: url.clone(),
+            processor,
+            metrics,
+            inflight: Mutex::new(HashSet::new()),
+            stopping: AtomicBool::new(false),
+            drain_deadline: Mutex::new(None),
+            abandon_queue: AtomicBool::new(false),
+            idle: AtomicBool::new(false),
+            dispatching,
+            tracker: Arc::default(),
+            payout_wake: bounded(1),
+            payout_handoff: bounded(config.payout_threads.max(1) * HANDOFF_PER_DISPATCHER),
+            gateway_refused: AtomicBool::new(false),
+        });
+        let supervisor = {
+            let shared = shared.clone();
+            spawn_tracked(&shared.tracker.clone(), "supervisor".into(), move || supervise(shared, receivers))
+                .map_err(|e| LedgerError::Pool(format!("spawning the supervisor: {e}")))?
+        };
+        let claimer = if config.claim {
+            let (shared, senders) = (shared.clone(), senders.clone());
+            Some(
+                spawn_tracked(&shared.tracker.clone(), "claimer".into(), move || {
+                    resilient(&shared.clone(), "claimer", || claim_loop(shared.clone(), senders.clone()))
+                })
+                .map_err(|e| LedgerError::Pool(format!("spawning the claimer: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let mut dispatchers = Vec::new();
+        if let (true, Some(gateway)) = (dispatching, gateway) {
+            for n in 0..config.payout_threads {
+                let (shared, gateway) = (shared.clone(), gateway.clone());
+                dispatchers.push(
+                    spawn_tracked(&shared.tracker.clone(), format!("payouts-{n}"), move || {
+                        resilient(&shared, "payout dispatcher", || dispatch_loop(&shared, gateway.as_ref()))
+                    })
+                    .map_err(|e| LedgerError::Pool(format!("spawning a payout dispatcher: {e}")))?,
+                );
+            }
+        }
+        info!(
+            threads = config.threads,
+            pool_size = config.pool_size,
+            batch_size = config.batch_size,
+            channel_capacity = config.channel_capacity,
+            claim = config.claim,
+            payout_threads = dispatchers.len(),
+            "worker pool started"
+        );
+        Ok(WorkerPool { shared, senders: Some(senders), supervisor: Some(supervisor), claimer, dispatchers })
+    }
+
+    pub fn start_with(
+        url: &str,
+        config: WorkerConfig,
+        processor: Arc<dyn Processor>,
+        metrics: Arc<Metrics>,
+    ) -> Result<WorkerPool, LedgerError> {
+        WorkerPool::builder(url, config).processor(processor).metrics(metrics).start()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// Queues a committed pending withdrawal for processing. Blocks while the queue is
+    /// full, at most `wait`.
+    pub fn submit(&self, id: WithdrawalId, wait: Duration) -> Result<(), SubmitError> {
+        if self.shared.stopping.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let senders = self.senders.as_ref().ok_or(SubmitError::ShuttingDown)?;
+        // The account is not known here; any lane is correct, only locality suffers.
+        let sender = &senders[lane_of(id.get(), senders.len())];
+        if !self.shared.inflight().insert(id.get()) {
+            return Ok(()); // already queued or in progress here
+        }
+        match sender.send_timeout(id.get(), wait) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.shared.inflight().remove(&id.get());
+                match e {
+                    SendTimeoutError::Timeout(_) => Err(SubmitError::QueueFull(wait)),
+                    SendTimeoutError::Disconnected(_) => Err(SubmitError::ShuttingDown),
+                }
+            }
+        }
+    }
+
+    /// True once the claimer saw no pending job and nothing in flight.
+    pub fn is_idle(&self) -> bool {
+        self.shared.idle.load(Ordering::SeqCst)
+    }
+
+    /// Jobs queued or in progress in this pool.
+    pub fn inflight(&self) -> usize {
+        self.shared.inflight().len()
+    }
+
+    /// Stops claiming, lets workers finish what is in flight and drain the queue for up
+    /// to `shutdown_grace_ms`, and waits for every thread, but never longer than the
+    /// grace period plus [`WIND_DOWN`]: threads still busy then (inside libpq on a
+    /// connection that stopped answering, or inside a gateway call) are left running
+    /// and listed in the report. Nothing they had not committed is committed by this
+    /// process; the caller should exit (their connections close, the server rolls back).
+    pub fn shutdown(mut self) -> ShutdownReport {
+        self.stop()
+    }
+
+    pub(super) fn stop(&mut self) -> ShutdownReport {
+        let started = Instant::now();
+        let grace = Duration::from_millis(self.shared.config.shutdown_grace_ms);
+        *self.shared.drain_deadline.lock().unwrap_or_else(|e| e.into_inner()) = Some(started + grace);
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.senders.take();
+        let give_up_at = started + grace + WIND_DOWN;
+        let busy = self.shared.tracker.wait_all(give_up_at);
+        let mut handles: Vec<JoinHandle<()>> = self.claimer.take().into_iter().collect();
+        handles.extend(self.supervisor.take());
+        handles.append(&mut self.dispatchers);
+        for handle in handles {
+            // A thread that left the tracker has only its return left to do; one still
+            // in it is not waited for (dropping its handle detaches it).
+            while !handle.is_finished() && busy.is_empty() && Instant::now() < give_up_at {
+                thread::sleep(Duration::from_millis(1));
+            }
+            if handle.is_finished() {
+                let _ = handle.join();
+            }
+        }
+        if busy.is_empty() {
+            // A batch that committed after the dispatchers stopped may have handed over
+            // claims: give them back, so their payouts are due at once, not after the lease.
+            for claim in self.shared.payout_handoff.1.try_iter().collect::<Vec<_>>() {
+                release_claim(&self.shared, claim);
+            }
+        }
+        let left_pending = self.shared.inflight().len();
+        self.shared.inflight().clear();
+        let still_running: Vec<String> = busy.iter().map(|(name, what)| format!("{name}: {what}")).collect();
+        let report = ShutdownReport { left_pending, elapsed_ms: started.elapsed().as_millis(), still_running };
+        if report.is_clean() {
+            info!(left_pending = report.left_pending, elapsed_ms = report.elapsed_ms as u64, "worker pool stopped");
+        } else {
+            error!(
+                threads = %report.still_running.join("; "),
+                left_pending = report.left_pending,
+                elapsed_ms = report.elapsed_ms as u64,
+                grace_ms = self.shared.config.shutdown_grace_ms,
+                "threads still busy after the shutdown grace period; not waiting for them. Nothing they \
+                 had not committed is committed: the server rolls their transactions back when their \
+                 connections close, their jobs stay pending, and a payout whose gateway call was cut \
+                 off stays pending and is sent again (same idempotency key) when its lease runs out"
+            );
+        }
+        report
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        if self.supervisor.is_some() {
+            self.stop();
+        }
+    }
+}

@@ -1,9 +1,8 @@
 //! The ledger's worker daemon and command-line interface. `main.rs` only calls
-//! [`commands::main`]; everything else lives here so it can be tested and embedded.
+//! [`cmd::main`]; everything else lives here so it can be tested and embedded.
 
 pub mod bench;
-pub mod cli;
-pub mod commands;
+pub mod cmd;
 pub mod daemon;
 pub mod database;
 pub mod demo;

@@ -1,5 +1,5 @@
 //! `ledger-worker`: see `ledger-worker --help`.
 
 fn main() -> std::process::ExitCode {
-    ledger_worker::commands::main()
+    ledger_worker::cmd::main()
 }

@@ -1,0 +1,18 @@
+//! `ledger-worker audit`: checks the ledger's invariants; exits non-zero on any violation.
+
+use super::*;
+
+pub fn run(ctx: Ctx) -> Result<ExitCode> {
+    let mut conn = connect(ctx.database_url)?;
+    let report = ledger_core::audit::run(&mut conn)?;
+    let violations: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
+    ctx.out.print(
+        json!({ "clean": report.is_clean(), "entries": report.entries, "postings": report.postings,
+                "accounts": report.accounts, "violations": violations }),
+        || report.to_string(),
+    );
+    if !report.is_clean() {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

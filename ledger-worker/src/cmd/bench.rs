@@ -1,0 +1,78 @@
+//! `ledger-worker bench`: throughput and latency against pgbench on the same server.
+
+use super::*;
+
+/// The options of `bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = crate::bench::Scenario::All)]
+    pub scenario: crate::bench::Scenario,
+    /// Withdrawals (or transfers) per scenario.
+    #[arg(long, default_value_t = 20_000)]
+    pub withdrawals: usize,
+    /// Worker threads (default: 4, and 8 for the hot scenario).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Most jobs per worker transaction.
+    #[arg(long, default_value_t = 1_000)]
+    pub batch_size: usize,
+    /// Accounts for spread and transfers (default 1,000).
+    #[arg(long)]
+    pub accounts: Option<usize>,
+    /// Also run pgbench's TPC-B-like transaction as the reference.
+    #[arg(long)]
+    pub pgbench: bool,
+    #[arg(long, default_value_t = 10)]
+    pub pgbench_seconds: u64,
+    /// Length of the latency phase (arrivals at half the measured peak).
+    #[arg(long, default_value_t = 5)]
+    pub latency_seconds: u64,
+    /// Arrivals per second in the latency phase (default: half the measured peak).
+    #[arg(long)]
+    pub latency_rate: Option<f64>,
+    /// Only these modes (repeatable; default: all three).
+    #[arg(long = "mode", value_enum)]
+    pub modes: Vec<crate::bench::Mode>,
+    /// Show where the time goes (pg_stat_statements on the throwaway server, CPU).
+    #[arg(long)]
+    pub profile: bool,
+}
+
+pub fn run(ctx: Ctx, args: BenchArgs) -> Result<ExitCode> {
+    let BenchArgs {
+        scenario,
+        withdrawals,
+        threads,
+        batch_size,
+        accounts,
+        pgbench,
+        pgbench_seconds,
+        latency_seconds,
+        latency_rate,
+        modes,
+        profile,
+    } = args;
+    init_logging(ctx.log_format, "warn");
+    let mut mode_options = crate::bench::ModeOptions::default();
+    if !modes.is_empty() {
+        mode_options.modes = modes;
+    }
+    crate::bench::run_with(
+        &crate::bench::BenchOptions {
+            database_url: ctx.database_url,
+            scenario,
+            withdrawals,
+            threads,
+            batch_size,
+            accounts,
+            pgbench,
+            pgbench_seconds,
+            latency_seconds,
+            latency_rate,
+            json: ctx.json,
+            profile,
+        },
+        &mode_options,
+    )?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,38 @@
+//! `ledger-worker deposit`: deposit money into an account (idempotent under --key).
+
+use super::*;
+
+/// The options of `deposit`.
+#[derive(Args, Debug)]
+pub struct DepositArgs {
+    #[arg(long)]
+    pub account: i64,
+    /// Decimal amount in the account's currency, e.g. 100.00.
+    #[arg(long, allow_hyphen_values = true)]
+    pub amount: String,
+    #[arg(long)]
+    pub key: String,
+}
+
+pub fn run(ctx: Ctx, args: DepositArgs) -> Result<ExitCode> {
+    let DepositArgs { account, amount, key } = args;
+    let (account, key) = (account_id(account)?, IdempotencyKey::new(key)?);
+    let mut conn = connect(ctx.database_url)?;
+    let (amount, currency) = amount_for(&mut conn, account, &amount)?;
+    let receipt = deposits::deposit(&mut conn, &Deposit { account, amount, currency, key })?;
+    let balance = accounts::get(&mut conn, account)?;
+    ctx.out.print(
+        json!({ "entry": receipt.entry.get(), "replayed": receipt.replayed, "account": account.get(),
+                "balance": balance.balance_display() }),
+        || {
+            format!(
+                "deposited {} {currency} into account {account} (entry {}{}); balance {}",
+                amount.format(currency),
+                receipt.entry,
+                if receipt.replayed { ", replayed" } else { "" },
+                balance.balance_display()
+            )
+        },
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,33 @@
+//! `ledger-worker transfer`: move money between two accounts of the same currency (idempotent under --key).
+
+use super::*;
+
+/// The options of `transfer`.
+#[derive(Args, Debug)]
+pub struct TransferArgs {
+    #[arg(long)]
+    pub from: i64,
+    #[arg(long)]
+    pub to: i64,
+    #[arg(long, allow_hyphen_values = true)]
+    pub amount: String,
+    #[arg(long)]
+    pub key: String,
+}
+
+pub fn run(ctx: Ctx, args: TransferArgs) -> Result<ExitCode> {
+    let TransferArgs { from, to, amount, key } = args;
+    let (from, to, key) = (account_id(from)?, account_id(to)?, IdempotencyKey::new(key)?);
+    let mut conn = connect(ctx.database_url)?;
+    let (amount, currency) = amount_for(&mut conn, from, &amount)?;
+    let receipt = transfers::transfer(&mut conn, &Transfer { from, to, amount, currency, key })?;
+    ctx.out.print(json!({ "entry": receipt.entry.get(), "replayed": receipt.replayed }), || {
+        format!(
+            "transferred {} {currency} from {from} to {to} (entry {}{})",
+            amount.format(currency),
+            receipt.entry,
+            if receipt.replayed { ", replayed" } else { "" }
+        )
+    });
+    Ok(ExitCode::SUCCESS)
+}

@@ -11,9 +11,8 @@ use std::time::Duration;
 use common::{assert_audit_clean, balance, eur, withdrawal};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use ledger_core::accounts::{self, SystemRole};
+use ledger_core::accounts;
 use ledger_core::error::{RetryClass, Transient};
-use ledger_core::journal::{self, EntryKind, Leg};
 use ledger_core::testing::{self, TestDb};
 use ledger_core::transfers::{self, Transfer};
 use ledger_core::{AccountId, Currency, LedgerError, TxOptions};
@@ -94,47 +93,12 @@ fn two_hundred_concurrent_withdrawals_never_overdraw_or_lose_an_update() {
     assert_eq!((debited, payouts), (2, 2), "one payout per debited withdrawal, none for refusals");
 }
 
-/// The talk's version 1: check the balance, then write it, without a row lock. Every
-/// racer reads before any writes (the barrier makes the interleaving certain), all pass
-/// the check, and each writes "balance - 50.00" over the others: lost updates.
-fn unlocked_withdraw(conn: &mut PgConnection, account: AccountId, all_checked: &Barrier) -> Result<(), LedgerError> {
-    use ledger_core::schema::accounts as a;
-    ledger_core::transaction(conn, &TxOptions::no_retry(), |tx| {
-        let read: Option<i64> = a::table.find(account.get()).select(a::balance_minor).first(tx.conn())?;
-        let balance = read.expect("customer account");
-        all_checked.wait();
-        let amount = eur("50.00").minor();
-        if balance < amount {
-            return Err(LedgerError::InsufficientFunds {
-                account,
-                balance_minor: balance,
-                floor_minor: 0,
-                requested_minor: amount,
-            });
-        }
-        diesel::update(a::table.find(account.get()))
-            .set(a::balance_minor.eq(Some(balance - amount)))
-            .execute(tx.conn())?;
-        let in_transit = accounts::system_account(tx.conn(), SystemRole::PayoutsInTransit, Currency::EUR)?;
-        journal::post(
-            tx,
-            EntryKind::Withdrawal,
-            None,
-            Currency::EUR,
-            &[
-                Leg { account, amount_minor: -amount, balance_after_minor: Some(balance - amount) },
-                Leg { account: in_transit, amount_minor: amount, balance_after_minor: None },
-            ],
-        )?;
-        Ok(())
-    })
-}
-
 #[testing::test]
 fn the_same_race_without_a_row_lock_loses_updates_and_the_test_sees_it() {
     let db = testing::committed();
     let all_checked = Barrier::new(RACERS);
-    let outcome = race(&db, |conn, account| unlocked_withdraw(conn, account, &all_checked));
+    let outcome =
+        race(&db, |conn, account| testing::unlocked_withdraw(conn, account, eur("50.00"), Currency::EUR, &all_checked));
     assert!(outcome.other_errors.is_empty(), "{:?}", outcome.other_errors);
     // Far more than two withdrawals of 50.00 "succeeded" out of 100.00 ...
     assert!(outcome.succeeded > 2, "{outcome:?}");

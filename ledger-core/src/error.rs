@@ -7,6 +7,17 @@ use crate::ids::{AccountId, WithdrawalId};
 pub use crate::input::InvalidInput;
 use crate::sqlstate::{self, SqlState};
 
+/// The most characters of an error or a reason stored on a row (a job's last error, a
+/// payout's refusal reason): enough to diagnose, bounded whatever a gateway sends.
+pub const STORED_TEXT_MAX_CHARS: usize = 500;
+
+/// Text from outside (a gateway's answer, an error message) fit for a TEXT column: at
+/// most `max_chars` characters, and no NUL (PostgreSQL refuses it; a JSON string may
+/// carry one).
+pub fn stored_text(text: &str, max_chars: usize) -> String {
+    text.chars().filter(|c| *c != '\0').take(max_chars).collect()
+}
+
 /// Everything a ledger operation can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {

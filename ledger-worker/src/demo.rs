@@ -8,10 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use diesel::pg::PgConnection;
-use diesel::prelude::*;
-use ledger_core::accounts::{self, NewAccount, SystemRole};
+use ledger_core::accounts::{self, NewAccount};
 use ledger_core::deposits::{self, Deposit};
-use ledger_core::journal::{self, EntryKind, Leg};
 use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
 use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
 
@@ -140,7 +138,13 @@ fn unlocked_race(url: &str) -> Result<()> {
                 let both_checked = &both_checked;
                 s.spawn(move || -> Result<()> {
                     let mut conn = db::connect(url, &db::SessionConfig::default())?;
-                    unlocked_withdraw(&mut conn, account, eur(amount), both_checked)
+                    Ok(ledger_core::testing::unlocked_withdraw(
+                        &mut conn,
+                        account,
+                        eur(amount),
+                        Currency::EUR,
+                        both_checked,
+                    )?)
                 })
             })
             .collect();
@@ -169,43 +173,6 @@ fn unlocked_race(url: &str) -> Result<()> {
         println!("      {v}");
     }
     Ok(())
-}
-
-fn unlocked_withdraw(
-    conn: &mut PgConnection,
-    account: AccountId,
-    amount: Amount,
-    both_checked: &Barrier,
-) -> Result<()> {
-    use ledger_core::schema::accounts as a;
-    let outcome = ledger_core::transaction(conn, &TxOptions::no_retry(), |tx| {
-        let balance =
-            a::table.find(account.get()).select(a::balance_minor).first::<Option<i64>>(tx.conn())?.unwrap_or(0);
-        both_checked.wait();
-        if balance < amount.minor() {
-            return Err(LedgerError::InsufficientFunds {
-                account,
-                balance_minor: balance,
-                floor_minor: 0,
-                requested_minor: amount.minor(),
-            });
-        }
-        let after = balance - amount.minor();
-        diesel::update(a::table.find(account.get())).set(a::balance_minor.eq(Some(after))).execute(tx.conn())?;
-        let in_transit = accounts::system_account(tx.conn(), SystemRole::PayoutsInTransit, Currency::EUR)?;
-        journal::post(
-            tx,
-            EntryKind::Withdrawal,
-            None,
-            Currency::EUR,
-            &[
-                Leg { account, amount_minor: -amount.minor(), balance_after_minor: Some(after) },
-                Leg { account: in_transit, amount_minor: amount.minor(), balance_after_minor: None },
-            ],
-        )?;
-        Ok(())
-    });
-    outcome.map_err(Into::into)
 }
 
 fn request(account: AccountId, amount: Amount, key_text: String) -> WithdrawalRequest {

@@ -29,7 +29,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
 
 use crate::accounts::{self, SystemRole};
-use crate::error::{InvalidInput, LedgerError};
+use crate::error::{stored_text, InvalidInput, LedgerError, STORED_TEXT_MAX_CHARS};
 use crate::ids::{AccountId, EntryId, PayoutId, WithdrawalId};
 use crate::journal::{self, EntryKind, Leg};
 use crate::money::{Amount, Currency};
@@ -53,7 +53,7 @@ pub use record::{
 // Shared by the rooms below (each starts with `use super::*`).
 use {
     operator::return_tx,
-    record::{db_text, set_withdrawal, settle_all, system},
+    record::{set_withdrawal, settle_all, system},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

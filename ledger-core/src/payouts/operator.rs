@@ -29,7 +29,7 @@ pub(super) fn return_tx(
         ],
     )?;
     accounts::set_balance(tx, &customer, after)?;
-    let reason = db_text(reason, 500);
+    let reason = stored_text(reason, STORED_TEXT_MAX_CHARS);
     diesel::update(payouts::table.find(payout.id))
         .set((
             payouts::status.eq(PayoutStatus::Returned.as_str()),

@@ -143,7 +143,7 @@ pub fn mark_unrecordable(tx: &mut Tx<'_>, request: &PayoutRequest, error: &str) 
     )
     .set((
         payouts::status.eq(PayoutStatus::Failed.as_str()),
-        payouts::last_error.eq(Some(db_text(error, 500))),
+        payouts::last_error.eq(Some(stored_text(error, STORED_TEXT_MAX_CHARS))),
         payouts::updated_at.eq(diesel::dsl::now),
     ))
     .execute(tx.conn())?;
@@ -234,7 +234,7 @@ fn reschedule(
     counts: bool,
     policy: &RetryPolicy,
 ) -> Result<Recorded, LedgerError> {
-    let error = db_text(error, 500);
+    let error = stored_text(error, STORED_TEXT_MAX_CHARS);
     if counts && p.attempts >= i32::try_from(policy.max_attempts).unwrap_or(i32::MAX) {
         diesel::update(payouts::table.find(p.id))
             .set((
@@ -287,12 +287,6 @@ pub(super) fn set_withdrawal(
     Ok(())
 }
 
-/// Text from a gateway, fit for a TEXT column: PostgreSQL refuses NUL characters (a
-/// JSON string may carry one), and no field grows without bound.
-pub(super) fn db_text(text: &str, max_chars: usize) -> String {
-    text.chars().filter(|c| *c != '\0').take(max_chars).collect()
-}
-
 /// Phase 2, accepted, for many payouts in one statement: one settlement entry per
 /// currency moves the batch's total from payouts-in-transit to external settlement
 /// (the money left together, and one entry per batch instead of one per payout keeps a
@@ -313,7 +307,7 @@ pub(super) fn settle_all(tx: &mut Tx<'_>, paid: &[(usize, &Payout, Option<&str>)
         withdrawals: i64,
     }
     let ids: Vec<i64> = paid.iter().map(|(_, p, _)| p.id).collect();
-    let references: Vec<Option<String>> = paid.iter().map(|(_, _, r)| r.map(|r| db_text(r, 200))).collect();
+    let references: Vec<Option<String>> = paid.iter().map(|(_, _, r)| r.map(|r| stored_text(r, 200))).collect();
     let currencies: std::collections::BTreeSet<&str> = paid.iter().map(|(_, p, _)| p.currency.as_str()).collect();
     let done: Settled = diesel::sql_query(include_str!("settle.sql"))
         .bind::<Array<BigInt>, _>(&ids)

@@ -308,3 +308,47 @@ pub fn funded_account(conn: &mut PgConnection, owner: &str, currency: Currency, 
     }
     account.id
 }
+
+/// The talk's version 1, kept as a fixture: check the balance, then write it, with no
+/// row lock. Every racer reads before any writes (`all_checked` makes that interleaving
+/// certain), all pass the check, and each writes "balance - amount" over the others:
+/// lost updates. The demo shows it; the concurrency tests use it as their negative
+/// control. Never call it from production code.
+pub fn unlocked_withdraw(
+    conn: &mut PgConnection,
+    account: AccountId,
+    amount: Amount,
+    currency: Currency,
+    all_checked: &std::sync::Barrier,
+) -> Result<(), LedgerError> {
+    use crate::accounts::{self, SystemRole};
+    use crate::journal::{self, EntryKind, Leg};
+    use crate::schema::accounts as a;
+    crate::transaction(conn, &crate::TxOptions::no_retry(), |tx| {
+        let balance: i64 =
+            a::table.find(account.get()).select(a::balance_minor).first::<Option<i64>>(tx.conn())?.unwrap_or(0);
+        all_checked.wait();
+        if balance < amount.minor() {
+            return Err(LedgerError::InsufficientFunds {
+                account,
+                balance_minor: balance,
+                floor_minor: 0,
+                requested_minor: amount.minor(),
+            });
+        }
+        let after = balance - amount.minor();
+        diesel::update(a::table.find(account.get())).set(a::balance_minor.eq(Some(after))).execute(tx.conn())?;
+        let in_transit = accounts::system_account(tx.conn(), SystemRole::PayoutsInTransit, currency)?;
+        journal::post(
+            tx,
+            EntryKind::Withdrawal,
+            None,
+            currency,
+            &[
+                Leg { account, amount_minor: -amount.minor(), balance_after_minor: Some(after) },
+                Leg { account: in_transit, amount_minor: amount.minor(), balance_after_minor: None },
+            ],
+        )?;
+        Ok(())
+    })
+}

@@ -28,7 +28,8 @@ use decide::rebuild_refusal;
 pub use decide::{decide, Decision};
 pub use queue::{claim_after, claim_due, fail_now, pending_count, record_failed_attempt};
 
-/// The transaction's timestamp, as a nullable timestamptz (Diesel's `now` is a plain timestamp).
+/// The wall clock when the statement runs (`clock_timestamp()`, not the transaction's
+/// start), as a nullable timestamptz (Diesel's `now` is a plain timestamp).
 pub(crate) fn now_tz() -> diesel::expression::SqlLiteral<diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>> {
     diesel::dsl::sql("clock_timestamp()")
 }

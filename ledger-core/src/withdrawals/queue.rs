@@ -18,7 +18,7 @@ pub fn record_failed_attempt(
         #[diesel(sql_type = diesel::sql_types::Text)]
         status: String,
     }
-    let error: String = error.chars().take(500).collect();
+    let error = crate::error::stored_text(error, crate::error::STORED_TEXT_MAX_CHARS);
     let row: Option<Status> = diesel::sql_query(
         "UPDATE withdrawals SET
              attempts = attempts + 1,
@@ -44,7 +44,7 @@ pub fn record_failed_attempt(
 /// Ends a pending job as `failed` at once (a panic while processing it: retrying a
 /// programmer error will not help, and an operator must look).
 pub fn fail_now(conn: &mut PgConnection, id: WithdrawalId, reason: &str) -> Result<bool, LedgerError> {
-    let reason: String = reason.chars().take(500).collect();
+    let reason = crate::error::stored_text(reason, crate::error::STORED_TEXT_MAX_CHARS);
     let updated = diesel::update(
         withdrawals::table.find(id.get()).filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str())),
     )

@@ -9,7 +9,8 @@ pub struct WorkerConfig {
     pub pool_size: u32,
     /// Jobs queued between the claimer and the workers.
     pub channel_capacity: usize,
-    /// Jobs per transaction (one commit, one savepoint per job).
+    /// Most jobs per transaction: one commit and one set-based statement for all of them
+    /// (one savepoint per job only when a batch is redone after an unexpected error).
     pub batch_size: usize,
     /// Fallback poll when no NOTIFY arrives.
     pub poll_interval_ms: u64,

@@ -39,40 +39,25 @@ pub struct BenchArgs {
 }
 
 pub fn run(ctx: Ctx, args: BenchArgs) -> Result<ExitCode> {
-    let BenchArgs {
-        scenario,
-        withdrawals,
-        threads,
-        batch_size,
-        accounts,
-        pgbench,
-        pgbench_seconds,
-        latency_seconds,
-        latency_rate,
-        modes,
-        profile,
-    } = args;
     init_logging(ctx.log_format, "warn");
     let mut mode_options = crate::bench::ModeOptions::default();
-    if !modes.is_empty() {
-        mode_options.modes = modes;
+    if !args.modes.is_empty() {
+        mode_options.modes = args.modes;
     }
-    crate::bench::run_with(
-        &crate::bench::BenchOptions {
-            database_url: ctx.database_url,
-            scenario,
-            withdrawals,
-            threads,
-            batch_size,
-            accounts,
-            pgbench,
-            pgbench_seconds,
-            latency_seconds,
-            latency_rate,
-            json: ctx.json,
-            profile,
-        },
-        &mode_options,
-    )?;
+    let options = crate::bench::BenchOptions {
+        database_url: ctx.database_url,
+        scenario: args.scenario,
+        withdrawals: args.withdrawals,
+        threads: args.threads,
+        batch_size: args.batch_size,
+        accounts: args.accounts,
+        pgbench: args.pgbench,
+        pgbench_seconds: args.pgbench_seconds,
+        latency_seconds: args.latency_seconds,
+        latency_rate: args.latency_rate,
+        json: ctx.json,
+        profile: args.profile,
+    };
+    crate::bench::run_with(&options, &mode_options)?;
     Ok(ExitCode::SUCCESS)
 }

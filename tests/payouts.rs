@@ -586,3 +586,21 @@ fn payouts_settled_together_share_one_entry_and_the_audit_pairs_it_with_their_su
         report.violations
     );
 }
+
+#[testing::test]
+fn a_claim_made_inside_an_older_transaction_sees_the_shorter_lease_the_database_granted() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let (_, w) = paying_out(&mut conn, "10.00", "1.00");
+    let opts = ledger_core::TxOptions::default();
+    let left = ledger_core::tx::transaction(&mut conn, &opts, |tx| {
+        // The database measures the lease from this transaction's start (now()).
+        std::thread::sleep(Duration::from_millis(400));
+        let claim = payouts::claim_due(tx.conn(), 10, 2_000)?;
+        assert_eq!(claim.requests.iter().map(|r| r.withdrawal).collect::<Vec<_>>(), vec![w]);
+        Ok::<_, ledger_core::LedgerError>(claim.lease_until.saturating_duration_since(std::time::Instant::now()))
+    })
+    .unwrap();
+    assert!(left <= Duration::from_millis(1_650), "the process's lease must not outlast the database's: {left:?} left");
+    assert!(left > Duration::ZERO, "but some of it is left");
+}

@@ -38,6 +38,10 @@ pub struct DispatchConfig {
 /// clock granularity and scheduling delays.
 pub const LEASE_MARGIN_MS: u64 = 250;
 
+/// The longest lease: a crashed dispatcher's payouts wait this long before another
+/// claims them (and the database's interval arithmetic stays in range).
+pub const MAX_LEASE_MS: u64 = 3_600_000;
+
 impl Default for DispatchConfig {
     fn default() -> Self {
         DispatchConfig {
@@ -57,6 +61,9 @@ impl DispatchConfig {
         }
         if !(1..=256).contains(&self.concurrency) {
             return Err("--payout-concurrency must be 1..=256".into());
+        }
+        if self.lease_ms > MAX_LEASE_MS {
+            return Err(format!("--payout-lease-ms ({}) must be at most {MAX_LEASE_MS} (an hour)", self.lease_ms));
         }
         if self.call_timeout_ms == 0 {
             return Err("the gateway call timeout must be positive".into());

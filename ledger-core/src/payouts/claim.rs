@@ -23,16 +23,24 @@ struct ClaimedRow {
     claim_token: i64,
     #[diesel(sql_type = Bool)]
     was_possibly_sent: bool,
+    /// What was left of the lease while the statement ran (server clock).
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    lease_left_ms: f64,
 }
 
 /// Claims up to `limit` due payouts in one statement: each gets a new fencing token and
 /// a lease (not due again for `lease_ms`), and is marked possibly sent before any call.
 /// Commits before returning, so no transaction is open while the caller calls out.
+///
+/// The claim's `lease_until` is the moment the statement was sent plus what the server
+/// still had left of the lease while it ran: it ends no later than the database's lease,
+/// even when called inside a longer transaction (whose `now()` is older).
 pub fn claim_due(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<Claim, LedgerError> {
     assert!(limit > 0, "claim at least one payout");
-    let asked_at = Instant::now();
+    let mut sent_at = Instant::now();
     let rows: Vec<ClaimedRow> = tx::transaction(conn, &TxOptions::default(), |tx| {
         tx::with_batch_plans(tx, |tx| {
+            sent_at = Instant::now();
             diesel::sql_query(
                 "WITH due AS (
                  SELECT id, possibly_sent FROM payouts
@@ -45,7 +53,8 @@ pub fn claim_due(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<C
                  next_attempt_at = now() + make_interval(secs => $2::float8 / 1000)
              FROM due WHERE p.id = due.id
              RETURNING p.id, p.withdrawal_id, p.currency, p.amount_minor, p.destination, p.idempotency_key,
-                       p.attempts, p.claim_token, due.possibly_sent AS was_possibly_sent",
+                       p.attempts, p.claim_token, due.possibly_sent AS was_possibly_sent,
+                       (EXTRACT(EPOCH FROM p.next_attempt_at - clock_timestamp()) * 1000)::float8 AS lease_left_ms",
             )
             .bind::<BigInt, _>(limit)
             .bind::<BigInt, _>(i64::try_from(lease_ms).unwrap_or(i64::MAX))
@@ -53,6 +62,12 @@ pub fn claim_due(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<C
             .map_err(LedgerError::from)
         })
     })?;
+    let lease_left = rows.iter().map(|r| r.lease_left_ms).fold(f64::INFINITY, f64::min);
+    let lease_until = if lease_left.is_finite() {
+        sent_at + Duration::from_millis(lease_left.max(0.0).floor() as u64)
+    } else {
+        sent_at // nothing claimed
+    };
     let requests = rows
         .into_iter()
         .map(|r| {
@@ -71,5 +86,6 @@ pub fn claim_due(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<C
             })
         })
         .collect::<Result<Vec<_>, LedgerError>>()?;
-    Ok(Claim { requests, lease_until: asked_at + Duration::from_millis(lease_ms) })
+    debug_assert!(lease_until <= sent_at + Duration::from_millis(lease_ms));
+    Ok(Claim { requests, lease_until })
 }

@@ -218,16 +218,21 @@ pub fn get(conn: &mut PgConnection, id: WithdrawalId) -> Result<Withdrawal, Ledg
 /// recorded on the job (and returned as `Rejected`); infrastructure errors are returned
 /// as `Err` and leave the job pending for a retry.
 pub fn process_tx(tx: &mut Tx<'_>, id: WithdrawalId) -> Result<Processed, LedgerError> {
-    let job: Withdrawal = withdrawals::table
+    // Only a pending job is locked: a finished one may be waited for by its payout's
+    // settlement or return, which would then wait on us. (IS NOT DISTINCT FROM: see
+    // the batch path.) A job that another transaction finishes while we wait for its
+    // lock is re-read as no longer pending.
+    let locked: Option<Withdrawal> = withdrawals::table
         .find(id.get())
+        .filter(withdrawals::status.is_not_distinct_from(WithdrawalStatus::Pending.as_str()))
         .select(Withdrawal::as_select())
         .for_update()
         .first(tx.conn())
-        .optional()?
-        .ok_or(LedgerError::UnknownWithdrawal(id))?;
-    if job.status() != WithdrawalStatus::Pending {
-        return Ok(Processed::AlreadyFinal(job.status()));
-    }
+        .optional()?;
+    let Some(job) = locked else {
+        let finished = get(tx.conn(), id)?;
+        return Ok(Processed::AlreadyFinal(finished.status()));
+    };
     match debit_tx(tx, &job) {
         Ok((entry, payout)) => {
             mark_debited(tx, job.id, entry)?;

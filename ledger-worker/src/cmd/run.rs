@@ -76,8 +76,8 @@ pub struct RunArgs {
     /// Payouts claimed per dispatcher round (one claim, one recording transaction).
     #[arg(long, default_value_t = 256)]
     pub payout_batch: usize,
-    /// How long a claimed payout is reserved; at least three gateway calls
-    /// (--payout-timeout-ms plus --payout-connect-timeout-ms each) plus 250 ms.
+    /// How long a claimed payout is reserved: at least three gateway calls
+    /// (--payout-timeout-ms each, connecting included) plus 250 ms, at most an hour.
     #[arg(long, default_value_t = 60_000)]
     pub payout_lease_ms: u64,
     /// Gateway attempts before a payout is failed (then `payout retry`/`payout return`).

@@ -171,6 +171,11 @@ pub fn run_with(opts: &BenchOptions, modes: &ModeOptions) -> Result<()> {
     if opts.withdrawals == 0 || opts.batch_size == 0 {
         bail!("--withdrawals and --batch-size must be at least 1");
     }
+    if let Some(rate) = opts.latency_rate {
+        if !(rate.is_finite() && (1.0..=1_000_000.0).contains(&rate)) {
+            bail!("--latency-rate must be a number of arrivals per second from 1 to 1000000, got {rate}");
+        }
+    }
     if modes.modes.is_empty() {
         bail!("no mode to measure");
     }

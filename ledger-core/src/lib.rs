@@ -39,6 +39,7 @@ pub mod locks;
 pub mod money;
 pub mod outbox;
 pub mod payouts;
+pub(crate) mod prepared;
 #[rustfmt::skip]
 pub mod schema;
 pub mod sqlstate;

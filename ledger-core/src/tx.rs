@@ -117,12 +117,17 @@ impl<'c> Tx<'c> {
 /// too: a plan that must still use a disabled node (a one-row table) is costed at 10^10
 /// and would otherwise be JIT-compiled, tens of ms per statement.
 ///
+/// Statements kept prepared ([`crate::prepared`]) reuse one generic plan inside `f`
+/// (`plan_cache_mode = force_generic_plan`): with these settings it is the same probes
+/// by id a custom plan would be, without planning each call.
+///
 /// If `f` panics, the settings stay changed until the transaction ends (rolling it
 /// back, as a panic should, ends them).
 pub fn with_batch_plans<T>(
     tx: &mut Tx<'_>,
     f: impl FnOnce(&mut Tx<'_>) -> Result<T, LedgerError>,
 ) -> Result<T, LedgerError> {
+    use crate::prepared::{Prepared, StaticSql};
     use diesel::sql_types::Text;
     use diesel::RunQueryDsl;
     #[derive(diesel::QueryableByName)]
@@ -137,32 +142,39 @@ pub fn with_batch_plans<T>(
         hashjoin: String,
         #[diesel(sql_type = Text)]
         mergejoin: String,
+        #[diesel(sql_type = Text)]
+        plan_cache: String,
     }
     // One round trip: the old values are read before the new ones are set (a target
     // list is evaluated left to right), and SET LOCAL ends with the transaction at most.
-    let saved: Saved = diesel::sql_query(
-        "SELECT current_setting('jit') AS jit, current_setting('enable_seqscan') AS seqscan,
+    enum Set {}
+    impl StaticSql for Set {
+        const SQL: &'static str = "SELECT current_setting('jit') AS jit, current_setting('enable_seqscan') AS seqscan,
                 current_setting('enable_bitmapscan') AS bitmapscan,
                 current_setting('enable_hashjoin') AS hashjoin, current_setting('enable_mergejoin') AS mergejoin,
+                current_setting('plan_cache_mode') AS plan_cache,
                 set_config('jit', 'off', true), set_config('enable_seqscan', 'off', true),
                 set_config('enable_bitmapscan', 'off', true),
-                set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)",
-    )
-    .get_result(tx.conn())?;
+                set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
+                set_config('plan_cache_mode', 'force_generic_plan', true)";
+    }
+    enum Restore {}
+    impl StaticSql for Restore {
+        const SQL: &'static str = "SELECT set_config('jit', $1, true), set_config('enable_seqscan', $2, true),
+                set_config('enable_bitmapscan', $3, true),
+                set_config('enable_hashjoin', $4, true), set_config('enable_mergejoin', $5, true),
+                set_config('plan_cache_mode', $6, true)";
+    }
+    let saved: Saved = Prepared::<Set>::new().get_result(tx.conn())?;
     let result = f(tx);
-    let restored = {
-        diesel::sql_query(
-            "SELECT set_config('jit', $1, true), set_config('enable_seqscan', $2, true),
-                    set_config('enable_bitmapscan', $3, true),
-                    set_config('enable_hashjoin', $4, true), set_config('enable_mergejoin', $5, true)",
-        )
+    let restored = Prepared::<Restore>::new()
         .bind::<Text, _>(&saved.jit)
         .bind::<Text, _>(&saved.seqscan)
         .bind::<Text, _>(&saved.bitmapscan)
         .bind::<Text, _>(&saved.hashjoin)
         .bind::<Text, _>(&saved.mergejoin)
-        .execute(tx.conn())
-    };
+        .bind::<Text, _>(&saved.plan_cache)
+        .execute(tx.conn());
     match (result, restored) {
         (Ok(value), Ok(_)) => Ok(value),
         (Ok(_), Err(e)) => Err(e.into()),

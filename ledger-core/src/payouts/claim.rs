@@ -2,6 +2,7 @@
 //! statement.
 
 use super::*;
+use crate::prepared::{Prepared, StaticSql};
 
 #[derive(QueryableByName)]
 struct ClaimedRow {
@@ -41,25 +42,11 @@ pub fn claim_due(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<C
     let rows: Vec<ClaimedRow> = tx::transaction(conn, &TxOptions::default(), |tx| {
         tx::with_batch_plans(tx, |tx| {
             sent_at = Instant::now();
-            diesel::sql_query(
-                "WITH due AS (
-                 SELECT id, possibly_sent FROM payouts
-                 WHERE status = 'pending' AND next_attempt_at <= now()
-                 ORDER BY next_attempt_at, id LIMIT $1
-                 FOR UPDATE SKIP LOCKED
-             )
-             UPDATE payouts p SET attempts = p.attempts + 1, updated_at = now(),
-                 claim_token = nextval('payout_claim_tokens'), possibly_sent = true,
-                 next_attempt_at = now() + make_interval(secs => $2::float8 / 1000)
-             FROM due WHERE p.id = due.id
-             RETURNING p.id, p.withdrawal_id, p.currency, p.amount_minor, p.destination, p.idempotency_key,
-                       p.attempts, p.claim_token, due.possibly_sent AS was_possibly_sent,
-                       (EXTRACT(EPOCH FROM p.next_attempt_at - clock_timestamp()) * 1000)::float8 AS lease_left_ms",
-            )
-            .bind::<BigInt, _>(limit)
-            .bind::<BigInt, _>(i64::try_from(lease_ms).unwrap_or(i64::MAX))
-            .load(tx.conn())
-            .map_err(LedgerError::from)
+            Prepared::<ClaimDue>::new()
+                .bind::<BigInt, _>(limit)
+                .bind::<BigInt, _>(i64::try_from(lease_ms).unwrap_or(i64::MAX))
+                .load(tx.conn())
+                .map_err(LedgerError::from)
         })
     })?;
     let lease_left = rows.iter().map(|r| r.lease_left_ms).fold(f64::INFINITY, f64::min);
@@ -88,4 +75,24 @@ pub fn claim_due(conn: &mut PgConnection, limit: i64, lease_ms: u64) -> Result<C
         .collect::<Result<Vec<_>, LedgerError>>()?;
     debug_assert!(lease_until <= sent_at + Duration::from_millis(lease_ms));
     Ok(Claim { requests, lease_until })
+}
+
+/// Claims due payouts: a new fencing token each, *possibly sent*, and a lease of $2 ms.
+/// Kept prepared on each connection (it runs on every poll of every dispatcher).
+enum ClaimDue {}
+
+impl StaticSql for ClaimDue {
+    const SQL: &'static str = "WITH due AS (
+         SELECT id, possibly_sent FROM payouts
+         WHERE status = 'pending' AND next_attempt_at <= now()
+         ORDER BY next_attempt_at, id LIMIT $1
+         FOR UPDATE SKIP LOCKED
+     )
+     UPDATE payouts p SET attempts = p.attempts + 1, updated_at = now(),
+         claim_token = nextval('payout_claim_tokens'), possibly_sent = true,
+         next_attempt_at = now() + make_interval(secs => $2::float8 / 1000)
+     FROM due WHERE p.id = due.id
+     RETURNING p.id, p.withdrawal_id, p.currency, p.amount_minor, p.destination, p.idempotency_key,
+               p.attempts, p.claim_token, due.possibly_sent AS was_possibly_sent,
+               (EXTRACT(EPOCH FROM p.next_attempt_at - clock_timestamp()) * 1000)::float8 AS lease_left_ms";
 }

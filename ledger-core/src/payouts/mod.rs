@@ -47,6 +47,8 @@ mod record;
 pub use claim::claim_due;
 pub use operator::{retry, return_failed, ReturnAuthority, ReturnResult};
 pub use protocol::{resolve, LookupOutcome, PayoutGateway, SendOutcome, Verdict};
+#[cfg(test)]
+pub(crate) use record::SettleAll;
 pub use record::{
     mark_unrecordable, record, record_all, record_all_tx, record_all_with, Judged, RecordBatch, Recorded, RetryPolicy,
 };

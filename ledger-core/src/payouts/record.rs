@@ -2,6 +2,15 @@
 //! answer, each only under the claim's current token, a batch in one transaction.
 
 use super::*;
+use crate::prepared::{Prepared, StaticSql};
+
+/// Settles the payouts paid in one round (`settle.sql`), kept prepared on each
+/// connection.
+pub(crate) enum SettleAll {}
+
+impl StaticSql for SettleAll {
+    const SQL: &'static str = include_str!("settle.sql");
+}
 
 /// A claimed payout and the verdict on it.
 pub type Judged = (PayoutRequest, Verdict);
@@ -309,7 +318,7 @@ pub(super) fn settle_all(tx: &mut Tx<'_>, paid: &[(usize, &Payout, Option<&str>)
     let ids: Vec<i64> = paid.iter().map(|(_, p, _)| p.id).collect();
     let references: Vec<Option<String>> = paid.iter().map(|(_, _, r)| r.map(|r| stored_text(r, 200))).collect();
     let currencies: std::collections::BTreeSet<&str> = paid.iter().map(|(_, p, _)| p.currency.as_str()).collect();
-    let done: Settled = diesel::sql_query(include_str!("settle.sql"))
+    let done: Settled = Prepared::<SettleAll>::new()
         .bind::<Array<BigInt>, _>(&ids)
         .bind::<Array<Nullable<Text>>, _>(&references)
         .get_result(tx.conn())?;

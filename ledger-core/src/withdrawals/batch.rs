@@ -3,6 +3,15 @@
 //! (`write_plan.sql`); after an unexpected error, one savepoint per job.
 
 use super::*;
+use crate::prepared::{Prepared, StaticSql};
+
+/// One batch's decisions carried out in one statement (`write_plan.sql`), kept
+/// prepared on each connection.
+pub(crate) enum WritePlan {}
+
+impl StaticSql for WritePlan {
+    const SQL: &'static str = include_str!("write_plan.sql");
+}
 
 /// What happened to one job of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -238,7 +247,7 @@ fn write_plan(
     let (balance_ids, balances): (Vec<i64>, Vec<i64>) = last_balance.into_iter().unzip();
     // Before the statement is sent: the server's clock_timestamp() is later still.
     let sent_at = std::time::Instant::now();
-    let written: Written = diesel::sql_query(include_str!("write_plan.sql"))
+    let written: Written = Prepared::<WritePlan>::new()
         .bind::<Array<BigInt>, _>(&d_wid)
         .bind::<Array<BigInt>, _>(&d_account)
         .bind::<Array<Text>, _>(&d_currency)

@@ -23,6 +23,8 @@ mod batch;
 mod decide;
 mod queue;
 
+#[cfg(test)]
+pub(crate) use batch::WritePlan;
 pub use batch::{process_batch_fast_claiming_tx, process_batch_fast_tx, process_batch_tx, BatchItem, JobOutcome};
 use decide::rebuild_refusal;
 pub use decide::{decide, Decision};

@@ -184,7 +184,11 @@ pub fn run_with(opts: &BenchOptions, modes: &ModeOptions) -> Result<()> {
         eprintln!("   (this worker has no --payout-concurrency flag: its built-in concurrency is used)");
     }
     let settings: &[&str] = if opts.profile {
-        &["shared_preload_libraries = 'pg_stat_statements'", "pg_stat_statements.track = 'all'"]
+        &[
+            "shared_preload_libraries = 'pg_stat_statements'",
+            "pg_stat_statements.track = 'all'",
+            "pg_stat_statements.track_planning = on",
+        ]
     } else {
         &[]
     };

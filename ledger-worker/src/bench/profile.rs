@@ -40,32 +40,37 @@ pub(super) fn print_profile(
         calls: i64,
         #[diesel(sql_type = Double)]
         total_ms: f64,
+        #[diesel(sql_type = Double)]
+        plan_ms: f64,
     }
     let rows: Vec<Stmt> = diesel::sql_query(
         "SELECT left(regexp_replace(s.query, '\\s+', ' ', 'g'), 70) AS query, s.calls,
-                s.total_exec_time AS total_ms
+                s.total_exec_time AS total_ms, s.total_plan_time AS plan_ms
          FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
          WHERE d.datname = current_database() AND s.toplevel
-         ORDER BY s.total_exec_time DESC LIMIT 10",
+         ORDER BY s.total_exec_time + s.total_plan_time DESC LIMIT 10",
     )
     .load(conn)?;
     let server_ms: f64 = rows.iter().map(|r| r.total_ms).sum();
+    let plan_ms: f64 = rows.iter().map(|r| r.plan_ms).sum();
     eprintln!(
         "   profile of the {phase} phase ({jobs} jobs in {:.2} s on 2 cores = {:.0} µs of wall time per job):",
         elapsed.as_secs_f64(),
         elapsed.as_secs_f64() * 1e6 / jobs as f64
     );
     eprintln!(
-        "   server execution {:.0} µs/job (top statements below), worker process CPU {:.0} µs/job",
+        "   server execution {:.0} µs/job and planning {:.0} µs/job (top statements below), worker process CPU {:.0} µs/job",
         server_ms * 1e3 / jobs as f64,
+        plan_ms * 1e3 / jobs as f64,
         worker_cpu_s * 1e6 / jobs as f64
     );
     for r in rows {
         eprintln!(
-            "   {:>7.1} µs/job {:>7} calls {:>7.2} ms/call  {}",
+            "   {:>7.1} µs/job {:>7} calls {:>7.2} ms/call (+{:.2} planning)  {}",
             r.total_ms * 1e3 / jobs as f64,
             r.calls,
             r.total_ms / r.calls.max(1) as f64,
+            r.plan_ms / r.calls.max(1) as f64,
             r.query
         );
     }

@@ -34,13 +34,12 @@ fn deposit_transfer_and_withdraw_move_money_in_balanced_entries() {
         )
         .unwrap();
         let w = withdrawals::withdraw(conn, &withdrawal(bob, "10.00", "w")).unwrap();
-        assert_eq!(w.status(), WithdrawalStatus::PayingOut);
+        assert_eq!(w.status, WithdrawalStatus::PayingOut);
         assert_eq!(balance(conn, alice), 6975);
         assert_eq!(balance(conn, bob), 2525);
         let in_transit = accounts::system_account(conn, SystemRole::PayoutsInTransit, Currency::EUR).unwrap();
-        let payout = ledger_core::payouts::for_withdrawal(conn, ledger_core::WithdrawalId::new(w.id).unwrap())
-            .unwrap()
-            .expect("a payout row is written with the debit");
+        let payout =
+            ledger_core::payouts::for_withdrawal(conn, w.id).unwrap().expect("a payout row is written with the debit");
         assert_eq!((payout.amount_minor, payout.destination.as_str(), payout.status.as_str()), (1000, IBAN, "pending"));
         // The in-transit account holds what is owed to the bank: this payout and any
         // other test's committed ones, never less than this one.
@@ -61,11 +60,12 @@ fn a_statement_shows_each_posting_with_its_running_balance() {
         )
         .unwrap();
         let lines = ledger_core::journal::statement(conn, a, 100).unwrap();
-        let got: Vec<(String, i64, i64)> =
-            lines.iter().map(|l| (l.kind.clone(), l.amount_minor, l.balance_after_minor)).collect();
+        use ledger_core::journal::EntryKind;
+        let got: Vec<(EntryKind, i64, i64)> =
+            lines.iter().map(|l| (l.kind, l.amount_minor, l.balance_after_minor)).collect();
         assert_eq!(
             got,
-            vec![("deposit".into(), 1000, 1000), ("deposit".into(), 250, 1250), ("transfer".into(), -700, 550)]
+            vec![(EntryKind::Deposit, 1000, 1000), (EntryKind::Deposit, 250, 1250), (EntryKind::Transfer, -700, 550)]
         );
     });
 }
@@ -77,7 +77,7 @@ fn a_withdrawal_job_is_processed_once_and_a_refusal_is_recorded_with_its_reason(
         let (first, replayed) = withdrawals::request(conn, &withdrawal(a, "50.00", "job")).unwrap();
         assert!(!replayed);
         let (second, _) = withdrawals::request(conn, &withdrawal(a, "50.00", "job")).unwrap();
-        assert_eq!(withdrawals::get(conn, first).unwrap().status(), WithdrawalStatus::Pending);
+        assert_eq!(withdrawals::get(conn, first).unwrap().status, WithdrawalStatus::Pending);
         assert_eq!(balance(conn, a), 6000, "requesting moves no money");
 
         let run = |conn: &mut PgConnection, id| {
@@ -87,7 +87,7 @@ fn a_withdrawal_job_is_processed_once_and_a_refusal_is_recorded_with_its_reason(
         assert_eq!(run(conn, first), Processed::AlreadyFinal(WithdrawalStatus::PayingOut));
         assert!(matches!(run(conn, second), Processed::Rejected { code: "insufficient_funds", .. }));
         let job = withdrawals::get(conn, second).unwrap();
-        assert_eq!(job.status(), WithdrawalStatus::Rejected);
+        assert_eq!(job.status, WithdrawalStatus::Rejected);
         assert!(job.reason.unwrap().contains("insufficient funds"));
         assert_eq!(job.entry_id, None);
         assert_eq!(balance(conn, a), 1000);
@@ -472,7 +472,75 @@ fn a_batch_whose_set_based_write_fails_is_redone_one_savepoint_per_job() {
         assert!(matches!(outcome(ids[0]), JobOutcome::Debited { .. }));
         assert!(matches!(outcome(ids[1]), JobOutcome::Errored { .. }), "{:?}", outcome(ids[1]));
         assert!(matches!(outcome(ids[2]), JobOutcome::Debited { .. }));
-        assert_eq!(withdrawals::get(conn, ids[1]).unwrap().status(), WithdrawalStatus::Pending);
+        assert_eq!(withdrawals::get(conn, ids[1]).unwrap().status, WithdrawalStatus::Pending);
         assert_eq!(balance(conn, a), 8_000, "two of the three debited, once each");
+    });
+}
+
+/// Status and kind columns map to enums (and ids to typed ids) through Diesel: every
+/// variant goes into the database and comes back the same, and a text the code does
+/// not know is an error when read, never a default.
+#[testing::test]
+fn columns_map_to_enums_and_typed_ids_and_an_unknown_value_is_an_error() {
+    use diesel::sql_types::{BigInt, Text};
+    use ledger_core::accounts::{AccountKind, AccountStatus};
+    use ledger_core::journal::EntryKind;
+    use ledger_core::payouts::PayoutStatus;
+    testing::with_rollback(|conn| {
+        #[derive(QueryableByName)]
+        struct Kind {
+            #[diesel(sql_type = Text)]
+            v: AccountKind,
+        }
+        // Each variant written through ToSql and read back through FromSql, beside the
+        // text the database holds.
+        macro_rules! round_trip {
+            ($ty:ty) => {{
+                #[derive(QueryableByName)]
+                struct Back {
+                    #[diesel(sql_type = Text)]
+                    v: $ty,
+                    #[diesel(sql_type = Text)]
+                    text: String,
+                }
+                for value in <$ty>::ALL {
+                    let back: Back = diesel::sql_query("SELECT $1 AS v, $1 AS text")
+                        .bind::<Text, _>(*value)
+                        .get_result(conn)
+                        .unwrap();
+                    assert_eq!((back.v, back.text.as_str()), (*value, value.as_str()));
+                }
+            }};
+        }
+        round_trip!(WithdrawalStatus);
+        round_trip!(PayoutStatus);
+        round_trip!(AccountKind);
+        round_trip!(AccountStatus);
+        round_trip!(SystemRole);
+        round_trip!(EntryKind);
+        assert_eq!(WithdrawalStatus::ALL.len(), 6);
+
+        let known: Kind = diesel::sql_query("SELECT 'system' AS v").get_result(conn).unwrap();
+        assert_eq!(known.v, AccountKind::System);
+        let unknown = diesel::sql_query("SELECT 'customer ' AS v").get_result::<Kind>(conn).map(|k| k.v).unwrap_err();
+        assert!(unknown.to_string().contains("unknown AccountKind \"customer \""), "{unknown}");
+
+        #[derive(QueryableByName)]
+        struct Id {
+            #[diesel(sql_type = BigInt)]
+            v: AccountId,
+        }
+        let id: Id = diesel::sql_query("SELECT 7::bigint AS v").get_result(conn).unwrap();
+        assert_eq!(id.v, AccountId::new(7).unwrap());
+        assert!(diesel::sql_query("SELECT 0::bigint AS v").get_result::<Id>(conn).is_err(), "ids are positive");
+        assert!(diesel::sql_query("SELECT 'customer' AS v").get_result::<Kind>(conn).is_ok());
+        #[derive(QueryableByName)]
+        struct Cur {
+            #[diesel(sql_type = Text)]
+            v: Currency,
+        }
+        let c: Cur = diesel::sql_query("SELECT 'JPY' AS v").get_result(conn).unwrap();
+        assert_eq!(c.v, Currency::JPY);
+        assert!(diesel::sql_query("SELECT 'XXX' AS v").get_result::<Cur>(conn).is_err(), "unknown currency");
     });
 }

@@ -23,8 +23,8 @@ fn system_balance(conn: &mut PgConnection, role: SystemRole) -> i64 {
 fn paying_out(conn: &mut PgConnection, funds: &str, amount: &str) -> (AccountId, WithdrawalId) {
     let a = testing::funded_account(conn, "payee", Currency::EUR, funds);
     let w = withdrawals::withdraw(conn, &withdrawal(a, amount, "po")).unwrap();
-    assert_eq!(w.status(), WithdrawalStatus::PayingOut);
-    (a, WithdrawalId::new(w.id).unwrap())
+    assert_eq!(w.status, WithdrawalStatus::PayingOut);
+    (a, w.id)
 }
 
 fn claim_one(conn: &mut PgConnection, w: WithdrawalId) -> payouts::PayoutRequest {
@@ -57,9 +57,9 @@ fn an_accepted_payout_settles_into_external_settlement_and_completes_the_withdra
         payouts::record(&mut conn, &req, &Verdict::Paid { reference: Some("bank-1".into()) }, &RetryPolicy::default())
             .unwrap();
     assert_eq!(rec, Recorded::Settled);
-    assert_eq!(withdrawals::get(&mut conn, w).unwrap().status(), WithdrawalStatus::Completed);
+    assert_eq!(withdrawals::get(&mut conn, w).unwrap().status, WithdrawalStatus::Completed);
     let p = payouts::for_withdrawal(&mut conn, w).unwrap().unwrap();
-    assert_eq!((p.status(), p.gateway_reference.as_deref()), (PayoutStatus::Settled, Some("bank-1")));
+    assert_eq!((p.status, p.gateway_reference.as_deref()), (PayoutStatus::Settled, Some("bank-1")));
     assert_eq!(system_balance(&mut conn, SystemRole::PayoutsInTransit), 0);
     assert_eq!(system_balance(&mut conn, SystemRole::ExternalSettlement), 4_000);
     assert_eq!(balance(&mut conn, a), 6_000);
@@ -83,12 +83,13 @@ fn a_final_rejection_returns_the_funds_with_a_compensating_entry() {
     .unwrap();
     assert!(matches!(rec, Recorded::Returned { .. }));
     let wd = withdrawals::get(&mut conn, w).unwrap();
-    assert_eq!(wd.status(), WithdrawalStatus::Returned);
+    assert_eq!(wd.status, WithdrawalStatus::Returned);
     assert!(wd.reason.unwrap().contains("account closed at the bank"));
     assert_eq!(balance(&mut conn, a), 10_000, "every cent is back");
-    let kinds: Vec<String> =
+    use ledger_core::journal::EntryKind;
+    let kinds: Vec<EntryKind> =
         ledger_core::journal::statement(&mut conn, a, 10).unwrap().into_iter().map(|l| l.kind).collect();
-    assert_eq!(kinds, vec!["deposit", "withdrawal", "payout_return"]);
+    assert_eq!(kinds, vec![EntryKind::Deposit, EntryKind::Withdrawal, EntryKind::PayoutReturn]);
     assert_eq!(system_balance(&mut conn, SystemRole::PayoutsInTransit), 0);
     assert_audit_clean(&mut conn);
 }
@@ -114,20 +115,20 @@ fn transient_failures_back_off_then_fail_and_an_operator_can_retry_or_return() {
     assert_eq!(results, vec![Recorded::Retrying, Recorded::Retrying, Recorded::Failed]);
     let p = payouts::for_withdrawal(&mut conn, w).unwrap().unwrap();
     assert_eq!(
-        (p.status(), p.attempts, p.last_error.as_deref()),
+        (p.status, p.attempts, p.last_error.as_deref()),
         (PayoutStatus::Failed, 3, Some("HTTP 503: maintenance"))
     );
-    assert_eq!(withdrawals::get(&mut conn, w).unwrap().status(), WithdrawalStatus::PayingOut, "still held");
+    assert_eq!(withdrawals::get(&mut conn, w).unwrap().status, WithdrawalStatus::PayingOut, "still held");
     assert_audit_clean(&mut conn);
 
     // Operator: send it again; this time the bank accepts.
-    let pid = ledger_core::PayoutId::new(p.id).unwrap();
-    assert_eq!(payouts::retry(&mut conn, pid).unwrap().status(), PayoutStatus::Pending);
+    let pid = p.id;
+    assert_eq!(payouts::retry(&mut conn, pid).unwrap().status, PayoutStatus::Pending);
     let req = claim_one(&mut conn, w);
     assert_eq!(req.attempt, 1, "attempts start over");
     assert!(req.possibly_sent, "earlier calls had unknown outcomes: look it up first");
     payouts::record(&mut conn, &req, &Verdict::Paid { reference: None }, &policy).unwrap();
-    assert_eq!(withdrawals::get(&mut conn, w).unwrap().status(), WithdrawalStatus::Completed);
+    assert_eq!(withdrawals::get(&mut conn, w).unwrap().status, WithdrawalStatus::Completed);
     assert!(payouts::retry(&mut conn, pid).is_err(), "only failed payouts can be retried");
     assert!(
         payouts::return_failed(&mut conn, pid, "no", ReturnAuthority::Force { reason: "test" }).is_err(),
@@ -135,23 +136,19 @@ fn transient_failures_back_off_then_fail_and_an_operator_can_retry_or_return() {
     );
 
     // Another one that fails, and the operator returns the money instead.
-    let w2 = WithdrawalId::new(withdrawals::withdraw(&mut conn, &withdrawal(a, "5.00", "po2")).unwrap().id).unwrap();
+    let w2 = withdrawals::withdraw(&mut conn, &withdrawal(a, "5.00", "po2")).unwrap().id;
     let once = RetryPolicy { max_attempts: 1, ..policy };
     let req = claim_one_leased(&mut conn, w2, 1);
     assert_eq!(payouts::record(&mut conn, &req, &down, &once).unwrap(), Recorded::Failed);
     let p2 = payouts::for_withdrawal(&mut conn, w2).unwrap().unwrap();
     let before = balance(&mut conn, a);
     let never_received = Lookups(LookupOutcome::NotFound);
-    let returned = payouts::return_failed(
-        &mut conn,
-        ledger_core::PayoutId::new(p2.id).unwrap(),
-        "bank unreachable for days",
-        ReturnAuthority::Lookup(&never_received),
-    )
-    .unwrap();
+    let returned =
+        payouts::return_failed(&mut conn, p2.id, "bank unreachable for days", ReturnAuthority::Lookup(&never_received))
+            .unwrap();
     assert!(matches!(returned, ReturnResult::Returned(ref p) if p.forced_return_reason.is_none()), "{returned:?}");
     assert_eq!(balance(&mut conn, a), before + 500);
-    assert_eq!(withdrawals::get(&mut conn, w2).unwrap().status(), WithdrawalStatus::Returned);
+    assert_eq!(withdrawals::get(&mut conn, w2).unwrap().status, WithdrawalStatus::Returned);
     assert_audit_clean(&mut conn);
 }
 
@@ -194,7 +191,7 @@ impl PayoutGateway for Lookups {
 
 /// A withdrawal whose payout ended `failed` after calls with unknown outcomes.
 fn failed_payout(conn: &mut PgConnection, a: AccountId, amount: &str) -> (WithdrawalId, ledger_core::PayoutId) {
-    let w = WithdrawalId::new(withdrawals::withdraw(conn, &withdrawal(a, amount, "fp")).unwrap().id).unwrap();
+    let w = withdrawals::withdraw(conn, &withdrawal(a, amount, "fp")).unwrap().id;
     let req = claim_one_leased(conn, w, 1);
     let once = RetryPolicy { max_attempts: 1, base_ms: 1, max_backoff_ms: 1 };
     let timeout = Verdict::Unknown { error: "timeout after sending".into() };
@@ -219,8 +216,8 @@ fn a_payout_that_may_have_been_paid_is_returned_only_after_a_lookup_or_when_forc
     // The gateway says it paid: settled, nothing returned.
     let paid = Lookups(LookupOutcome::Accepted { reference: Some("late-yes".into()) });
     let result = payouts::return_failed(&mut conn, p1, "give up", ReturnAuthority::Lookup(&paid)).unwrap();
-    assert!(matches!(result, ReturnResult::SettledInstead(ref p) if p.status() == PayoutStatus::Settled), "{result:?}");
-    assert_eq!(withdrawals::get(&mut conn, w1).unwrap().status(), WithdrawalStatus::Completed);
+    assert!(matches!(result, ReturnResult::SettledInstead(ref p) if p.status == PayoutStatus::Settled), "{result:?}");
+    assert_eq!(withdrawals::get(&mut conn, w1).unwrap().status, WithdrawalStatus::Completed);
     assert_eq!(balance(&mut conn, a), 9_000, "paid money is not refunded");
 
     // The gateway says it refused: returned.
@@ -230,7 +227,7 @@ fn a_payout_that_may_have_been_paid_is_returned_only_after_a_lookup_or_when_forc
         payouts::return_failed(&mut conn, p2, "refused", ReturnAuthority::Lookup(&no)).unwrap(),
         ReturnResult::Returned(_)
     ));
-    assert_eq!(withdrawals::get(&mut conn, w2).unwrap().status(), WithdrawalStatus::Returned);
+    assert_eq!(withdrawals::get(&mut conn, w2).unwrap().status, WithdrawalStatus::Returned);
     assert_eq!(balance(&mut conn, a), 9_000);
 
     // Forced: returned without asking, and recorded as forced with the reason.
@@ -281,10 +278,7 @@ fn one_transaction_records_a_mixed_batch_of_verdicts() {
     let ws: Vec<WithdrawalId> = [(a, "1.00"), (b, "2.00"), (a, "3.00"), (b, "4.00"), (a, "5.00"), (b, "6.00")]
         .iter()
         .enumerate()
-        .map(|(i, (acc, amt))| {
-            WithdrawalId::new(withdrawals::withdraw(&mut conn, &withdrawal(*acc, amt, &format!("mix{i}"))).unwrap().id)
-                .unwrap()
-        })
+        .map(|(i, (acc, amt))| withdrawals::withdraw(&mut conn, &withdrawal(*acc, amt, &format!("mix{i}"))).unwrap().id)
         .collect();
     let claim = payouts::claim_due(&mut conn, 100, 60_000).unwrap();
     let by_w = |w: WithdrawalId| claim.requests.iter().find(|r| r.withdrawal == w).unwrap().clone();
@@ -300,7 +294,7 @@ fn one_transaction_records_a_mixed_batch_of_verdicts() {
     assert_eq!(recorded[..2], [Recorded::Settled, Recorded::Settled]);
     assert!(matches!(recorded[2], Recorded::Returned { .. }));
     assert_eq!(recorded[3..], [Recorded::Retrying, Recorded::Released, Recorded::Superseded]);
-    let status = |conn: &mut PgConnection, w| withdrawals::get(conn, w).unwrap().status();
+    let status = |conn: &mut PgConnection, w| withdrawals::get(conn, w).unwrap().status;
     assert_eq!(status(&mut conn, ws[0]), WithdrawalStatus::Completed);
     assert_eq!(status(&mut conn, ws[1]), WithdrawalStatus::Completed);
     assert_eq!(status(&mut conn, ws[2]), WithdrawalStatus::Returned);
@@ -351,7 +345,7 @@ fn a_return_is_refused_when_the_payout_was_sent_again_during_its_lookup() {
     let err = payouts::return_failed(&mut conn, p, "give up", ReturnAuthority::Lookup(&meanwhile)).unwrap_err();
     assert!(err.to_string().contains("sent again"), "{err}");
     assert_eq!(balance(&mut conn, a), before, "nothing returned: the new call may have paid");
-    assert_eq!(withdrawals::get(&mut conn, w).unwrap().status(), WithdrawalStatus::PayingOut);
+    assert_eq!(withdrawals::get(&mut conn, w).unwrap().status, WithdrawalStatus::PayingOut);
     assert_audit_clean(&mut conn);
 }
 
@@ -360,7 +354,7 @@ fn a_return_waits_for_the_last_calls_lease_to_end() {
     let db = testing::committed();
     let mut conn = db.conn();
     let a = testing::funded_account(&mut conn, "payee", Currency::EUR, "100.00");
-    let w = WithdrawalId::new(withdrawals::withdraw(&mut conn, &withdrawal(a, "10.00", "lease")).unwrap().id).unwrap();
+    let w = withdrawals::withdraw(&mut conn, &withdrawal(a, "10.00", "lease")).unwrap().id;
     let req = claim_one(&mut conn, w); // a 60 s lease: its call may still be at work
     let once = RetryPolicy { max_attempts: 1, base_ms: 1, max_backoff_ms: 1 };
     let lost = Verdict::Unknown { error: "timeout".into() };
@@ -377,10 +371,8 @@ fn a_verdict_that_cannot_be_recorded_fails_alone_and_the_rest_of_the_batch_is_re
     let db = testing::committed();
     let mut conn = db.conn();
     let a = testing::funded_account(&mut conn, "payee", Currency::EUR, "100.00");
-    let healthy =
-        WithdrawalId::new(withdrawals::withdraw(&mut conn, &withdrawal(a, "1.00", "ok")).unwrap().id).unwrap();
-    let broken =
-        WithdrawalId::new(withdrawals::withdraw(&mut conn, &withdrawal(a, "2.00", "bad")).unwrap().id).unwrap();
+    let healthy = withdrawals::withdraw(&mut conn, &withdrawal(a, "1.00", "ok")).unwrap().id;
+    let broken = withdrawals::withdraw(&mut conn, &withdrawal(a, "2.00", "bad")).unwrap().id;
     // Data a settlement cannot accept: the broken payout's withdrawal is no longer paying out.
     diesel::RunQueryDsl::execute(
         diesel::sql_query(format!("UPDATE withdrawals SET status = 'completed' WHERE id = {broken}")),
@@ -398,9 +390,9 @@ fn a_verdict_that_cannot_be_recorded_fails_alone_and_the_rest_of_the_batch_is_re
     assert_eq!(recorded[0], Recorded::Settled);
     assert!(matches!(&recorded[1], Recorded::Unrecordable { error } if error.contains("inconsistent")), "{recorded:?}");
     let ok = payouts::for_withdrawal(&mut conn, healthy).unwrap().unwrap();
-    assert_eq!((ok.status(), ok.gateway_reference.as_deref()), (PayoutStatus::Settled, Some("ref-1")));
+    assert_eq!((ok.status, ok.gateway_reference.as_deref()), (PayoutStatus::Settled, Some("ref-1")));
     let bad = payouts::for_withdrawal(&mut conn, broken).unwrap().unwrap();
-    assert_eq!(bad.status(), PayoutStatus::Failed, "for an operator, not claimed and failing forever");
+    assert_eq!(bad.status, PayoutStatus::Failed, "for an operator, not claimed and failing forever");
     assert!(bad.last_error.unwrap().contains("could not record"));
 }
 
@@ -546,16 +538,13 @@ fn payouts_settled_together_share_one_entry_and_the_audit_pairs_it_with_their_su
     let ws: Vec<WithdrawalId> = ["1.00", "2.50", "4.00"]
         .iter()
         .enumerate()
-        .map(|(i, amt)| {
-            WithdrawalId::new(withdrawals::withdraw(&mut conn, &withdrawal(a, amt, &format!("sum{i}"))).unwrap().id)
-                .unwrap()
-        })
+        .map(|(i, amt)| withdrawals::withdraw(&mut conn, &withdrawal(a, amt, &format!("sum{i}"))).unwrap().id)
         .collect();
     let claim = payouts::claim_due(&mut conn, 100, 60_000).unwrap();
     let verdicts: Vec<_> = claim.requests.iter().map(|r| (r.clone(), Verdict::Paid { reference: None })).collect();
     let recorded = payouts::record_all(&mut conn, &verdicts, &RetryPolicy::default()).unwrap();
     assert_eq!(recorded, vec![Recorded::Settled; 3]);
-    let entries: std::collections::BTreeSet<Option<i64>> =
+    let entries: std::collections::BTreeSet<Option<ledger_core::EntryId>> =
         ws.iter().map(|w| payouts::for_withdrawal(&mut conn, *w).unwrap().unwrap().resolution_entry_id).collect();
     assert_eq!(entries.len(), 1, "one settlement entry for the batch: {entries:?}");
     assert_eq!(system_balance(&mut conn, SystemRole::ExternalSettlement), 750, "the entry moves their sum");
@@ -578,10 +567,10 @@ fn payouts_settled_together_share_one_entry_and_the_audit_pairs_it_with_their_su
             _ => None,
         })
         .collect();
-    assert_eq!(mismatched, vec![other, entry], "{:?}", report.violations);
+    assert_eq!(mismatched, vec![other.get(), entry.get()], "{:?}", report.violations);
     let p = payouts::for_withdrawal(&mut conn, ws[2]).unwrap().unwrap();
     assert!(
-        report.violations.contains(&ledger_core::audit::Violation::PayoutResolutionWrong { payout: p.id }),
+        report.violations.contains(&ledger_core::audit::Violation::PayoutResolutionWrong { payout: p.id.get() }),
         "a settled payout must name a settlement entry: {:?}",
         report.violations
     );

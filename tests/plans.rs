@@ -82,6 +82,49 @@ fn a_batch_reads_its_own_rows_not_the_backlog_even_with_stale_statistics() {
     assert_eq!(read.seq, 0, "no sequential scan of withdrawals");
 }
 
+/// The claimer's sweep for due jobs reads the pending partial index, not the history:
+/// its plan is generic inside `with_batch_plans`, so the status must be in its text.
+#[testing::test]
+fn the_sweep_for_due_jobs_reads_the_pending_jobs_not_every_withdrawal_ever_made() {
+    const HISTORY: i64 = 5_000;
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let account = testing::funded_account(&mut conn, "sweep", Currency::EUR, "1000.00");
+    let old = backlog(&mut conn, account.get(), HISTORY);
+    // On another connection: a backend's table counters (read below) keep what its
+    // earlier transactions did until they are flushed, and this update reads them all.
+    diesel::sql_query(
+        "UPDATE withdrawals SET status = 'rejected', reason = 'history', finished_at = now() WHERE id <= $1",
+    )
+    .bind::<BigInt, _>(old.last().unwrap().get())
+    .execute(&mut db.conn())
+    .unwrap();
+    let pending: Vec<i64> = (0..3)
+        .map(|i| {
+            withdrawals::request(&mut conn, &common::withdrawal(account, "0.01", &format!("due-{i}"))).unwrap().0.get()
+        })
+        .collect();
+    diesel::sql_query("VACUUM ANALYZE withdrawals").execute(&mut conn).unwrap();
+    let (claimed, read) = ledger_core::tx::transaction(&mut conn, &TxOptions::default(), |tx| {
+        let mut claimed = vec![];
+        // Several times: a cached plan is reused from the second call on.
+        for _ in 0..6 {
+            claimed = withdrawals::claim_due(tx.conn(), 100, &[])?;
+        }
+        Ok::<_, ledger_core::LedgerError>((claimed, reads(tx.conn(), "withdrawals")))
+    })
+    .unwrap();
+    let claimed: Vec<i64> = claimed.iter().map(|(w, _)| w.get()).collect();
+    assert_eq!(claimed, pending);
+    assert!(
+        read.seq + read.idx <= 6 * 3 * 2,
+        "six sweeps over 3 pending jobs read {} rows by sequential scans and {} by index scans \
+         (a history of {HISTORY})",
+        read.seq,
+        read.idx
+    );
+}
+
 #[derive(QueryableByName, Debug, PartialEq, Eq)]
 struct Settings {
     #[diesel(sql_type = Text)]

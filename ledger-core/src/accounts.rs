@@ -11,20 +11,23 @@ use crate::money::{Amount, Currency};
 use crate::schema::accounts;
 use crate::tx::{LockSet, Tx, TxOptions};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
+#[diesel(sql_type = diesel::sql_types::Text)]
 pub enum AccountKind {
     Customer,
     System,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
+#[diesel(sql_type = diesel::sql_types::Text)]
 pub enum AccountStatus {
     Open,
     Closed,
 }
 
 /// The system accounts money flows through, one of each per currency.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
+#[diesel(sql_type = diesel::sql_types::Text)]
 pub enum SystemRole {
     /// Where deposits come from: its balance is minus what the outside world paid in.
     ExternalFunding,
@@ -34,26 +37,32 @@ pub enum SystemRole {
     ExternalSettlement,
 }
 
-impl SystemRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SystemRole::ExternalFunding => "external_funding",
-            SystemRole::PayoutsInTransit => "payouts_in_transit",
-            SystemRole::ExternalSettlement => "external_settlement",
-        }
-    }
-}
+crate::text_column!(SystemRole {
+    ExternalFunding => "external_funding",
+    PayoutsInTransit => "payouts_in_transit",
+    ExternalSettlement => "external_settlement",
+});
+
+crate::text_column!(AccountKind {
+    Customer => "customer",
+    System => "system",
+});
+
+crate::text_column!(AccountStatus {
+    Open => "open",
+    Closed => "closed",
+});
 
 #[derive(Queryable, Selectable, Debug, Clone)]
 #[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg))]
 struct AccountRow {
-    id: i64,
+    id: AccountId,
     owner: String,
-    currency: String,
-    kind: String,
+    currency: Currency,
+    kind: AccountKind,
     balance_minor: Option<i64>,
     overdraft_limit_minor: i64,
-    status: String,
+    status: AccountStatus,
 }
 
 /// An account as stored. For system accounts `balance_minor` is computed from postings.
@@ -109,19 +118,14 @@ impl Account {
 impl TryFrom<AccountRow> for Account {
     type Error = LedgerError;
     fn try_from(row: AccountRow) -> Result<Self, LedgerError> {
-        let id = AccountId::from_db(row.id);
-        let kind = match row.kind.as_str() {
-            "customer" => AccountKind::Customer,
-            _ => AccountKind::System,
-        };
         Ok(Account {
-            id,
+            id: row.id,
             owner: row.owner,
-            currency: Currency::from_code(&row.currency)?,
-            kind,
+            currency: row.currency,
+            kind: row.kind,
             balance_minor: row.balance_minor.unwrap_or(0),
             overdraft_limit_minor: row.overdraft_limit_minor,
-            status: if row.status == "open" { AccountStatus::Open } else { AccountStatus::Closed },
+            status: row.status,
         })
     }
 }
@@ -230,7 +234,7 @@ pub fn open_tx(tx: &mut Tx<'_>, new: &NewAccount, key: Option<&IdempotencyKey>) 
         .returning(AccountRow::as_returning())
         .get_result(tx.conn())?;
     if let Some(key) = key {
-        idempotency::finish(tx, key, row.id)?;
+        idempotency::finish(tx, key, row.id.get())?;
     }
     Account::try_from(row)
 }
@@ -341,7 +345,7 @@ pub fn lock_all(tx: &mut Tx<'_>, set: &LockSet) -> Result<Vec<Result<LockedAccou
     let mut rows = rows.into_iter().peekable();
     let mut out = Vec::with_capacity(ids.len());
     for id in set.ids() {
-        match rows.next_if(|r| r.id == id.get()) {
+        match rows.next_if(|r| r.id == id) {
             Some(row) => out.push(locked(row)),
             None => out.push(Err(LedgerError::UnknownAccount(id))),
         }

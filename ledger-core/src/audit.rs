@@ -13,7 +13,7 @@ use std::fmt;
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::sql_types::{BigInt, Text};
 
 use crate::error::LedgerError;
 
@@ -109,22 +109,82 @@ impl fmt::Display for AuditReport {
     }
 }
 
+// One named row type per shape of check, its fields named as the SQL names its columns.
+
 #[derive(QueryableByName)]
-struct Row {
+struct Counts {
     #[diesel(sql_type = BigInt)]
-    a: i64,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    b: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    c: Option<i64>,
-    #[diesel(sql_type = Nullable<Text>)]
-    t: Option<String>,
+    entries: i64,
+    #[diesel(sql_type = BigInt)]
+    postings: i64,
+    #[diesel(sql_type = BigInt)]
+    accounts: i64,
+}
+
+#[derive(QueryableByName)]
+struct EntrySum {
+    #[diesel(sql_type = BigInt)]
+    entry: i64,
+    #[diesel(sql_type = Text)]
+    currency: String,
+    #[diesel(sql_type = BigInt)]
+    sum_minor: i64,
+}
+
+#[derive(QueryableByName)]
+struct EntryPostings {
+    #[diesel(sql_type = BigInt)]
+    entry: i64,
+    #[diesel(sql_type = BigInt)]
+    postings: i64,
+}
+
+/// A stored figure beside the one it should equal (a balance and its postings' sum, a
+/// running balance and its recomputation, a balance and its floor).
+#[derive(QueryableByName)]
+struct StoredVsExpected {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = BigInt)]
+    stored_minor: i64,
+    #[diesel(sql_type = BigInt)]
+    expected_minor: i64,
+}
+
+/// A system account's holdings in a currency beside the payouts that should match them.
+#[derive(QueryableByName)]
+struct CurrencyTotals {
+    #[diesel(sql_type = Text)]
+    currency: String,
+    #[diesel(sql_type = BigInt)]
+    held_minor: i64,
+    #[diesel(sql_type = BigInt)]
+    payouts_minor: i64,
+}
+
+#[derive(QueryableByName)]
+struct OneId {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+#[derive(QueryableByName)]
+struct States {
+    #[diesel(sql_type = BigInt)]
+    withdrawal: i64,
+    #[diesel(sql_type = Text)]
+    withdrawal_status: String,
+    #[diesel(sql_type = Text)]
+    payout_status: String,
 }
 
 /// Most violations of each kind reported; the count is what matters past that.
 const MAX_REPORTED: i64 = 100;
 
-fn rows(conn: &mut PgConnection, sql: &str) -> Result<Vec<Row>, LedgerError> {
+fn rows<R: QueryableByName<diesel::pg::Pg> + 'static>(
+    conn: &mut PgConnection,
+    sql: &str,
+) -> Result<Vec<R>, LedgerError> {
     Ok(diesel::sql_query(format!("{sql} LIMIT {MAX_REPORTED}")).load(conn)?)
 }
 
@@ -162,73 +222,69 @@ fn checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
 
 fn run_checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
     let mut report = AuditReport::default();
-    let counts = &rows(
-        conn,
-        "SELECT (SELECT count(*) FROM journal_entries) AS a, (SELECT count(*) FROM postings) AS b,
-                (SELECT count(*) FROM accounts) AS c, NULL::text AS t",
-    )?[0];
-    report.entries = counts.a;
-    report.postings = counts.b.unwrap_or(0);
-    report.accounts = counts.c.unwrap_or(0);
+    let counts: Counts = diesel::sql_query(
+        "SELECT (SELECT count(*) FROM journal_entries) AS entries, (SELECT count(*) FROM postings) AS postings,
+                (SELECT count(*) FROM accounts) AS accounts",
+    )
+    .get_result(conn)?;
+    report.entries = counts.entries;
+    report.postings = counts.postings;
+    report.accounts = counts.accounts;
     let v = &mut report.violations;
 
-    for r in rows(
+    for r in rows::<EntrySum>(
         conn,
-        "SELECT entry_id AS a, SUM(amount_minor)::bigint AS b, NULL::bigint AS c, currency AS t
+        "SELECT entry_id AS entry, currency, SUM(amount_minor)::bigint AS sum_minor
          FROM postings GROUP BY entry_id, currency HAVING SUM(amount_minor) <> 0 ORDER BY entry_id",
     )? {
-        v.push(Violation::UnbalancedEntry {
-            entry: r.a,
-            currency: r.t.unwrap_or_default(),
-            sum_minor: r.b.unwrap_or(0),
-        });
+        v.push(Violation::UnbalancedEntry { entry: r.entry, currency: r.currency, sum_minor: r.sum_minor });
     }
-    for r in rows(
+    for r in rows::<EntryPostings>(
         conn,
-        "SELECT e.id AS a, COUNT(p.id) AS b, NULL::bigint AS c, NULL::text AS t
+        "SELECT e.id AS entry, COUNT(p.id) AS postings
          FROM journal_entries e LEFT JOIN postings p ON p.entry_id = e.id
          GROUP BY e.id HAVING COUNT(p.id) < 2 ORDER BY e.id",
     )? {
-        v.push(Violation::TooFewPostings { entry: r.a, postings: r.b.unwrap_or(0) });
+        v.push(Violation::TooFewPostings { entry: r.entry, postings: r.postings });
     }
-    for r in rows(
+    for r in rows::<StoredVsExpected>(
         conn,
-        "SELECT a.id AS a, a.balance_minor AS b, COALESCE(s.total, 0)::bigint AS c, NULL::text AS t
+        "SELECT a.id, a.balance_minor AS stored_minor, COALESCE(s.total, 0)::bigint AS expected_minor
          FROM accounts a
          LEFT JOIN (SELECT account_id, SUM(amount_minor) AS total FROM postings GROUP BY account_id) s
                 ON s.account_id = a.id
          WHERE a.kind = 'customer' AND a.balance_minor <> COALESCE(s.total, 0) ORDER BY a.id",
     )? {
         v.push(Violation::BalanceMismatch {
-            account: r.a,
-            stored_minor: r.b.unwrap_or(0),
-            postings_sum_minor: r.c.unwrap_or(0),
+            account: r.id,
+            stored_minor: r.stored_minor,
+            postings_sum_minor: r.expected_minor,
         });
     }
-    for r in rows(
+    for r in rows::<StoredVsExpected>(
         conn,
-        "SELECT id AS a, balance_after_minor AS b, running::bigint AS c, NULL::text AS t FROM (
+        "SELECT id, balance_after_minor AS stored_minor, running::bigint AS expected_minor FROM (
              SELECT id, balance_after_minor,
                     SUM(amount_minor) OVER (PARTITION BY account_id ORDER BY id) AS running
              FROM postings) p
          WHERE balance_after_minor IS NOT NULL AND balance_after_minor <> running ORDER BY id",
     )? {
         v.push(Violation::RunningBalanceWrong {
-            posting: r.a,
-            stored_minor: r.b.unwrap_or(0),
-            expected_minor: r.c.unwrap_or(0),
+            posting: r.id,
+            stored_minor: r.stored_minor,
+            expected_minor: r.expected_minor,
         });
     }
-    for r in rows(
+    for r in rows::<StoredVsExpected>(
         conn,
-        "SELECT id AS a, balance_minor AS b, -overdraft_limit_minor AS c, NULL::text AS t
+        "SELECT id, balance_minor AS stored_minor, -overdraft_limit_minor AS expected_minor
          FROM accounts WHERE kind = 'customer' AND balance_minor < -overdraft_limit_minor ORDER BY id",
     )? {
-        v.push(Violation::BelowFloor { account: r.a, balance_minor: r.b.unwrap_or(0), floor_minor: r.c.unwrap_or(0) });
+        v.push(Violation::BelowFloor { account: r.id, balance_minor: r.stored_minor, floor_minor: r.expected_minor });
     }
-    for r in rows(
+    for r in rows::<CurrencyTotals>(
         conn,
-        "SELECT 0::bigint AS a, t.held::bigint AS b, COALESCE(o.open, 0)::bigint AS c, t.currency AS t FROM (
+        "SELECT t.currency, t.held::bigint AS held_minor, COALESCE(o.open, 0)::bigint AS payouts_minor FROM (
              SELECT a.currency, COALESCE(SUM(p.amount_minor), 0) AS held
              FROM accounts a LEFT JOIN postings p ON p.account_id = a.id
              WHERE a.system_role = 'payouts_in_transit' GROUP BY a.currency) t
@@ -238,25 +294,25 @@ fn run_checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
          WHERE t.held <> COALESCE(o.open, 0) ORDER BY t.currency",
     )? {
         v.push(Violation::InTransitMismatch {
-            currency: r.t.unwrap_or_default(),
-            in_transit_minor: r.b.unwrap_or(0),
-            open_payouts_minor: r.c.unwrap_or(0),
+            currency: r.currency,
+            in_transit_minor: r.held_minor,
+            open_payouts_minor: r.payouts_minor,
         });
     }
-    for r in rows(
+    for r in rows::<OneId>(
         conn,
-        "SELECT w.id AS a, NULL::bigint AS b, NULL::bigint AS c, NULL::text AS t
+        "SELECT w.id
          FROM withdrawals w
          LEFT JOIN (SELECT withdrawal_id, COUNT(*) AS n FROM payouts GROUP BY withdrawal_id) pc
                 ON pc.withdrawal_id = w.id
          WHERE w.status IN ('paying_out', 'completed', 'returned') AND COALESCE(pc.n, 0) <> 1
          ORDER BY w.id",
     )? {
-        v.push(Violation::WithdrawalWithoutPayout { withdrawal: r.a });
+        v.push(Violation::WithdrawalWithoutPayout { withdrawal: r.id });
     }
-    for r in rows(
+    for r in rows::<CurrencyTotals>(
         conn,
-        "SELECT 0::bigint AS a, t.held::bigint AS b, COALESCE(o.settled, 0)::bigint AS c, t.currency AS t FROM (
+        "SELECT t.currency, t.held::bigint AS held_minor, COALESCE(o.settled, 0)::bigint AS payouts_minor FROM (
              SELECT a.currency, COALESCE(SUM(p.amount_minor), 0) AS held
              FROM accounts a LEFT JOIN postings p ON p.account_id = a.id
              WHERE a.system_role = 'external_settlement' GROUP BY a.currency) t
@@ -266,42 +322,40 @@ fn run_checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
          WHERE t.held <> COALESCE(o.settled, 0) ORDER BY t.currency",
     )? {
         v.push(Violation::SettlementMismatch {
-            currency: r.t.unwrap_or_default(),
-            settled_minor: r.b.unwrap_or(0),
-            settled_payouts_minor: r.c.unwrap_or(0),
+            currency: r.currency,
+            settled_minor: r.held_minor,
+            settled_payouts_minor: r.payouts_minor,
         });
     }
-    for r in rows(
+    for r in rows::<States>(
         conn,
-        "SELECT w.id AS a, NULL::bigint AS b, NULL::bigint AS c, w.status || '/' || p.status AS t
+        "SELECT w.id AS withdrawal, w.status AS withdrawal_status, p.status AS payout_status
          FROM withdrawals w JOIN payouts p ON p.withdrawal_id = w.id
          WHERE NOT ((w.status = 'paying_out' AND p.status IN ('pending', 'failed'))
                  OR (w.status = 'completed' AND p.status = 'settled')
                  OR (w.status = 'returned' AND p.status = 'returned'))
          ORDER BY w.id",
     )? {
-        let t = r.t.unwrap_or_default();
-        let (w, p) = t.split_once('/').unwrap_or((&t, ""));
         v.push(Violation::PayoutStateMismatch {
-            withdrawal: r.a,
-            withdrawal_status: w.to_string(),
-            payout_status: p.to_string(),
+            withdrawal: r.withdrawal,
+            withdrawal_status: r.withdrawal_status,
+            payout_status: r.payout_status,
         });
     }
-    for r in rows(
+    for r in rows::<OneId>(
         conn,
-        "SELECT w.id AS a, NULL::bigint AS b, NULL::bigint AS c, NULL::text AS t
+        "SELECT w.id
          FROM withdrawals w
          LEFT JOIN postings p
                 ON p.entry_id = w.entry_id AND p.account_id = w.account_id AND p.amount_minor = -w.amount_minor
          WHERE w.entry_id IS NOT NULL AND p.id IS NULL
          ORDER BY w.id",
     )? {
-        v.push(Violation::WithdrawalEntryMismatch { withdrawal: r.a });
+        v.push(Violation::WithdrawalEntryMismatch { withdrawal: r.id });
     }
-    for r in rows(
+    for r in rows::<StoredVsExpected>(
         conn,
-        "SELECT e.id AS a, (-COALESCE(m.moved, 0))::bigint AS b, COALESCE(r.total, 0)::bigint AS c, NULL::text AS t
+        "SELECT e.id, (-COALESCE(m.moved, 0))::bigint AS stored_minor, COALESCE(r.total, 0)::bigint AS expected_minor
          FROM journal_entries e
          LEFT JOIN (SELECT p.entry_id, SUM(p.amount_minor) AS moved
                     FROM postings p JOIN accounts a ON a.id = p.account_id
@@ -316,14 +370,14 @@ fn run_checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
          ORDER BY e.id",
     )? {
         v.push(Violation::ResolutionMismatch {
-            entry: r.a,
-            moved_minor: r.b.unwrap_or(0),
-            payouts_minor: r.c.unwrap_or(0),
+            entry: r.id,
+            moved_minor: r.stored_minor,
+            payouts_minor: r.expected_minor,
         });
     }
-    for r in rows(
+    for r in rows::<OneId>(
         conn,
-        "SELECT p.id AS a, NULL::bigint AS b, NULL::bigint AS c, NULL::text AS t
+        "SELECT p.id
          FROM payouts p JOIN journal_entries e ON e.id = p.resolution_entry_id
          WHERE e.kind <> CASE p.status WHEN 'settled' THEN 'payout_settlement' ELSE 'payout_return' END
             OR NOT EXISTS (SELECT 1 FROM postings q JOIN accounts a ON a.id = q.account_id
@@ -331,7 +385,7 @@ fn run_checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
                              AND q.currency = p.currency AND q.amount_minor < 0)
          ORDER BY p.id",
     )? {
-        v.push(Violation::PayoutResolutionWrong { payout: r.a });
+        v.push(Violation::PayoutResolutionWrong { payout: r.id });
     }
     Ok(report)
 }

@@ -8,7 +8,8 @@ use crate::input::InvalidInput;
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
         pub struct $name(i64);
 
         impl $name {
@@ -28,6 +29,11 @@ macro_rules! id_type {
 
             pub fn get(self) -> i64 {
                 self.0
+            }
+
+            /// For the column mapping (`columns.rs`), which writes from a reference.
+            pub(crate) fn as_i64_ref(&self) -> &i64 {
+                &self.0
             }
         }
 

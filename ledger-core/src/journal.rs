@@ -9,7 +9,8 @@ use crate::money::Currency;
 use crate::schema::{journal_entries, postings};
 use crate::tx::Tx;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
+#[diesel(sql_type = diesel::sql_types::Text)]
 pub enum EntryKind {
     Deposit,
     Withdrawal,
@@ -18,17 +19,13 @@ pub enum EntryKind {
     PayoutReturn,
 }
 
-impl EntryKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EntryKind::Deposit => "deposit",
-            EntryKind::Withdrawal => "withdrawal",
-            EntryKind::Transfer => "transfer",
-            EntryKind::PayoutSettlement => "payout_settlement",
-            EntryKind::PayoutReturn => "payout_return",
-        }
-    }
-}
+crate::text_column!(EntryKind {
+    Deposit => "deposit",
+    Withdrawal => "withdrawal",
+    Transfer => "transfer",
+    PayoutSettlement => "payout_settlement",
+    PayoutReturn => "payout_return",
+});
 
 /// One leg of an entry. Positive `amount_minor` raises the account's balance.
 #[derive(Clone, Debug)]
@@ -79,8 +76,8 @@ pub fn post(
 #[derive(Clone, Debug, PartialEq, Eq, Queryable)]
 pub struct StatementLine {
     pub posting_id: i64,
-    pub entry_id: i64,
-    pub kind: String,
+    pub entry_id: EntryId,
+    pub kind: EntryKind,
     pub reference: Option<String>,
     pub amount_minor: i64,
     /// The running balance after this line.
@@ -92,7 +89,7 @@ pub struct StatementLine {
 /// system account it is computed.
 pub fn statement(conn: &mut PgConnection, account: AccountId, limit: i64) -> Result<Vec<StatementLine>, LedgerError> {
     assert!(limit > 0, "a statement needs a positive limit");
-    type Row = (i64, i64, String, Option<String>, i64, Option<i64>);
+    type Row = (i64, EntryId, EntryKind, Option<String>, i64, Option<i64>);
     let rows: Vec<Row> = postings::table
         .inner_join(journal_entries::table)
         .filter(postings::account_id.eq(account.get()))

@@ -14,7 +14,9 @@
 //! - Values: [`money`] (amounts, currencies), [`ids`], [`input`] (bad input, refused
 //!   before the database is touched).
 //! - Storage primitives: [`db`] (pools, sessions), [`tx`] (transactions, savepoints,
-//!   ordered lock sets, batch plans), [`accounts`], [`journal`], [`idempotency`].
+//!   ordered lock sets, batch plans), [`columns`] (how ids, currencies and status enums
+//!   are stored), `prepared` (statements kept prepared), [`accounts`], [`journal`],
+//!   [`idempotency`].
 //! - Movements: [`deposits`], [`transfers`], [`withdrawals`]. A withdrawal is decided in
 //!   one place, [`withdrawals::decide`]; the batch path and the single path both call it.
 //! - Payouts: [`outbox`] (phase 1, written with the debit), [`payouts`] (phase 2: what a
@@ -27,6 +29,7 @@
 
 pub mod accounts;
 pub mod audit;
+pub mod columns;
 pub mod db;
 pub mod deposits;
 pub mod dispatcher;

@@ -41,7 +41,10 @@ pub const SUPPORTED_CURRENCIES: &[(&str, u8)] = &[
 ];
 
 /// An ISO 4217 currency the ledger supports. Copyable, compared by code.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow,
+)]
+#[diesel(sql_type = diesel::sql_types::Text)]
 pub struct Currency {
     code: [u8; 3],
     minor_units: u8,

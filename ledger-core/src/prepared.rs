@@ -87,6 +87,12 @@ impl<S: StaticSql, C> RunQueryDsl<C> for Prepared<'_, S> {}
 impl<S: StaticSql> QueryFragment<Pg> for Prepared<'_, S> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         debug_assert!(quotes_are_plain(S::SQL), "a quoted `$` or `--` in a prepared statement:\n{}", S::SQL);
+        debug_assert!(
+            (1..=self.binds.len()).all(|n| pieces(S::SQL).contains(&Piece::Param(n))),
+            "{} value(s) bound, but not every one is used by:\n{}",
+            self.binds.len(),
+            S::SQL
+        );
         // Diesel numbers placeholders as they are pushed, so each `$n` of the text
         // becomes the n-th bind pushed again (a parameter used twice is sent twice).
         for piece in pieces(S::SQL) {

@@ -119,7 +119,10 @@ impl<'c> Tx<'c> {
 ///
 /// Statements kept prepared ([`crate::prepared`]) reuse one generic plan inside `f`
 /// (`plan_cache_mode = force_generic_plan`): with these settings it is the same probes
-/// by id a custom plan would be, without planning each call.
+/// by id a custom plan would be, without planning each call. A statement inside `f`
+/// that needs a partial index must write the index's predicate as a literal (`status =
+/// 'pending'`), never as a bound value: a generic plan cannot prove a parameter equal to
+/// it (`withdrawals::claim_due`; `tests/plans.rs` checks).
 ///
 /// If `f` panics, the settings stay changed until the transaction ends (rolling it
 /// back, as a panic should, ends them).

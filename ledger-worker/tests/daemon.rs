@@ -177,7 +177,7 @@ fn a_panicking_job_is_failed_and_its_worker_replaced_while_the_rest_complete() {
     .unwrap();
     wait_for(Duration::from_secs(30), "all jobs to finish", || pending(&mut conn) == 0);
     let w = status_of(&mut conn, poison);
-    assert_eq!(w.status(), WithdrawalStatus::Failed);
+    assert_eq!(w.status, WithdrawalStatus::Failed);
     assert!(w.reason.as_deref().unwrap_or("").contains("worker panicked"), "{w:?}");
     assert_eq!(common::count(&mut conn, "SELECT count(*) AS n FROM withdrawals WHERE status = 'paying_out'"), 199);
     wait_for(Duration::from_secs(10), "the panicked worker to be replaced", || {
@@ -187,7 +187,7 @@ fn a_panicking_job_is_failed_and_its_worker_replaced_while_the_rest_complete() {
     // The replaced worker keeps serving new jobs.
     let (_, more) = seed(&mut conn, 1, "100.00", 3);
     wait_for(Duration::from_secs(30), "new jobs after the panic", || {
-        more.iter().all(|id| status_of(&mut conn, *id).status() != WithdrawalStatus::Pending)
+        more.iter().all(|id| status_of(&mut conn, *id).status != WithdrawalStatus::Pending)
     });
     pool.shutdown();
     assert_exactly_once(&mut conn);
@@ -209,7 +209,7 @@ fn a_job_that_keeps_failing_ends_failed_with_its_last_error_after_bounded_attemp
     wait_for(Duration::from_secs(30), "the stuck job to give up", || pending(&mut conn) == 0);
     pool.shutdown();
     let w = status_of(&mut conn, stuck);
-    assert_eq!(w.status(), WithdrawalStatus::Failed);
+    assert_eq!(w.status, WithdrawalStatus::Failed);
     assert_eq!(w.attempts, 3);
     assert_eq!(w.last_error.as_deref(), Some("gateway table unavailable"));
     assert!(w.reason.unwrap().starts_with("gave up after 3 attempts"));
@@ -240,9 +240,9 @@ fn an_embedding_service_feeds_jobs_it_committed_itself_through_the_channel() {
     let not_submitted = withdrawals::request(&mut conn, &request("svc-2")).unwrap().0;
     pool.submit(submitted, Duration::from_secs(5)).unwrap();
     wait_for(Duration::from_secs(30), "the submitted job", || {
-        status_of(&mut conn, submitted).status() == WithdrawalStatus::PayingOut
+        status_of(&mut conn, submitted).status == WithdrawalStatus::PayingOut
     });
-    assert_eq!(status_of(&mut conn, not_submitted).status(), WithdrawalStatus::Pending);
+    assert_eq!(status_of(&mut conn, not_submitted).status, WithdrawalStatus::Pending);
     pool.shutdown();
     assert_eq!(accounts::get(&mut conn, accounts_[0]).unwrap().balance_minor, 9_000);
 }
@@ -268,7 +268,7 @@ fn a_new_job_wakes_an_idle_daemon_through_notify_not_the_poll() {
     )
     .unwrap();
     wait_for(Duration::from_secs(20), "the job to complete", || {
-        status_of(&mut conn, id).status() == WithdrawalStatus::PayingOut
+        status_of(&mut conn, id).status == WithdrawalStatus::PayingOut
     });
     eprintln!("enqueue -> debited with an idle daemon: {:?}", started.elapsed());
     pool.shutdown();
@@ -303,7 +303,7 @@ fn a_locked_account_makes_jobs_wait_and_retry_not_fail() {
         pool.shutdown();
     });
     for id in jobs {
-        assert_eq!(status_of(&mut conn, id).status(), WithdrawalStatus::PayingOut);
+        assert_eq!(status_of(&mut conn, id).status, WithdrawalStatus::PayingOut);
     }
     assert_exactly_once(&mut conn);
 }

@@ -58,7 +58,8 @@ use {
     record::{set_withdrawal, settle_all, system},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
+#[diesel(sql_type = diesel::sql_types::Text)]
 pub enum PayoutStatus {
     Pending,
     Settled,
@@ -66,34 +67,24 @@ pub enum PayoutStatus {
     Failed,
 }
 
-impl PayoutStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PayoutStatus::Pending => "pending",
-            PayoutStatus::Settled => "settled",
-            PayoutStatus::Returned => "returned",
-            PayoutStatus::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<PayoutStatus> {
-        [PayoutStatus::Pending, PayoutStatus::Settled, PayoutStatus::Returned, PayoutStatus::Failed]
-            .into_iter()
-            .find(|p| p.as_str() == s)
-    }
-}
+crate::text_column!(PayoutStatus {
+    Pending => "pending",
+    Settled => "settled",
+    Returned => "returned",
+    Failed => "failed",
+});
 
 #[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = payouts, check_for_backend(diesel::pg::Pg))]
 pub struct Payout {
-    pub id: i64,
-    pub withdrawal_id: i64,
-    pub account_id: i64,
-    pub currency: String,
+    pub id: PayoutId,
+    pub withdrawal_id: WithdrawalId,
+    pub account_id: AccountId,
+    pub currency: Currency,
     pub amount_minor: i64,
     pub destination: String,
     pub idempotency_key: String,
-    pub status: String,
+    pub status: PayoutStatus,
     pub attempts: i32,
     pub last_error: Option<String>,
     pub gateway_reference: Option<String>,
@@ -105,13 +96,7 @@ pub struct Payout {
     pub forced_return_reason: Option<String>,
     /// The entry that settled or returned it. Payouts settled in one recording
     /// transaction share one settlement entry (per currency), which moves their sum.
-    pub resolution_entry_id: Option<i64>,
-}
-
-impl Payout {
-    pub fn status(&self) -> PayoutStatus {
-        PayoutStatus::parse(&self.status).expect("the status CHECK constraint limits the values")
-    }
+    pub resolution_entry_id: Option<EntryId>,
 }
 
 /// This ledger's instance id (random, made once by `migrate`); part of every new

@@ -11,11 +11,11 @@ pub(super) fn return_tx(
     reason: &str,
     forced: Option<&str>,
 ) -> Result<EntryId, LedgerError> {
-    let currency = Currency::from_code(&payout.currency)?;
+    let currency = payout.currency;
     let amount = Amount::from_minor(payout.amount_minor)?;
     let in_transit = system(tx, SystemRole::PayoutsInTransit, currency)?;
     // A returned payout goes back even to a closed account: the money is the customer's.
-    let customer = accounts::lock_even_if_closed(tx, AccountId::from_db(payout.account_id))?;
+    let customer = accounts::lock_even_if_closed(tx, payout.account_id)?;
     let after = customer.balance_after_credit(amount)?;
     let entry_ref = format!("payout:{}", payout.id);
     let entry = journal::post(
@@ -40,7 +40,12 @@ pub(super) fn return_tx(
             payouts::updated_at.eq(diesel::dsl::now),
         ))
         .execute(tx.conn())?;
-    set_withdrawal(tx, payout.withdrawal_id, WithdrawalStatus::Returned, Some(&format!("payout returned: {reason}")))?;
+    set_withdrawal(
+        tx,
+        payout.withdrawal_id.get(),
+        WithdrawalStatus::Returned,
+        Some(&format!("payout returned: {reason}")),
+    )?;
     Ok(entry)
 }
 
@@ -95,7 +100,7 @@ pub fn return_failed(
     authority: ReturnAuthority<'_>,
 ) -> Result<ReturnResult, LedgerError> {
     let before = get(conn, id)?;
-    if before.status() != PayoutStatus::Failed {
+    if before.status != PayoutStatus::Failed {
         return Err(not_failed_err(id, &format!("is {}", before.status)));
     }
     // Its last call may still be at work in the gateway until the claim's lease ends:
@@ -142,7 +147,7 @@ pub fn return_failed(
             .first(tx.conn())
             .optional()?
             .ok_or_else(|| not_failed_err(id, "does not exist"))?;
-        if payout.status() != PayoutStatus::Failed {
+        if payout.status != PayoutStatus::Failed {
             return Err(not_failed_err(id, &format!("is {}", payout.status)));
         }
         // Claimed again since the lookup (an operator's retry, a dispatcher's call): the
@@ -168,13 +173,13 @@ pub fn return_failed(
 
 /// The request a stored payout stands for (for a lookup outside a claim).
 fn request_of(p: &Payout) -> Result<PayoutRequest, LedgerError> {
-    let currency = Currency::from_code(&p.currency)?;
+    let currency = p.currency;
     Ok(PayoutRequest {
-        payout: PayoutId::from_db(p.id),
-        withdrawal: WithdrawalId::from_db(p.withdrawal_id),
+        payout: p.id,
+        withdrawal: p.withdrawal_id,
         amount_minor: p.amount_minor,
         amount: currency.format_minor(p.amount_minor),
-        currency: p.currency.clone(),
+        currency: p.currency.code().to_string(),
         destination: p.destination.clone(),
         idempotency_key: p.idempotency_key.clone(),
         attempt: p.attempts,

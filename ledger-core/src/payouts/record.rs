@@ -183,15 +183,15 @@ fn record_all_planned(
         .select(Payout::as_select())
         .for_no_key_update()
         .load(tx.conn())?;
-    let current: HashMap<i64, Payout> = current.into_iter().map(|p| (p.id, p)).collect();
+    let current: HashMap<PayoutId, Payout> = current.into_iter().map(|p| (p.id, p)).collect();
     let mut results = vec![Recorded::Superseded; verdicts.len()];
     let mut paid = Vec::new();
     let mut refused = Vec::new();
     let mut unknown = Vec::new();
     let mut released = Vec::new();
     for (i, (request, verdict)) in verdicts.iter().enumerate() {
-        let Some(p) = current.get(&request.payout.get()) else { continue };
-        if p.status() != PayoutStatus::Pending || p.claim_token != Some(request.token) {
+        let Some(p) = current.get(&request.payout) else { continue };
+        if p.status != PayoutStatus::Pending || p.claim_token != Some(request.token) {
             continue; // superseded: a newer claim (or an operator) owns it now
         }
         match verdict {
@@ -315,9 +315,9 @@ pub(super) fn settle_all(tx: &mut Tx<'_>, paid: &[(usize, &Payout, Option<&str>)
         #[diesel(sql_type = BigInt)]
         withdrawals: i64,
     }
-    let ids: Vec<i64> = paid.iter().map(|(_, p, _)| p.id).collect();
+    let ids: Vec<i64> = paid.iter().map(|(_, p, _)| p.id.get()).collect();
     let references: Vec<Option<String>> = paid.iter().map(|(_, _, r)| r.map(|r| stored_text(r, 200))).collect();
-    let currencies: std::collections::BTreeSet<&str> = paid.iter().map(|(_, p, _)| p.currency.as_str()).collect();
+    let currencies: std::collections::BTreeSet<&str> = paid.iter().map(|(_, p, _)| p.currency.code()).collect();
     let done: Settled = Prepared::<SettleAll>::new()
         .bind::<Array<BigInt>, _>(&ids)
         .bind::<Array<Nullable<Text>>, _>(&references)

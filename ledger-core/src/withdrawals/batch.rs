@@ -118,10 +118,10 @@ fn process_batch_planned(
         .for_update()
         .skip_locked()
         .load(tx.conn())?;
-    assert!(jobs.iter().all(|(job, _, _)| job.status() == WithdrawalStatus::Pending), "only pending jobs are locked");
-    let lock_set: tx::LockSet = jobs.iter().map(|(j, _, _)| AccountId::from_db(j.account_id)).collect();
-    let locked: HashMap<i64, Result<accounts::LockedAccount, LedgerError>> =
-        lock_set.ids().map(AccountId::get).zip(accounts::lock_all(tx, &lock_set)?).collect();
+    assert!(jobs.iter().all(|(job, _, _)| job.status == WithdrawalStatus::Pending), "only pending jobs are locked");
+    let lock_set: tx::LockSet = jobs.iter().map(|(j, _, _)| j.account_id).collect();
+    let locked: HashMap<AccountId, Result<accounts::LockedAccount, LedgerError>> =
+        lock_set.ids().zip(accounts::lock_all(tx, &lock_set)?).collect();
     let plan = plan_batch(&jobs, &locked);
     // Fast path: the whole batch in a handful of set-based statements (round trips per
     // batch, not per job). Anything unexpected rolls that savepoint back and the batch
@@ -157,9 +157,9 @@ enum Planned {
 /// account's balance as earlier jobs of the batch debit it.
 fn plan_batch(
     jobs: &[LockedJob],
-    locked: &std::collections::HashMap<i64, Result<accounts::LockedAccount, LedgerError>>,
+    locked: &std::collections::HashMap<AccountId, Result<accounts::LockedAccount, LedgerError>>,
 ) -> Vec<Planned> {
-    let mut balances: std::collections::HashMap<i64, accounts::LockedAccount> =
+    let mut balances: std::collections::HashMap<AccountId, accounts::LockedAccount> =
         locked.iter().filter_map(|(id, a)| a.as_ref().ok().map(|a| (*id, a.clone()))).collect();
     jobs.iter()
         .map(|(job, _, in_transit)| {
@@ -167,7 +167,7 @@ fn plan_batch(
                 Err(e) => Err(rebuild_refusal(e)),
                 Ok(_) => Ok(balances.get(&job.account_id).expect("locked accounts are tracked").account()),
             };
-            match decide(&job.currency, job.amount_minor, account) {
+            match decide(job.currency, job.amount_minor, account) {
                 Decision::Debit { after_minor, .. } => {
                     balances.get_mut(&job.account_id).expect("a debited account is locked").note_balance(after_minor);
                     let in_transit = in_transit.expect("every supported currency has an in-transit account");
@@ -229,17 +229,17 @@ fn write_plan(
     for ((job, _, _), decision) in jobs.iter().zip(plan) {
         match decision {
             Planned::Debit { after_minor, in_transit } => {
-                d_wid.push(job.id);
-                d_account.push(job.account_id);
-                d_currency.push(job.currency.clone());
+                d_wid.push(job.id.get());
+                d_account.push(job.account_id.get());
+                d_currency.push(job.currency.code());
                 d_amount.push(job.amount_minor);
                 d_after.push(*after_minor);
                 d_transit.push(*in_transit);
                 d_destination.push(job.destination.clone());
-                last_balance.insert(job.account_id, *after_minor); // jobs are in id order
+                last_balance.insert(job.account_id.get(), *after_minor); // jobs are in id order
             }
             Planned::Reject { reason, .. } => {
-                rejected_ids.push(job.id);
+                rejected_ids.push(job.id.get());
                 rejected_reasons.push(reason.clone());
             }
         }
@@ -281,18 +281,18 @@ fn write_plan(
     if claim_lease_ms.is_some() {
         let left = std::time::Duration::from_millis(written.lease_left_ms.max(0.0).floor() as u64);
         let claim = claimed.insert(outbox::Claim { requests: vec![], lease_until: sent_at + left });
-        let job_of: HashMap<i64, &Withdrawal> = jobs.iter().map(|(j, _, _)| (j.id, j)).collect();
+        let job_of: HashMap<i64, &Withdrawal> = jobs.iter().map(|(j, _, _)| (j.id.get(), j)).collect();
         for ((wid, payout), (token, key)) in
             written.debited.iter().zip(&written.payouts).zip(written.tokens.iter().zip(written.keys))
         {
             let job = job_of[wid];
-            let currency = Currency::from_code(&job.currency)?;
+            let currency = job.currency;
             claim.requests.push(outbox::PayoutRequest {
                 payout: PayoutId::from_db(*payout),
                 withdrawal: WithdrawalId::from_db(*wid),
                 amount_minor: job.amount_minor,
                 amount: currency.format_minor(job.amount_minor),
-                currency: job.currency.clone(),
+                currency: job.currency.code().to_string(),
                 destination: job.destination.clone(),
                 idempotency_key: key,
                 attempt: 1,
@@ -306,11 +306,11 @@ fn write_plan(
         .iter()
         .zip(plan)
         .map(|((job, enqueued_at_us, _), d)| BatchItem {
-            id: WithdrawalId::from_db(job.id),
+            id: job.id,
             outcome: match d {
                 Planned::Debit { .. } => JobOutcome::Debited {
-                    entry: EntryId::from_db(entry_of[&job.id]),
-                    payout: PayoutId::from_db(payout_of[&job.id]),
+                    entry: EntryId::from_db(entry_of[&job.id.get()]),
+                    payout: PayoutId::from_db(payout_of[&job.id.get()]),
                 },
                 Planned::Reject { code, reason } => JobOutcome::Rejected { code, reason: reason.clone() },
             },
@@ -325,7 +325,7 @@ fn write_plan(
 fn process_one_by_one(
     tx: &mut Tx<'_>,
     jobs: &[LockedJob],
-    mut locked: std::collections::HashMap<i64, Result<accounts::LockedAccount, LedgerError>>,
+    mut locked: std::collections::HashMap<AccountId, Result<accounts::LockedAccount, LedgerError>>,
 ) -> Result<Vec<BatchItem>, LedgerError> {
     let mut items: Vec<BatchItem> = Vec::with_capacity(jobs.len());
     for (job, enqueued_at_us, in_transit) in jobs {
@@ -357,7 +357,7 @@ fn process_one_by_one(
                 }
             }
         };
-        items.push(BatchItem { id: WithdrawalId::from_db(job.id), outcome, enqueued_at_us: Some(*enqueued_at_us) });
+        items.push(BatchItem { id: job.id, outcome, enqueued_at_us: Some(*enqueued_at_us) });
     }
     Ok(items)
 }

@@ -16,10 +16,9 @@ pub enum Decision {
 /// earlier jobs of the same batch left), or why it could not be used (unknown, closed, a
 /// system account). Every path calls it: the single withdrawal, the batch's plan and
 /// the careful per-job path.
-pub fn decide(currency: &str, amount_minor: i64, account: Result<&accounts::Account, LedgerError>) -> Decision {
+pub fn decide(currency: Currency, amount_minor: i64, account: Result<&accounts::Account, LedgerError>) -> Decision {
     let decided = (|| {
         let account = account?;
-        let currency = Currency::from_code(currency)?;
         let amount = Amount::from_minor(amount_minor)?;
         account.expect_currency(currency)?;
         let after_minor = account.balance_after_debit(amount)?;
@@ -61,36 +60,35 @@ mod tests {
     fn a_withdrawal_is_decided_by_one_pure_function() {
         const EUR: Currency = Currency::EUR;
         const JPY: Currency = Currency::JPY;
-        type Case =
-            (&'static str, &'static str, i64, Result<(Currency, i64, i64), LedgerError>, Result<i64, &'static str>);
+        type Case = (&'static str, Currency, i64, Result<(Currency, i64, i64), LedgerError>, Result<i64, &'static str>);
         let max = i64::MAX;
         let cases: Vec<Case> = vec![
-            ("funds cover it", "EUR", 4_000, Ok((EUR, 10_000, 0)), Ok(6_000)),
-            ("down to exactly zero", "EUR", 10_000, Ok((EUR, 10_000, 0)), Ok(0)),
-            ("one cent short", "EUR", 10_001, Ok((EUR, 10_000, 0)), Err("insufficient_funds")),
-            ("into the overdraft", "EUR", 6_000, Ok((EUR, 1_000, 5_000)), Ok(-5_000)),
-            ("past the overdraft", "EUR", 6_001, Ok((EUR, 1_000, 5_000)), Err("insufficient_funds")),
-            ("the account holds another currency", "EUR", 100, Ok((JPY, 10_000, 0)), Err("currency_mismatch")),
-            ("a currency the ledger does not know", "XXX", 100, Ok((EUR, 10_000, 0)), Err("invalid_input")),
-            ("a stored amount that is not positive", "EUR", 0, Ok((EUR, 10_000, 0)), Err("invalid_input")),
-            ("a balance that would leave i64", "EUR", 10, Ok((EUR, -max, max)), Err("balance_overflow")),
+            ("funds cover it", EUR, 4_000, Ok((EUR, 10_000, 0)), Ok(6_000)),
+            ("down to exactly zero", EUR, 10_000, Ok((EUR, 10_000, 0)), Ok(0)),
+            ("one cent short", EUR, 10_001, Ok((EUR, 10_000, 0)), Err("insufficient_funds")),
+            ("into the overdraft", EUR, 6_000, Ok((EUR, 1_000, 5_000)), Ok(-5_000)),
+            ("past the overdraft", EUR, 6_001, Ok((EUR, 1_000, 5_000)), Err("insufficient_funds")),
+            ("the account holds another currency", EUR, 100, Ok((JPY, 10_000, 0)), Err("currency_mismatch")),
+            // (A currency the ledger does not know cannot reach here: reading it fails.)
+            ("a stored amount that is not positive", EUR, 0, Ok((EUR, 10_000, 0)), Err("invalid_input")),
+            ("a balance that would leave i64", EUR, 10, Ok((EUR, -max, max)), Err("balance_overflow")),
             (
                 "a closed account",
-                "EUR",
+                EUR,
                 100,
                 Err(LedgerError::AccountClosed(AccountId::from_db(7))),
                 Err("account_closed"),
             ),
             (
                 "an unknown account",
-                "EUR",
+                EUR,
                 100,
                 Err(LedgerError::UnknownAccount(AccountId::from_db(7))),
                 Err("unknown_account"),
             ),
             (
                 "a system account",
-                "EUR",
+                EUR,
                 100,
                 Err(LedgerError::SystemAccount(AccountId::from_db(7))),
                 Err("system_account"),

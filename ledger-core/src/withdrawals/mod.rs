@@ -95,7 +95,8 @@ impl WithdrawalRequest {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
+#[diesel(sql_type = diesel::sql_types::Text)]
 pub enum WithdrawalStatus {
     /// Requested; the worker has not processed it yet.
     Pending,
@@ -108,52 +109,29 @@ pub enum WithdrawalStatus {
     Returned,
 }
 
-impl WithdrawalStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WithdrawalStatus::Pending => "pending",
-            WithdrawalStatus::PayingOut => "paying_out",
-            WithdrawalStatus::Completed => "completed",
-            WithdrawalStatus::Rejected => "rejected",
-            WithdrawalStatus::Failed => "failed",
-            WithdrawalStatus::Returned => "returned",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<WithdrawalStatus> {
-        [
-            WithdrawalStatus::Pending,
-            WithdrawalStatus::PayingOut,
-            WithdrawalStatus::Completed,
-            WithdrawalStatus::Rejected,
-            WithdrawalStatus::Failed,
-            WithdrawalStatus::Returned,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
-    }
-}
+crate::text_column!(WithdrawalStatus {
+    Pending => "pending",
+    PayingOut => "paying_out",
+    Completed => "completed",
+    Rejected => "rejected",
+    Failed => "failed",
+    Returned => "returned",
+});
 
 #[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = withdrawals, check_for_backend(diesel::pg::Pg))]
 pub struct Withdrawal {
-    pub id: i64,
-    pub account_id: i64,
-    pub currency: String,
+    pub id: WithdrawalId,
+    pub account_id: AccountId,
+    pub currency: Currency,
     pub amount_minor: i64,
     pub destination: String,
     pub idempotency_key: String,
-    pub status: String,
+    pub status: WithdrawalStatus,
     pub reason: Option<String>,
     pub attempts: i32,
     pub last_error: Option<String>,
-    pub entry_id: Option<i64>,
-}
-
-impl Withdrawal {
-    pub fn status(&self) -> WithdrawalStatus {
-        WithdrawalStatus::parse(&self.status).expect("the status CHECK constraint limits the values")
-    }
+    pub entry_id: Option<EntryId>,
 }
 
 /// What processing a job did.
@@ -233,7 +211,7 @@ pub fn process_tx(tx: &mut Tx<'_>, id: WithdrawalId) -> Result<Processed, Ledger
         .optional()?;
     let Some(job) = locked else {
         let finished = get(tx.conn(), id)?;
-        return Ok(Processed::AlreadyFinal(finished.status()));
+        return Ok(Processed::AlreadyFinal(finished.status));
     };
     match debit_tx(tx, &job) {
         Ok((entry, payout)) => {
@@ -252,8 +230,8 @@ pub fn process_tx(tx: &mut Tx<'_>, id: WithdrawalId) -> Result<Processed, Ledger
 /// The money movement of a withdrawal, run in a savepoint so a refusal undoes only it.
 fn debit_tx(tx: &mut Tx<'_>, job: &Withdrawal) -> Result<(EntryId, PayoutId), LedgerError> {
     tx.savepoint(|tx| {
-        let account = accounts::lock(tx, AccountId::from_db(job.account_id))?;
-        let currency = Currency::from_code(&job.currency)?;
+        let account = accounts::lock(tx, job.account_id)?;
+        let currency = job.currency;
         let in_transit = accounts::system_account(tx.conn(), SystemRole::PayoutsInTransit, currency)?;
         let (entry, payout, _after) = debit_locked(tx, job, &account, in_transit)?;
         Ok((entry, payout))
@@ -270,9 +248,9 @@ pub(super) fn debit_locked(
     account: &accounts::LockedAccount,
     in_transit: AccountId,
 ) -> Result<(EntryId, PayoutId, i64), LedgerError> {
-    assert_eq!(account.id().get(), job.account_id, "debit_locked needs the job's own account");
-    let withdrawal = WithdrawalId::from_db(job.id);
-    let (amount, currency, after) = match decide(&job.currency, job.amount_minor, Ok(account.account())) {
+    assert_eq!(account.id(), job.account_id, "debit_locked needs the job's own account");
+    let withdrawal = job.id;
+    let (amount, currency, after) = match decide(job.currency, job.amount_minor, Ok(account.account())) {
         Decision::Debit { amount, currency, after_minor } => (amount, currency, after_minor),
         Decision::Reject(e) => return Err(e),
     };
@@ -292,8 +270,8 @@ pub(super) fn debit_locked(
     Ok((entry, payout, after))
 }
 
-pub(super) fn mark_debited(tx: &mut Tx<'_>, id: i64, entry: EntryId) -> Result<(), LedgerError> {
-    let updated = diesel::update(withdrawals::table.find(id))
+pub(super) fn mark_debited(tx: &mut Tx<'_>, id: WithdrawalId, entry: EntryId) -> Result<(), LedgerError> {
+    let updated = diesel::update(withdrawals::table.find(id.get()))
         .set((
             withdrawals::status.eq(WithdrawalStatus::PayingOut.as_str()),
             withdrawals::entry_id.eq(Some(entry.get())),
@@ -305,8 +283,8 @@ pub(super) fn mark_debited(tx: &mut Tx<'_>, id: i64, entry: EntryId) -> Result<(
     Ok(())
 }
 
-pub(super) fn mark_rejected(tx: &mut Tx<'_>, id: i64, reason: &str) -> Result<(), LedgerError> {
-    let updated = diesel::update(withdrawals::table.find(id))
+pub(super) fn mark_rejected(tx: &mut Tx<'_>, id: WithdrawalId, reason: &str) -> Result<(), LedgerError> {
+    let updated = diesel::update(withdrawals::table.find(id.get()))
         .set((
             withdrawals::status.eq(WithdrawalStatus::Rejected.as_str()),
             withdrawals::reason.eq(Some(reason)),

@@ -2,6 +2,7 @@
 //! or sweep) and how a failed attempt is recorded.
 
 use super::*;
+use crate::prepared::{Prepared, StaticSql};
 
 /// Records a failed attempt on a pending job: it waits (exponential backoff with jitter,
 /// capped at `max_backoff_ms`) before it is claimed again, and after `max_attempts`
@@ -16,7 +17,7 @@ pub fn record_failed_attempt(
     #[derive(QueryableByName)]
     struct Status {
         #[diesel(sql_type = diesel::sql_types::Text)]
-        status: String,
+        status: WithdrawalStatus,
     }
     let error = crate::error::stored_text(error, crate::error::STORED_TEXT_MAX_CHARS);
     let row: Option<Status> = diesel::sql_query(
@@ -38,7 +39,7 @@ pub fn record_failed_attempt(
     .bind::<diesel::sql_types::BigInt, _>(i64::try_from(max_backoff_ms).unwrap_or(i64::MAX))
     .get_result(conn)
     .optional()?;
-    Ok(row.and_then(|r| WithdrawalStatus::parse(&r.status)))
+    Ok(row.map(|r| r.status))
 }
 
 /// Ends a pending job as `failed` at once (a panic while processing it: retrying a
@@ -67,22 +68,36 @@ pub fn claim_due(
     exclude: &[i64],
 ) -> Result<Vec<(WithdrawalId, AccountId)>, LedgerError> {
     assert!(limit > 0, "claim at least one job");
-    let ids: Vec<(i64, i64)> = tx::transaction(conn, &TxOptions::default(), |tx| {
+    #[derive(QueryableByName)]
+    struct Due {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        id: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        account_id: i64,
+    }
+    let ids: Vec<Due> = tx::transaction(conn, &TxOptions::default(), |tx| {
         tx::with_batch_plans(tx, |tx| {
-            withdrawals::table
-                .filter(withdrawals::status.eq(WithdrawalStatus::Pending.as_str()))
-                .filter(withdrawals::next_attempt_at.le(diesel::dsl::now))
-                .filter(withdrawals::id.ne_all(exclude))
-                .order((withdrawals::next_attempt_at.asc(), withdrawals::id.asc()))
-                .limit(limit)
-                .select((withdrawals::id, withdrawals::account_id))
-                .for_update()
-                .skip_locked()
+            Prepared::<ClaimDue>::new()
+                .bind::<diesel::sql_types::BigInt, _>(limit)
+                .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(exclude)
                 .load(tx.conn())
                 .map_err(LedgerError::from)
         })
     })?;
-    Ok(ids.into_iter().map(|(w, a)| (WithdrawalId::from_db(w), AccountId::from_db(a))).collect())
+    Ok(ids.into_iter().map(|d| (WithdrawalId::from_db(d.id), AccountId::from_db(d.account_id))).collect())
+}
+
+/// Due pending jobs, oldest due first, skipping `$2` (queued here already) and rows
+/// another transaction holds. The status is written into the text, not bound: inside
+/// `with_batch_plans` plans are generic, and only a literal `'pending'` lets a generic
+/// plan use the pending partial index instead of reading every withdrawal ever made.
+enum ClaimDue {}
+
+impl StaticSql for ClaimDue {
+    const SQL: &'static str = "SELECT id, account_id FROM withdrawals
+         WHERE status = 'pending' AND next_attempt_at <= now() AND id <> ALL($2)
+         ORDER BY next_attempt_at, id LIMIT $1
+         FOR UPDATE SKIP LOCKED";
 }
 
 /// Due jobs with an id above `after`, in id order: the claimer's fast path while it

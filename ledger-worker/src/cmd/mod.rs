@@ -183,20 +183,19 @@ fn account_json(a: &Account) -> Value {
         "currency": a.currency.code(),
         "balance": a.balance_display(),
         "overdraft_limit": a.currency.format_minor(a.overdraft_limit_minor),
-        "status": match a.status { accounts::AccountStatus::Open => "open", accounts::AccountStatus::Closed => "closed" },
+        "status": a.status.as_str(),
     })
 }
 
 fn withdrawal_json(w: &Withdrawal) -> Value {
-    let amount = Currency::from_code(&w.currency).map(|c| c.format_minor(w.amount_minor)).unwrap_or_default();
     json!({
-        "id": w.id,
-        "account": w.account_id,
-        "amount": amount,
-        "currency": w.currency,
+        "id": w.id.get(),
+        "account": w.account_id.get(),
+        "amount": w.currency.format_minor(w.amount_minor),
+        "currency": w.currency.code(),
         "to": w.destination,
         "key": w.idempotency_key,
-        "status": w.status,
+        "status": w.status.as_str(),
         "reason": w.reason,
         "attempts": w.attempts,
         "last_error": w.last_error,
@@ -204,16 +203,15 @@ fn withdrawal_json(w: &Withdrawal) -> Value {
 }
 
 fn payout_json(p: &Payout) -> Value {
-    let amount = Currency::from_code(&p.currency).map(|c| c.format_minor(p.amount_minor)).unwrap_or_default();
     json!({
-        "id": p.id,
-        "withdrawal": p.withdrawal_id,
-        "account": p.account_id,
-        "amount": amount,
-        "currency": p.currency,
+        "id": p.id.get(),
+        "withdrawal": p.withdrawal_id.get(),
+        "account": p.account_id.get(),
+        "amount": p.currency.format_minor(p.amount_minor),
+        "currency": p.currency.code(),
         "to": p.destination,
         "key": p.idempotency_key,
-        "status": p.status,
+        "status": p.status.as_str(),
         "attempts": p.attempts,
         "last_error": p.last_error,
         "reference": p.gateway_reference,

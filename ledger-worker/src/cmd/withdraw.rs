@@ -24,7 +24,7 @@ pub fn run(ctx: Ctx, args: WithdrawArgs) -> Result<ExitCode> {
     let (id, replayed) =
         withdrawals::request(&mut conn, &WithdrawalRequest { account, amount, currency, destination, key })?;
     let w = withdrawals::get(&mut conn, id)?;
-    ctx.out.print(json!({ "id": id.get(), "status": w.status, "replayed": replayed }), || {
+    ctx.out.print(json!({ "id": id.get(), "status": w.status.as_str(), "replayed": replayed }), || {
         format!("withdrawal {id}: {}{}", w.status, if replayed { " (replayed)" } else { "" })
     });
     Ok(ExitCode::SUCCESS)

@@ -10,11 +10,11 @@
 #   - PostgreSQL's pgbench TPC-B-like transaction at the same concurrency as the reference.
 # It prints one table: ops/s, ratio to pgbench, ratio end-to-end/debit-only, latencies,
 # worker RSS and the audit. Exits non-zero if a mode failed or the audit found anything.
-# Extra arguments go to `ledger-worker bench`, e.g.
+# Extra arguments go to `ledger-demo bench`, e.g.
 #   bench/compare.sh --withdrawals 100000 --pgbench-seconds 30
 #   bench/compare.sh --json
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -q -p ledger-worker
+cargo build --release -q -p ledger-demo
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), $(pg_config --version 2>/dev/null || echo PostgreSQL)"
-exec ./target/release/ledger-worker bench --scenario all --pgbench --withdrawals 50000 --pgbench-seconds 15 "$@"
+exec ./target/release/ledger-demo bench --scenario all --pgbench --withdrawals 50000 --pgbench-seconds 15 "$@"

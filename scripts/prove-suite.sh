@@ -24,9 +24,9 @@ for i in 6 7 8; do
 done
 kill $b1 $b2
 s=$(date +%s)
-DATABASE_URL=postgres://nobody@127.0.0.1:1/real_ledger cargo run --release -q -p ledger-worker -- demo > "$work/demo.log" 2>&1
+DATABASE_URL=postgres://nobody@127.0.0.1:1/real_ledger cargo run --release -q -p ledger-demo -- demo > "$work/demo.log" 2>&1
 echo "demo (DATABASE_URL set and ignored): rc=$? $(( $(date +%s) - s )) s"
 sleep 3
 echo "leftover processes:"
-ps -eo pid,user,cmd | grep -E "ledger-worker|ledger-pg|postgres" | grep -v grep || echo none
+ps -eo pid,user,cmd | grep -E "ledger-worker|ledger-demo|ledger-pg|postgres" | grep -v grep || echo none
 echo "leftover clusters:"; ls -d /tmp/ledger-pg-* 2>/dev/null || echo none

@@ -8,7 +8,8 @@ use common::{assert_audit_clean, withdrawal};
 use diesel::RunQueryDsl;
 use ledger_core::audit::{self, Violation};
 use ledger_core::withdrawals;
-use ledger_core::{testing, Currency};
+use ledger_core::Currency;
+use ledger_testdb as testing;
 
 /// A fresh ledger with one customer (100.00 EUR) and one withdrawal of 40.00 paying out;
 /// then `corrupt` (SQL with `{account}`, `{withdrawal}` and `{entry}` filled in); returns

@@ -13,9 +13,9 @@ use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use ledger_core::accounts;
 use ledger_core::error::{RetryClass, Transient};
-use ledger_core::testing::{self, TestDb};
 use ledger_core::transfers::{self, Transfer};
 use ledger_core::{AccountId, Currency, LedgerError, TxOptions};
+use ledger_testdb::{self as testing, TestDb};
 
 const RACERS: usize = 200;
 

@@ -13,8 +13,8 @@ use ledger_core::accounts;
 use ledger_core::db::{self, PoolConfig};
 use ledger_core::locks;
 use ledger_core::schema::accounts as acc;
-use ledger_core::testing::{self, Durability, TempCluster};
 use ledger_core::{Currency, LedgerError, TxOptions};
+use ledger_testdb::{self as testing, Durability, TempCluster};
 
 #[testing::test]
 fn the_guard_catches_a_row_lock_taken_outside_a_transaction_in_rollback_mode() {

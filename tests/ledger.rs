@@ -14,10 +14,10 @@ use diesel::prelude::*;
 use ledger_core::accounts::{self, NewAccount, SystemRole};
 use ledger_core::deposits::{self, Deposit};
 use ledger_core::error::InvalidInput;
-use ledger_core::testing;
 use ledger_core::transfers::{self, Transfer};
 use ledger_core::withdrawals::{self, Iban, Processed, WithdrawalStatus};
 use ledger_core::{AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
+use ledger_testdb as testing;
 
 fn deposit_req(account: AccountId, amount: &str) -> Deposit {
     Deposit { account, amount: eur(amount), currency: Currency::EUR, key: testing::key("dep") }

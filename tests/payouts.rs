@@ -12,7 +12,8 @@ use ledger_core::payouts::{
     ReturnResult, SendOutcome, Verdict,
 };
 use ledger_core::withdrawals::{self, WithdrawalStatus};
-use ledger_core::{testing, AccountId, Currency, WithdrawalId};
+use ledger_core::{AccountId, Currency, WithdrawalId};
+use ledger_testdb as testing;
 
 fn system_balance(conn: &mut PgConnection, role: SystemRole) -> i64 {
     let id = accounts::system_account(conn, role, Currency::EUR).unwrap();

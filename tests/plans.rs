@@ -7,7 +7,8 @@ use diesel::pg::PgConnection;
 use diesel::sql_types::{BigInt, Text};
 use diesel::{QueryableByName, RunQueryDsl};
 use ledger_core::withdrawals;
-use ledger_core::{testing, Currency, TxOptions, WithdrawalId};
+use ledger_core::{Currency, TxOptions, WithdrawalId};
+use ledger_testdb as testing;
 
 #[derive(QueryableByName)]
 struct Reads {
@@ -137,13 +138,15 @@ struct Settings {
     hashjoin: String,
     #[diesel(sql_type = Text)]
     mergejoin: String,
+    #[diesel(sql_type = Text)]
+    plan_cache: String,
 }
 
 fn settings(conn: &mut PgConnection) -> Settings {
     diesel::sql_query(
         "SELECT current_setting('jit') AS jit, current_setting('enable_seqscan') AS seqscan,
                 current_setting('enable_bitmapscan') AS bitmapscan, current_setting('enable_hashjoin') AS hashjoin,
-                current_setting('enable_mergejoin') AS mergejoin",
+                current_setting('enable_mergejoin') AS mergejoin, current_setting('plan_cache_mode') AS plan_cache",
     )
     .get_result(conn)
     .unwrap()
@@ -174,10 +177,12 @@ fn batch_plans_leave_the_callers_planner_settings_as_they_were() {
             seqscan: "off".into(),
             bitmapscan: "off".into(),
             hashjoin: "off".into(),
-            mergejoin: "off".into()
+            mergejoin: "off".into(),
+            plan_cache: "force_generic_plan".into()
         }
     );
     assert_eq!((after.hashjoin.as_str(), after.mergejoin.as_str()), ("off", "on"));
+    assert_eq!(after.plan_cache, "auto", "generic plans only inside with_batch_plans");
     // SET LOCAL ends with the transaction: the session is back to its defaults.
     assert_eq!(settings(&mut conn).hashjoin, "on");
 }

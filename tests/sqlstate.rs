@@ -16,9 +16,9 @@ use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::Integer;
 use ledger_core::error::{RetryClass, Transient};
-use ledger_core::testing::{self, TestDb};
 use ledger_core::tx::transaction_pooled;
 use ledger_core::{LedgerError, SqlState, TxOptions};
+use ledger_testdb::{self as testing, TestDb};
 
 /// Retries without the backoff's waiting, so the tests stay quick.
 fn attempts(max_attempts: u32) -> TxOptions {

@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn a_checkout_waits_in_slices_and_gives_up_when_asked() {
-        let db = crate::testing::committed();
+        let db = ledger_testdb::committed();
         let config =
             PoolConfig { max_size: 1, min_idle: Some(1), connection_timeout_ms: 30_000, ..PoolConfig::default() };
         let pool = pool(db.url(), &config).unwrap();

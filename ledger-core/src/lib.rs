@@ -50,14 +50,6 @@ pub mod transfers;
 pub mod tx;
 pub mod withdrawals;
 
-#[cfg(feature = "testing")]
-pub mod testing;
-
-// `#[testing::test]` expands to `::ledger_core::testing::deadline::run(..)`; this makes
-// that path resolve inside this crate's own tests too.
-#[cfg(feature = "testing")]
-extern crate self as ledger_core;
-
 pub use error::{InvalidInput, LedgerError};
 pub use ids::{AccountId, EntryId, IdempotencyKey, PayoutId, WithdrawalId};
 pub use money::{Amount, Currency};

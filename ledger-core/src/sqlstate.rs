@@ -192,11 +192,10 @@ mod tests {
 
     /// The layout check against a real server error, in this crate's own tests (the
     /// integration tests in `tests/sqlstate.rs` cover many more codes).
-    #[cfg(feature = "testing")]
-    #[crate::testing::test]
+    #[ledger_testdb::test]
     fn the_sqlstate_of_a_real_server_error_is_read_from_diesels_error() {
         use diesel::RunQueryDsl;
-        crate::testing::with_rollback(|conn| {
+        ledger_testdb::with_rollback(|conn| {
             let error =
                 diesel::sql_query("DO $$ BEGIN RAISE EXCEPTION 'Verklemmung entdeckt' USING ERRCODE = '40P01'; END $$")
                     .execute(conn)

@@ -1,9 +1,9 @@
-//! `#[ledger_core::testing::test]` (re-exported there): a `#[test]` whose body runs
+//! `#[ledger_testdb::test]` (re-exported there): a `#[test]` whose body runs
 //! under a deadline. A test that hangs fails with its name and what it was waiting
 //! for, instead of stalling the whole run without a word.
 //!
 //! ```ignore
-//! use ledger_core::testing;
+//! use ledger_testdb as testing;
 //!
 //! #[testing::test]          // the default deadline (see `testing::deadline`)
 //! fn transfers_never_deadlock() { /* ... */ }
@@ -13,7 +13,7 @@
 //! ```
 //!
 //! No syn/quote: the item is a plain `fn name() [-> T] { body }`; the body block is
-//! handed, untouched (spans and all), to `ledger_core::testing::deadline::run`.
+//! handed, untouched (spans and all), to `ledger_testdb::deadline::run`.
 
 use proc_macro::{Delimiter, Group, TokenStream, TokenTree};
 
@@ -34,12 +34,12 @@ fn expand(attr: TokenStream, item: TokenStream) -> Result<TokenStream, String> {
         _ => return Err("#[testing::test] goes on a function with a body".into()),
     };
 
-    // ::ledger_core::testing::deadline::run(concat!(module_path!(), "::name"), seconds, move || body)
+    // ::ledger_testdb::deadline::run(concat!(module_path!(), "::name"), seconds, move || body)
     let mut args: TokenStream = format!("::core::concat!(::core::module_path!(), \"::{name}\"), {seconds}, move ||")
         .parse()
         .map_err(|e| format!("{e:?}"))?;
     args.extend([TokenTree::Group(body)]);
-    let mut call: TokenStream = "::ledger_core::testing::deadline::run".parse().map_err(|e| format!("{e:?}"))?;
+    let mut call: TokenStream = "::ledger_testdb::deadline::run".parse().map_err(|e| format!("{e:?}"))?;
     call.extend([TokenTree::Group(Group::new(Delimiter::Parenthesis, args))]);
 
     let mut out: TokenStream = "#[::core::prelude::v1::test]".parse().map_err(|e| format!("{e:?}"))?;

@@ -1,11 +1,8 @@
 //! The ledger's worker daemon and command-line interface. `main.rs` only calls
 //! [`cmd::main`]; everything else lives here so it can be tested and embedded.
 
-pub mod bench;
 pub mod cmd;
 pub mod daemon;
-pub mod database;
-pub mod demo;
 pub mod gateway;
 pub mod metrics;
 pub mod progress;

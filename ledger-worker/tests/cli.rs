@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 use common::*;
-use ledger_core::testing;
+use ledger_testdb as testing;
 use serde_json::Value;
 
 fn cli(url: &str, args: &[&str]) -> Output {
@@ -201,7 +201,7 @@ fn migrate_can_give_a_restored_ledger_a_new_instance_id_and_queued_payouts_keep_
 }
 
 #[testing::test]
-fn run_refuses_to_start_without_an_explicit_gateway_and_the_demo_refuses_a_database_with_data() {
+fn run_refuses_to_start_without_an_explicit_gateway() {
     let db = testing::committed();
     let url = db.url();
     let out = cli(url, &["run", "--exit-when-idle"]);
@@ -211,11 +211,16 @@ fn run_refuses_to_start_without_an_explicit_gateway_and_the_demo_refuses_a_datab
         stderr.contains("--gateway webhook") && stderr.contains("--gateway log") && stderr.contains("--gateway none"),
         "{stderr}"
     );
-    let mut conn = db.conn();
-    let before = testing::snapshot(&mut conn);
-    let out = worker_command().args(["demo", "--database-url", url]).stdin(Stdio::null()).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the demo must refuse a database that holds a ledger");
-    assert!(stderr.contains("nothing was written"), "{stderr}");
-    assert_eq!(testing::snapshot(&mut conn), before, "the demo wrote nothing");
+}
+
+/// The daemon's binary has no demo and no bench: they start throwaway servers, and live
+/// in `ledger-demo`.
+#[test]
+fn the_daemon_binary_has_no_demo_and_no_bench() {
+    for command in ["demo", "bench"] {
+        let out = worker_command().arg(command).stdin(Stdio::null()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(stderr.contains(&format!("unrecognized subcommand '{command}'")), "{stderr}");
+    }
 }

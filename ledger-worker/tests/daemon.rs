@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use diesel::connection::SimpleConnection;
-use ledger_core::testing;
 use ledger_core::withdrawals::{self, BatchItem, JobOutcome, WithdrawalStatus};
 use ledger_core::{accounts, LedgerError, Tx, TxOptions, WithdrawalId};
+use ledger_testdb as testing;
 use ledger_worker::daemon::{LedgerProcessor, Processor, WorkerConfig, WorkerPool};
 use ledger_worker::metrics::Metrics;
 
@@ -310,7 +310,7 @@ fn a_locked_account_makes_jobs_wait_and_retry_not_fail() {
 
 #[testing::test]
 fn the_daemon_rides_out_a_database_restart() {
-    use ledger_core::testing::{Durability, TempCluster};
+    use ledger_testdb::{Durability, TempCluster};
     // Its own server, so restarting it disturbs no other test.
     let cluster = TempCluster::start(Durability::Throwaway).unwrap();
     let mut admin = ledger_core::db::connect(&cluster.url("postgres"), &Default::default()).unwrap();

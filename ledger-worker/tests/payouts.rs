@@ -15,7 +15,8 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use ledger_core::payouts::{LookupOutcome, PayoutGateway, PayoutRequest, SendOutcome};
 use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
-use ledger_core::{testing, Amount, Currency, TxOptions};
+use ledger_core::{Amount, Currency, TxOptions};
+use ledger_testdb as testing;
 use ledger_worker::daemon::{WorkerConfig, WorkerPool};
 
 /// The bank refuses this account (HTTP 422).

@@ -17,7 +17,7 @@ use common::*;
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use ledger_core::db::{self, SessionConfig};
-use ledger_core::testing::{self, Durability, TempCluster};
+use ledger_testdb::{self as testing, Durability, TempCluster};
 use support::{Bank, Proxy};
 
 const GRACE_MS: u64 = 2_000;

@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bank::{BankConfig, BankServer, Faults, Replay, Violation};
 use ledger_core::payouts::{LookupOutcome, PayoutGateway, PayoutRequest, SendOutcome};
-use ledger_core::{testing, PayoutId, WithdrawalId};
+use ledger_core::{PayoutId, WithdrawalId};
+use ledger_testdb as testing;
 use ledger_worker::webhook::{
     self, Credentials, Secret, WebhookConfig, WebhookError, WebhookGateway, SECRET_FILE_VAR, SECRET_VAR, TOKEN_VAR,
 };

@@ -3,7 +3,8 @@
 
 use diesel::pg::PgConnection;
 use ledger_core::withdrawals::{Iban, WithdrawalRequest};
-use ledger_core::{testing, AccountId, Amount, Currency};
+use ledger_core::{AccountId, Amount, Currency};
+use ledger_testdb as testing;
 
 pub const IBAN: &str = "DE89370400440532013000";
 

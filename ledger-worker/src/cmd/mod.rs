@@ -22,14 +22,11 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::daemon::{WorkerConfig, WorkerPool};
-use crate::demo::DemoOptions;
 use crate::metrics::{self, Metrics};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod account;
 mod audit;
-mod bench;
-mod demo;
 mod deposit;
 mod migrate;
 mod payout;
@@ -44,6 +41,16 @@ pub use run::{GatewayKind, RunArgs, EXIT_FORCED};
 #[derive(Parser, Debug)]
 #[command(name = "ledger-worker", version, about = "PostgreSQL ledger: withdrawal daemon and CLI")]
 pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The options every command takes (also `ledger-demo`'s).
+#[derive(Args, Debug)]
+pub struct Global {
     /// PostgreSQL connection URL (the password is never printed).
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
@@ -55,9 +62,6 @@ pub struct Cli {
     /// Log format for the daemon's logs on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
-
-    #[command(subcommand)]
-    pub command: Command,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,12 +102,6 @@ pub enum Command {
     Run(run::RunArgs),
     /// Check the ledger's invariants; exits non-zero on any violation.
     Audit,
-    /// Measure throughput and latency against pgbench on the same server. With no
-    /// DATABASE_URL it starts and removes its own throwaway PostgreSQL (fsync on).
-    Bench(bench::BenchArgs),
-    /// Show the talk's race being prevented, then run withdrawals through the daemon.
-    /// With no DATABASE_URL it starts and removes its own throwaway PostgreSQL.
-    Demo(demo::DemoArgs),
 }
 
 /// What every command gets besides its own options: the global options, and where its
@@ -115,15 +113,25 @@ pub struct Ctx {
     pub out: Output,
 }
 
+impl Ctx {
+    pub fn new(global: Global) -> Ctx {
+        Ctx {
+            database_url: global.database_url,
+            json: global.json,
+            log_format: global.log_format,
+            out: Output { json: global.json },
+        }
+    }
+}
+
 /// Runs the command the user asked for: one file per command, dispatched from here.
 pub fn run(cli: Cli) -> Result<ExitCode> {
-    let ctx = Ctx {
-        database_url: cli.database_url,
-        json: cli.json,
-        log_format: cli.log_format,
-        out: Output { json: cli.json },
-    };
-    match cli.command {
+    run_command(Ctx::new(cli.global), cli.command)
+}
+
+/// Runs one command (`ledger-demo` adds its own two and runs the rest through here).
+pub fn run_command(ctx: Ctx, command: Command) -> Result<ExitCode> {
+    match command {
         Command::Migrate(args) => migrate::run(ctx, args),
         Command::Account(command) => account::run(ctx, command),
         Command::Deposit(args) => deposit::run(ctx, args),
@@ -134,8 +142,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Payout(command) => payout::run(ctx, command),
         Command::Run(args) => run::run(ctx, args),
         Command::Audit => audit::run(ctx),
-        Command::Bench(args) => bench::run(ctx, args),
-        Command::Demo(args) => demo::run(ctx, args),
     }
 }
 
@@ -245,7 +251,12 @@ fn amount_for(conn: &mut PgConnection, account: AccountId, text: &str) -> Result
 /// stderr and exit status 2), runs the command, and maps its result to an exit code
 /// (an error is one line on stderr).
 pub fn main() -> ExitCode {
-    let cli = match <Cli as clap::Parser>::try_parse() {
+    main_with(run)
+}
+
+/// [`main`] for any command line: `ledger-demo` parses its own and shares the rest.
+pub fn main_with<C: Parser>(run: impl FnOnce(C) -> Result<ExitCode>) -> ExitCode {
+    let cli = match C::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;

@@ -8,7 +8,8 @@ use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
-use ledger_core::{testing, AccountId, Amount, Currency, LedgerError, TxOptions, WithdrawalId};
+use ledger_core::{AccountId, Amount, Currency, LedgerError, TxOptions, WithdrawalId};
+use ledger_testdb as testing;
 
 pub const IBAN: &str = "DE89370400440532013000";
 

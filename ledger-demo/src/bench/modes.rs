@@ -50,7 +50,7 @@ pub(super) fn run_mode(
         let mut worker = Worker::spawn(&spec, true)?;
         let pid = worker.pid();
         let (mut rss, mut cpu) = (0.0_f64, 0.0_f64);
-        let mut progress = crate::progress::Progress::new(n);
+        let mut progress = ledger_worker::progress::Progress::new(n);
         let mut shown = None::<Instant>;
         let mut stall = Stall::new();
         let elapsed = loop {

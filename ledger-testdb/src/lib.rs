@@ -1,4 +1,7 @@
-//! The transactional test harness, for our tests and for services that embed the ledger.
+//! `ledger-testdb`: the transactional test harness, for our tests and for services that
+//! embed the ledger. A dev-dependency only: no production crate depends on it. The demo
+//! and the bench reach its throwaway cluster through `ledger-demo`, never through the
+//! daemon's library.
 //!
 //! - [`with_rollback`]: the test body gets a connection inside a transaction that is
 //!   always rolled back. Fast, isolated, but nothing ever commits.
@@ -35,10 +38,8 @@ pub use guard::{LockGuard, LockViolation};
 /// `#[testing::test]`: a `#[test]` whose body runs under a deadline ([`deadline`]).
 pub use ledger_test_macros::test;
 
-use crate::db::{self, Pool, PoolConfig, SessionConfig};
-use crate::error::LedgerError;
-use crate::ids::{AccountId, IdempotencyKey};
-use crate::money::{Amount, Currency};
+use ledger_core::db::{self, Pool, PoolConfig, SessionConfig};
+use ledger_core::{AccountId, Amount, Currency, IdempotencyKey, LedgerError};
 
 struct Server {
     _cluster: Option<TempCluster>,
@@ -297,12 +298,12 @@ pub fn key(prefix: &str) -> IdempotencyKey {
 
 /// Opens a customer account and deposits `amount` (a decimal string) into it.
 pub fn funded_account(conn: &mut PgConnection, owner: &str, currency: Currency, amount: &str) -> AccountId {
-    let account = crate::accounts::open(conn, &crate::accounts::NewAccount::new(owner, currency), None)
+    let account = ledger_core::accounts::open(conn, &ledger_core::accounts::NewAccount::new(owner, currency), None)
         .expect("opening a test account");
     if let Ok(amount) = Amount::parse(amount, currency) {
-        crate::deposits::deposit(
+        ledger_core::deposits::deposit(
             conn,
-            &crate::deposits::Deposit { account: account.id, amount, currency, key: key("fund") },
+            &ledger_core::deposits::Deposit { account: account.id, amount, currency, key: key("fund") },
         )
         .expect("funding a test account");
     }
@@ -321,10 +322,10 @@ pub fn unlocked_withdraw(
     currency: Currency,
     all_checked: &std::sync::Barrier,
 ) -> Result<(), LedgerError> {
-    use crate::accounts::{self, SystemRole};
-    use crate::journal::{self, EntryKind, Leg};
-    use crate::schema::accounts as a;
-    crate::transaction(conn, &crate::TxOptions::no_retry(), |tx| {
+    use ledger_core::accounts::{self, SystemRole};
+    use ledger_core::journal::{self, EntryKind, Leg};
+    use ledger_core::schema::accounts as a;
+    ledger_core::transaction(conn, &ledger_core::TxOptions::no_retry(), |tx| {
         let balance: i64 =
             a::table.find(account.get()).select(a::balance_minor).first::<Option<i64>>(tx.conn())?.unwrap_or(0);
         all_checked.wait();

@@ -1,8 +1,8 @@
-//! `ledger-worker bench`: throughput, hot-account and latency numbers, with PostgreSQL's
+//! `ledger-demo bench`: throughput, hot-account and latency numbers, with PostgreSQL's
 //! own pgbench run on the same server in the same run as the reference.
 //!
 //! Each scenario runs every mode on a fresh database of its own. The worker runs as a
-//! separate `ledger-worker run` process (so its RSS is its own):
+//! separate `ledger-demo run` process (the daemon's own code, so its RSS is its own):
 //! - `debit-only` (`--gateway none`): withdrawals processed (locked, checked, debited,
 //!   journaled, payout queued, committed) per second; payouts are not dispatched.
 //! - `e2e log` (`--gateway log`): withdrawals debited, paid out through the log gateway

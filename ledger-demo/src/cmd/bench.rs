@@ -1,6 +1,10 @@
-//! `ledger-worker bench`: throughput and latency against pgbench on the same server.
+//! `ledger-demo bench`: throughput and latency against pgbench on the same server.
 
-use super::*;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Args;
+use ledger_worker::cmd::{init_logging, Ctx};
 
 /// The options of `bench`.
 #[derive(Args, Debug)]

@@ -39,7 +39,7 @@ fn call(stream: &mut TcpStream, method: &str, path: &str, body: &str, token: &st
     }
 }
 
-#[ledger_core::testing::test]
+#[ledger_testdb::test]
 fn pays_once_per_key_over_one_kept_alive_connection_and_refuses_bad_credentials() {
     let bank = Bank::start("tok", "sec", Duration::from_millis(1)).unwrap();
     let mut stream = TcpStream::connect(bank.addr).unwrap();
@@ -69,11 +69,11 @@ fn pays_once_per_key_over_one_kept_alive_connection_and_refuses_bad_credentials(
 /// The worker's webhook gateway (the contract's client side) is paid by this bank:
 /// signed and authenticated, once per key, answered the same on a replay, found by a
 /// lookup, and over kept-alive connections.
-#[ledger_core::testing::test]
+#[ledger_testdb::test]
 fn the_webhook_gateway_is_paid_once_per_key() {
-    use crate::webhook::{Credentials, Secret, WebhookConfig, WebhookGateway};
     use ledger_core::payouts::{LookupOutcome, PayoutGateway, PayoutRequest, SendOutcome};
     use ledger_core::{PayoutId, WithdrawalId};
+    use ledger_worker::webhook::{Credentials, Secret, WebhookConfig, WebhookGateway};
 
     let bank = Bank::start("tok-bench-1", "sec-bench-1", Duration::ZERO).unwrap();
     let config =

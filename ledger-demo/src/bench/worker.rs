@@ -1,4 +1,4 @@
-//! The worker under test: a separate `ledger-worker run` process, started and stopped
+//! The worker under test: a separate `ledger-demo run` process (the daemon's own code), started and stopped
 //! by the bench, with the flags of the mode measured.
 
 use super::*;
@@ -11,9 +11,9 @@ pub(super) struct WorkerFlags {
 
 /// Asks the worker binary which optional `run` flags it has.
 pub(super) fn worker_flags() -> Result<WorkerFlags> {
-    let exe = std::env::current_exe().context("locating ledger-worker")?;
+    let exe = std::env::current_exe().context("locating ledger-demo")?;
     let help =
-        Command::new(exe).args(["run", "--help"]).stdin(Stdio::null()).output().context("ledger-worker run --help")?;
+        Command::new(exe).args(["run", "--help"]).stdin(Stdio::null()).output().context("ledger-demo run --help")?;
     let text = String::from_utf8_lossy(&help.stdout);
     Ok(WorkerFlags { payout_concurrency: text.contains("--payout-concurrency") })
 }
@@ -49,15 +49,15 @@ impl WorkerSpec<'_> {
     }
 }
 
-/// A `ledger-worker run` child process. Dropping it stops it (SIGTERM, then SIGKILL).
+/// A `ledger-demo run` child process. Dropping it stops it (SIGTERM, then SIGKILL).
 pub(super) struct Worker {
     pub(super) child: Child,
 }
 
 impl Worker {
     pub(super) fn spawn(spec: &WorkerSpec<'_>, exit_when_idle: bool) -> Result<Worker> {
-        use crate::webhook::{SECRET_FILE_VAR, SECRET_VAR, TOKEN_FILE_VAR, TOKEN_VAR};
-        let exe = std::env::current_exe().context("locating ledger-worker")?;
+        use ledger_worker::webhook::{SECRET_FILE_VAR, SECRET_VAR, TOKEN_FILE_VAR, TOKEN_VAR};
+        let exe = std::env::current_exe().context("locating ledger-demo")?;
         let mut cmd = Command::new(exe);
         cmd.args(["run", "--gateway", spec.mode.gateway(), "--log-format", "json"])
             .args(["--threads", &spec.threads.to_string(), "--batch-size", &spec.batch_size.to_string()])

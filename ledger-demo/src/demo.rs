@@ -1,4 +1,4 @@
-//! `ledger-worker demo`: the talk's race, unlocked and then locked, followed by a few
+//! `ledger-demo demo`: the talk's race, unlocked and then locked, followed by a few
 //! thousand concurrent withdrawals, an audit and a summary. Needs nothing running: with
 //! no DATABASE_URL it starts (and removes) its own PostgreSQL.
 
@@ -13,10 +13,10 @@ use ledger_core::deposits::{self, Deposit};
 use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
 use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
 
-use crate::daemon::{WorkerConfig, WorkerPool};
 use crate::database::Database;
-use crate::gateway::LogGateway;
-use crate::metrics::Metrics;
+use ledger_worker::daemon::{WorkerConfig, WorkerPool};
+use ledger_worker::gateway::LogGateway;
+use ledger_worker::metrics::Metrics;
 
 const IBAN: &str = "DE89370400440532013000";
 
@@ -138,13 +138,7 @@ fn unlocked_race(url: &str) -> Result<()> {
                 let both_checked = &both_checked;
                 s.spawn(move || -> Result<()> {
                     let mut conn = db::connect(url, &db::SessionConfig::default())?;
-                    Ok(ledger_core::testing::unlocked_withdraw(
-                        &mut conn,
-                        account,
-                        eur(amount),
-                        Currency::EUR,
-                        both_checked,
-                    )?)
+                    Ok(ledger_testdb::unlocked_withdraw(&mut conn, account, eur(amount), Currency::EUR, both_checked)?)
                 })
             })
             .collect();
@@ -254,7 +248,7 @@ fn many_withdrawals(url: &str, opts: &DemoOptions) -> Result<()> {
     let started = Instant::now();
     let pool = WorkerPool::builder(url, config).gateway(Arc::new(LogGateway)).start()?;
     let metrics = pool.metrics().clone();
-    let mut reporter = crate::progress::Progress::new(total);
+    let mut reporter = ledger_worker::progress::Progress::new(total);
     loop {
         let finished = metrics.finished() as usize;
         reporter.show(finished.min(total), started.elapsed());

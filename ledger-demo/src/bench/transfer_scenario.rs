@@ -16,7 +16,7 @@ pub(super) fn run_transfer_scenario(url: &str, row: &mut Row) -> Result<()> {
 pub(super) fn run_transfers(url: &str, accounts: &[AccountId], n: usize, threads: usize) -> Result<()> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
-    let mut progress = crate::progress::Progress::new(n);
+    let mut progress = ledger_worker::progress::Progress::new(n);
     thread::scope(|s| -> Result<()> {
         let handles: Vec<_> = (0..threads)
             .map(|_| {

@@ -10,7 +10,7 @@ pub(super) fn pgbench(
     clients: usize,
     opts: &BenchOptions,
 ) -> Result<f64> {
-    let bin = ledger_core::testing::cluster::find_bindir()?.join("pgbench");
+    let bin = ledger_testdb::cluster::find_bindir()?.join("pgbench");
     let url = database.create_sibling(dbname)?;
     let init = Command::new(&bin).args(["-i", "-q", "-s", &scale.to_string(), &url]).output()?;
     if !init.status.success() {

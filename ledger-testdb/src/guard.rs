@@ -75,7 +75,7 @@ impl LockGuard {
 
     /// Starts watching `conn` (replacing any other instrumentation on it).
     pub fn install(&self, conn: &mut PgConnection) {
-        let depth = crate::tx::depth(conn);
+        let depth = ledger_core::tx::depth(conn);
         conn.set_instrumentation(Watcher { base_depth: self.base_depth, depth, state: self.state.clone() });
     }
 

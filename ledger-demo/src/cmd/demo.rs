@@ -1,6 +1,12 @@
-//! `ledger-worker demo`: show the talk's race being prevented, then run withdrawals through the daemon.
+//! `ledger-demo demo`: show the talk's race being prevented, then run withdrawals through the daemon.
 
-use super::*;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use ledger_worker::cmd::{init_logging, Ctx};
+
+use crate::demo::DemoOptions;
 
 /// The options of `demo`.
 #[derive(Args, Debug)]

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use ledger_core::db;
-use ledger_core::testing::{Durability, TempCluster};
+use ledger_testdb::{Durability, TempCluster};
 
 /// A database to work in, and the cluster behind it when we started one ourselves.
 pub struct Database {

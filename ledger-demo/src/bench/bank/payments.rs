@@ -83,7 +83,7 @@ pub(super) fn authentic(request: &Request, shared: &Shared) -> bool {
         .header("authorization")
         .and_then(|a| a.strip_prefix("Bearer "))
         .is_some_and(|t| constant_time_eq(t.as_bytes(), shared.token.as_bytes()));
-    let Some(signature) = request.header(&crate::webhook::SIGNATURE_HEADER.to_ascii_lowercase()) else {
+    let Some(signature) = request.header(&ledger_worker::webhook::SIGNATURE_HEADER.to_ascii_lowercase()) else {
         return false;
     };
     let (mut t, mut v1) = (None, None);

@@ -253,7 +253,11 @@ fn a_lock_timeout_is_retried_until_the_holder_lets_go() {
     let attempts = AtomicU32::new(0);
     let locked = Barrier::new(2);
     let release = Barrier::new(2);
-    let opts = TxOptions { lock_timeout_ms: Some(20), max_attempts: 1_000, backoff_cap_ms: 5, ..TxOptions::default() };
+    let opts = TxOptions {
+        lock_timeout_ms: Some(20),
+        max_attempts: 1_000,
+        backoff: ledger_core::retry::Backoff { cap_ms: 5, ..TxOptions::default().backoff },
+    };
     let req = ledger_core::deposits::Deposit {
         account,
         amount: eur("1.00"),

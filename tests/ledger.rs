@@ -15,7 +15,7 @@ use ledger_core::accounts::{self, NewAccount, SystemRole};
 use ledger_core::deposits::{self, Deposit};
 use ledger_core::error::InvalidInput;
 use ledger_core::transfers::{self, Transfer};
-use ledger_core::withdrawals::{self, Iban, Processed, WithdrawalStatus};
+use ledger_core::withdrawals::{self, Iban, JobOutcome, WithdrawalStatus};
 use ledger_core::{AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
 use ledger_testdb as testing;
 
@@ -83,9 +83,9 @@ fn a_withdrawal_job_is_processed_once_and_a_refusal_is_recorded_with_its_reason(
         let run = |conn: &mut PgConnection, id| {
             ledger_core::transaction(conn, &TxOptions::default(), |tx| withdrawals::process_tx(tx, id)).unwrap()
         };
-        assert!(matches!(run(conn, first), Processed::Debited { .. }));
-        assert_eq!(run(conn, first), Processed::AlreadyFinal(WithdrawalStatus::PayingOut));
-        assert!(matches!(run(conn, second), Processed::Rejected { code: "insufficient_funds", .. }));
+        assert!(matches!(run(conn, first), JobOutcome::Debited { .. }));
+        assert_eq!(run(conn, first), JobOutcome::AlreadyFinal(WithdrawalStatus::PayingOut));
+        assert!(matches!(run(conn, second), JobOutcome::Rejected { code: "insufficient_funds", .. }));
         let job = withdrawals::get(conn, second).unwrap();
         assert_eq!(job.status, WithdrawalStatus::Rejected);
         assert!(job.reason.unwrap().contains("insufficient funds"));
@@ -542,5 +542,41 @@ fn columns_map_to_enums_and_typed_ids_and_an_unknown_value_is_an_error() {
         let c: Cur = diesel::sql_query("SELECT 'JPY' AS v").get_result(conn).unwrap();
         assert_eq!(c.v, Currency::JPY);
         assert!(diesel::sql_query("SELECT 'XXX' AS v").get_result::<Cur>(conn).is_err(), "unknown currency");
+    });
+}
+
+/// A withdrawal job's retry waits as its `RetryPolicy` says, though the wait is
+/// computed in SQL (next to the row's attempt count): under the same capped ceiling as
+/// `Backoff::delay`, above the jitter's floor, and `failed` after `max_attempts`.
+#[testing::test]
+fn a_failed_jobs_retry_waits_as_the_one_retry_policy_says() {
+    use ledger_core::retry::{Backoff, Jitter, RetryPolicy};
+    testing::with_rollback(|conn| {
+        #[derive(QueryableByName)]
+        struct Wait {
+            #[diesel(sql_type = diesel::sql_types::Double)]
+            ms: f64,
+        }
+        let a = testing::funded_account(conn, "r", Currency::EUR, "10.00");
+        let (job, _) = withdrawals::request(conn, &withdrawal(a, "1.00", "retry")).unwrap();
+        let policy = RetryPolicy { max_attempts: 6, backoff: Backoff::new(1_000, 4_000, Jitter::Half) };
+        for n in 0..5_u32 {
+            let status = withdrawals::record_failed_attempt(conn, job, "boom", &policy).unwrap();
+            assert_eq!(status, Some(WithdrawalStatus::Pending), "attempt {n}");
+            let wait: Wait = diesel::sql_query(
+                "SELECT EXTRACT(EPOCH FROM next_attempt_at - now())::float8 * 1000 AS ms FROM withdrawals WHERE id = $1",
+            )
+            .bind::<diesel::sql_types::BigInt, _>(job.get())
+            .get_result(conn)
+            .unwrap();
+            let ceiling = policy.backoff.ceiling_ms(n) as f64;
+            assert!(
+                wait.ms >= ceiling / 2.0 - 1.0 && wait.ms <= ceiling + 1.0,
+                "retry {n}: {} ms, ceiling {ceiling}",
+                wait.ms
+            );
+        }
+        let last = withdrawals::record_failed_attempt(conn, job, "boom", &policy).unwrap();
+        assert_eq!(last, Some(WithdrawalStatus::Failed), "the sixth attempt was the last");
     });
 }

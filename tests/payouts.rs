@@ -11,6 +11,7 @@ use ledger_core::payouts::{
     self, LookupOutcome, PayoutGateway, PayoutRequest, PayoutStatus, Recorded, RetryPolicy, ReturnAuthority,
     ReturnResult, SendOutcome, Verdict,
 };
+use ledger_core::retry::{Backoff, Jitter};
 use ledger_core::withdrawals::{self, WithdrawalStatus};
 use ledger_core::{AccountId, Currency, WithdrawalId};
 use ledger_testdb as testing;
@@ -55,7 +56,7 @@ fn an_accepted_payout_settles_into_external_settlement_and_completes_the_withdra
     assert_eq!(req.idempotency_key, format!("payout-{instance}-w{w}"), "the key names this ledger and the withdrawal");
     assert_eq!((req.possibly_sent, req.token > 0), (false, true), "a first claim, under a fencing token");
     let rec =
-        payouts::record(&mut conn, &req, &Verdict::Paid { reference: Some("bank-1".into()) }, &RetryPolicy::default())
+        payouts::record(&mut conn, &req, &Verdict::Paid { reference: Some("bank-1".into()) }, &RetryPolicy::PAYOUTS)
             .unwrap();
     assert_eq!(rec, Recorded::Settled);
     assert_eq!(withdrawals::get(&mut conn, w).unwrap().status, WithdrawalStatus::Completed);
@@ -79,7 +80,7 @@ fn a_final_rejection_returns_the_funds_with_a_compensating_entry() {
         &mut conn,
         &req,
         &Verdict::Refused { reason: "HTTP 422: account closed at the bank".into() },
-        &RetryPolicy::default(),
+        &RetryPolicy::PAYOUTS,
     )
     .unwrap();
     assert!(matches!(rec, Recorded::Returned { .. }));
@@ -100,7 +101,7 @@ fn transient_failures_back_off_then_fail_and_an_operator_can_retry_or_return() {
     let db = testing::committed();
     let mut conn = db.conn();
     let (a, w) = paying_out(&mut conn, "50.00", "10.00");
-    let policy = RetryPolicy { max_attempts: 3, base_ms: 1, max_backoff_ms: 5 };
+    let policy = RetryPolicy { max_attempts: 3, backoff: Backoff::new(1, 5, Jitter::Half) };
     let down = Verdict::Unknown { error: "HTTP 503: maintenance".into() };
     let mut results = vec![];
     while results.last() != Some(&Recorded::Failed) {
@@ -172,9 +173,9 @@ fn a_claimed_payout_is_leased_and_a_stale_answer_is_not_recorded() {
     assert!(second.possibly_sent, "the first claim may have called the gateway: the second looks it up first");
     assert!(payouts::claim_due(&mut conn, 10, 60_000).unwrap().requests.iter().all(|r| r.withdrawal != w), "leased");
     let ok = Verdict::Paid { reference: None };
-    assert_eq!(payouts::record(&mut conn, &first, &ok, &RetryPolicy::default()).unwrap(), Recorded::Superseded);
-    assert_eq!(payouts::record(&mut conn, &second, &ok, &RetryPolicy::default()).unwrap(), Recorded::Settled);
-    assert_eq!(payouts::record(&mut conn, &second, &ok, &RetryPolicy::default()).unwrap(), Recorded::Superseded);
+    assert_eq!(payouts::record(&mut conn, &first, &ok, &RetryPolicy::PAYOUTS).unwrap(), Recorded::Superseded);
+    assert_eq!(payouts::record(&mut conn, &second, &ok, &RetryPolicy::PAYOUTS).unwrap(), Recorded::Settled);
+    assert_eq!(payouts::record(&mut conn, &second, &ok, &RetryPolicy::PAYOUTS).unwrap(), Recorded::Superseded);
     assert_audit_clean(&mut conn);
 }
 
@@ -194,7 +195,7 @@ impl PayoutGateway for Lookups {
 fn failed_payout(conn: &mut PgConnection, a: AccountId, amount: &str) -> (WithdrawalId, ledger_core::PayoutId) {
     let w = withdrawals::withdraw(conn, &withdrawal(a, amount, "fp")).unwrap().id;
     let req = claim_one_leased(conn, w, 1);
-    let once = RetryPolicy { max_attempts: 1, base_ms: 1, max_backoff_ms: 1 };
+    let once = RetryPolicy { max_attempts: 1, backoff: Backoff::new(1, 1, Jitter::Half) };
     let timeout = Verdict::Unknown { error: "timeout after sending".into() };
     assert_eq!(payouts::record(conn, &req, &timeout, &once).unwrap(), Recorded::Failed);
     (w, ledger_core::PayoutId::new(req.payout.get()).unwrap())
@@ -265,8 +266,8 @@ fn fencing_tokens_are_never_reused_so_an_old_claims_answer_is_never_recorded() {
     assert!(again.token > old_token, "a new claim, a new token: they never go back");
     let stale = PayoutRequest { token: old_token, ..again.clone() };
     let paid = Verdict::Paid { reference: None };
-    assert_eq!(payouts::record(&mut conn, &stale, &paid, &RetryPolicy::default()).unwrap(), Recorded::Superseded);
-    assert_eq!(payouts::record(&mut conn, &again, &paid, &RetryPolicy::default()).unwrap(), Recorded::Settled);
+    assert_eq!(payouts::record(&mut conn, &stale, &paid, &RetryPolicy::PAYOUTS).unwrap(), Recorded::Superseded);
+    assert_eq!(payouts::record(&mut conn, &again, &paid, &RetryPolicy::PAYOUTS).unwrap(), Recorded::Settled);
     assert_audit_clean(&mut conn);
 }
 
@@ -291,7 +292,7 @@ fn one_transaction_records_a_mixed_batch_of_verdicts() {
         (by_w(ws[4]), Verdict::NotSent),
         (PayoutRequest { token: 0, ..by_w(ws[5]) }, Verdict::Paid { reference: None }),
     ];
-    let recorded = payouts::record_all(&mut conn, &verdicts, &RetryPolicy::default()).unwrap();
+    let recorded = payouts::record_all(&mut conn, &verdicts, &RetryPolicy::PAYOUTS).unwrap();
     assert_eq!(recorded[..2], [Recorded::Settled, Recorded::Settled]);
     assert!(matches!(recorded[2], Recorded::Returned { .. }));
     assert_eq!(recorded[3..], [Recorded::Retrying, Recorded::Released, Recorded::Superseded]);
@@ -339,7 +340,7 @@ fn a_return_is_refused_when_the_payout_was_sent_again_during_its_lookup() {
         let mut other = ledger_core::db::connect(&url, &Default::default()).unwrap();
         payouts::retry(&mut other, p).unwrap();
         let req = claim_one_leased(&mut other, w, 1);
-        let once = RetryPolicy { max_attempts: 1, base_ms: 1, max_backoff_ms: 1 };
+        let once = RetryPolicy { max_attempts: 1, backoff: Backoff::new(1, 1, Jitter::Half) };
         let lost = Verdict::Unknown { error: "timeout after sending".into() };
         assert_eq!(payouts::record(&mut other, &req, &lost, &once).unwrap(), Recorded::Failed);
     });
@@ -357,7 +358,7 @@ fn a_return_waits_for_the_last_calls_lease_to_end() {
     let a = testing::funded_account(&mut conn, "payee", Currency::EUR, "100.00");
     let w = withdrawals::withdraw(&mut conn, &withdrawal(a, "10.00", "lease")).unwrap().id;
     let req = claim_one(&mut conn, w); // a 60 s lease: its call may still be at work
-    let once = RetryPolicy { max_attempts: 1, base_ms: 1, max_backoff_ms: 1 };
+    let once = RetryPolicy { max_attempts: 1, backoff: Backoff::new(1, 1, Jitter::Half) };
     let lost = Verdict::Unknown { error: "timeout".into() };
     assert_eq!(payouts::record(&mut conn, &req, &lost, &once).unwrap(), Recorded::Failed);
     let never = Lookups(LookupOutcome::NotFound);
@@ -387,7 +388,7 @@ fn a_verdict_that_cannot_be_recorded_fails_alone_and_the_rest_of_the_batch_is_re
         (by_w(healthy), Verdict::Paid { reference: Some("ref\u{0}-1".into()) }),
         (by_w(broken), Verdict::Paid { reference: None }),
     ];
-    let recorded = payouts::record_all(&mut conn, &verdicts, &RetryPolicy::default()).unwrap();
+    let recorded = payouts::record_all(&mut conn, &verdicts, &RetryPolicy::PAYOUTS).unwrap();
     assert_eq!(recorded[0], Recorded::Settled);
     assert!(matches!(&recorded[1], Recorded::Unrecordable { error } if error.contains("inconsistent")), "{recorded:?}");
     let ok = payouts::for_withdrawal(&mut conn, healthy).unwrap().unwrap();
@@ -455,7 +456,7 @@ fn two_dispatchers(lease_ms: u64, guarded: bool) -> (usize, usize) {
                 let lease_until = claim.lease_until;
                 let may_call = move || !guarded || std::time::Instant::now() + budget <= lease_until;
                 let verdicts = ledger_core::dispatcher::resolve_all(gateway, &claim.requests, 4, &may_call);
-                payouts::record_all(&mut conn, &verdicts, &RetryPolicy::default()).unwrap();
+                payouts::record_all(&mut conn, &verdicts, &RetryPolicy::PAYOUTS).unwrap();
             });
         }
     });
@@ -518,7 +519,7 @@ fn a_batch_can_claim_its_payouts_as_it_queues_them_under_fresh_tokens() {
     let recorded = payouts::record_all(
         &mut conn,
         &[(claimed[0].clone(), paid.clone()), (claimed[1].clone(), Verdict::NotSent), (stale, paid.clone())],
-        &RetryPolicy::default(),
+        &RetryPolicy::PAYOUTS,
     )
     .unwrap();
     assert_eq!(recorded, vec![Recorded::Settled, Recorded::Released, Recorded::Superseded]);
@@ -543,7 +544,7 @@ fn payouts_settled_together_share_one_entry_and_the_audit_pairs_it_with_their_su
         .collect();
     let claim = payouts::claim_due(&mut conn, 100, 60_000).unwrap();
     let verdicts: Vec<_> = claim.requests.iter().map(|r| (r.clone(), Verdict::Paid { reference: None })).collect();
-    let recorded = payouts::record_all(&mut conn, &verdicts, &RetryPolicy::default()).unwrap();
+    let recorded = payouts::record_all(&mut conn, &verdicts, &RetryPolicy::PAYOUTS).unwrap();
     assert_eq!(recorded, vec![Recorded::Settled; 3]);
     let entries: std::collections::BTreeSet<Option<ledger_core::EntryId>> =
         ws.iter().map(|w| payouts::for_withdrawal(&mut conn, *w).unwrap().unwrap().resolution_entry_id).collect();

@@ -22,7 +22,11 @@ use ledger_testdb::{self as testing, TestDb};
 
 /// Retries without the backoff's waiting, so the tests stay quick.
 fn attempts(max_attempts: u32) -> TxOptions {
-    TxOptions { max_attempts, backoff_base_ms: 1, backoff_cap_ms: 2, lock_timeout_ms: None }
+    TxOptions {
+        max_attempts,
+        backoff: ledger_core::retry::Backoff::new(1, 2, ledger_core::retry::Jitter::Full),
+        lock_timeout_ms: None,
+    }
 }
 
 /// `RAISE EXCEPTION text USING ERRCODE = code`: an error with exactly this SQLSTATE

@@ -49,7 +49,7 @@ impl Default for DispatchConfig {
             concurrency: 16,
             lease_ms: 60_000,
             call_timeout_ms: 10_000,
-            retry: RetryPolicy::default(),
+            retry: RetryPolicy::PAYOUTS,
         }
     }
 }

@@ -43,6 +43,7 @@ pub mod money;
 pub mod outbox;
 pub mod payouts;
 pub(crate) mod prepared;
+pub mod retry;
 #[rustfmt::skip]
 pub mod schema;
 pub mod sqlstate;

@@ -16,15 +16,16 @@ use diesel::Connection;
 use crate::db::Pool;
 use crate::error::{LedgerError, RetryClass, Transient};
 use crate::ids::AccountId;
+use crate::retry::{Backoff, Jitter};
 
 /// How the outermost transaction retries transient failures.
 #[derive(Clone, Debug)]
 pub struct TxOptions {
     /// Total attempts, including the first. 1 disables retries.
     pub max_attempts: u32,
-    /// Backoff before retry n is a random duration in [0, min(cap, base * 2^n)].
-    pub backoff_base_ms: u64,
-    pub backoff_cap_ms: u64,
+    /// The wait before each retry (full jitter: spreads out the workers that collided
+    /// so they do not collide again).
+    pub backoff: Backoff,
     /// `SET LOCAL lock_timeout` for this transaction; `None` keeps the session's value
     /// (pools made by `db::pool` set one for every connection).
     pub lock_timeout_ms: Option<u64>,
@@ -32,7 +33,7 @@ pub struct TxOptions {
 
 impl Default for TxOptions {
     fn default() -> Self {
-        TxOptions { max_attempts: 8, backoff_base_ms: 2, backoff_cap_ms: 200, lock_timeout_ms: None }
+        TxOptions { max_attempts: 8, backoff: Backoff::new(2, 200, Jitter::Full), lock_timeout_ms: None }
     }
 }
 
@@ -41,13 +42,6 @@ impl TxOptions {
     /// something never happens (rather than happens and is retried away).
     pub fn no_retry() -> TxOptions {
         TxOptions { max_attempts: 1, ..TxOptions::default() }
-    }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self.backoff_base_ms.saturating_mul(1u64 << attempt.min(20));
-        let ceiling = exp.min(self.backoff_cap_ms).max(1);
-        // Full jitter: spreads out the workers that collided so they do not collide again.
-        Duration::from_millis(fastrand::u64(0..=ceiling))
     }
 }
 
@@ -226,7 +220,7 @@ where
             Err(e) if attempt < opts.max_attempts => match e.transient() {
                 // A lost connection cannot be retried on the same connection.
                 Some(Transient::ConnectionLost) | None => return Err(e),
-                Some(_) => std::thread::sleep(opts.backoff(attempt)),
+                Some(_) => std::thread::sleep(opts.backoff.delay(attempt)),
             },
             other => return other,
         }
@@ -285,7 +279,7 @@ where
             .and_then(|mut conn| transaction(&mut conn, &once, &mut f));
         match result {
             Err(e) if e.is_transient() && attempt < opts.max_attempts => {
-                if !patience.may_retry() || !sleep_unless(opts.backoff(attempt), || !patience.may_retry()) {
+                if !patience.may_retry() || !sleep_unless(opts.backoff.delay(attempt), || !patience.may_retry()) {
                     return Err(e);
                 }
             }
@@ -361,13 +355,5 @@ mod tests {
         let set: LockSet = [id(9), id(2), id(9), id(5)].into_iter().collect();
         assert_eq!(set.ids().map(AccountId::get).collect::<Vec<_>>(), vec![2, 5, 9]);
         assert_eq!(LockSet::new().with(id(3)).with(id(1)).ids().map(AccountId::get).collect::<Vec<_>>(), vec![1, 3]);
-    }
-
-    #[test]
-    fn backoff_is_bounded_by_the_cap() {
-        let opts = TxOptions { backoff_base_ms: 10, backoff_cap_ms: 50, ..TxOptions::default() };
-        for attempt in 0..40 {
-            assert!(opts.backoff(attempt) <= Duration::from_millis(50));
-        }
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use diesel::connection::SimpleConnection;
+use ledger_core::retry::{Backoff, Jitter, RetryPolicy};
 use ledger_core::withdrawals::{self, BatchItem, JobOutcome, WithdrawalStatus};
 use ledger_core::{accounts, LedgerError, Tx, TxOptions, WithdrawalId};
 use ledger_testdb as testing;
@@ -151,8 +152,7 @@ fn quick_config() -> WorkerConfig {
         pool_size: 4,
         batch_size: 8,
         poll_interval_ms: 50,
-        job_max_attempts: 3,
-        job_max_backoff_ms: 20,
+        job_retry: RetryPolicy { max_attempts: 3, backoff: Backoff::new(10, 20, Jitter::Half) },
         ..WorkerConfig::default()
     }
 }
@@ -281,7 +281,12 @@ fn a_locked_account_makes_jobs_wait_and_retry_not_fail() {
     let (accounts_, jobs) = seed(&mut conn, 1, "1000.00", 20);
     let mut holder = db.conn();
     let metrics = Metrics::new();
-    let config = WorkerConfig { lock_timeout_ms: 30, tx_attempts: 2, job_max_attempts: 1_000, ..quick_config() };
+    let config = WorkerConfig {
+        lock_timeout_ms: 30,
+        tx_attempts: 2,
+        job_retry: RetryPolicy { max_attempts: 1_000, ..quick_config().job_retry },
+        ..quick_config()
+    };
     thread::scope(|s| {
         let (locked_tx, locked_rx) = crossbeam_channel::bounded::<()>(0);
         let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);

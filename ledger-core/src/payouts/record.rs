@@ -41,28 +41,9 @@ pub enum Recorded {
     },
 }
 
-/// Backoff and retry limits for unknown gateway outcomes.
-#[derive(Clone, Debug)]
-pub struct RetryPolicy {
-    pub max_attempts: u32,
-    pub base_ms: u64,
-    pub max_backoff_ms: u64,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy { max_attempts: 12, base_ms: 200, max_backoff_ms: 60_000 }
-    }
-}
-
-impl RetryPolicy {
-    /// Jittered exponential backoff before attempt `attempts + 1`.
-    pub fn backoff_ms(&self, attempts: i32) -> u64 {
-        let exp = self.base_ms.saturating_mul(1_u64 << attempts.clamp(0, 30));
-        let ceiling = exp.min(self.max_backoff_ms).max(1);
-        fastrand::u64(ceiling / 2..=ceiling)
-    }
-}
+/// Backoff and retry limits for unknown gateway outcomes ([`RetryPolicy::PAYOUTS`] by
+/// default): the one retry policy of the crate.
+pub use crate::retry::RetryPolicy;
 
 /// Records one verdict in its own transaction (see [`record_all`]).
 pub fn record(
@@ -256,7 +237,7 @@ fn reschedule(
             .execute(tx.conn())?;
         return Ok(Recorded::Failed);
     }
-    let wait_ms = policy.backoff_ms(p.attempts);
+    let wait_ms = policy.backoff.delay(u32::try_from(p.attempts).unwrap_or(0)).as_millis() as u64;
     diesel::sql_query(
         "UPDATE payouts SET last_error = $2, updated_at = now(), claim_token = NULL,
              attempts = attempts - $4::int,

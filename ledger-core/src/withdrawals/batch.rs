@@ -13,7 +13,8 @@ impl StaticSql for WritePlan {
     const SQL: &'static str = include_str!("write_plan.sql");
 }
 
-/// What happened to one job of a batch.
+/// What happened to one job: the one outcome type of every path (the batch, the careful
+/// per-job path and the single `process_tx`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobOutcome {
     /// Debited; entry and payout written; the withdrawal is paying out.
@@ -22,6 +23,9 @@ pub enum JobOutcome {
     Rejected { code: &'static str, reason: String },
     /// Not processed here: another worker holds it, or it is no longer pending.
     Skipped,
+    /// Already final when the single path looked ([`super::process_tx`]): another
+    /// worker, or an earlier run, finished it.
+    AlreadyFinal(WithdrawalStatus),
     /// An infrastructure error rolled this job back (its savepoint) and left it pending;
     /// the caller records the attempt.
     Errored { error: String, transient: bool },

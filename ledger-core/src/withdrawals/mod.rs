@@ -134,17 +134,6 @@ pub struct Withdrawal {
     pub entry_id: Option<EntryId>,
 }
 
-/// What processing a job did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Processed {
-    /// Funds debited into payouts-in-transit, journal entry and payout written.
-    Debited { entry: EntryId, payout: PayoutId },
-    /// A business refusal (e.g. insufficient funds), recorded on the job with its reason.
-    Rejected { code: &'static str, reason: String },
-    /// The job was already final (another worker, or an earlier run, finished it).
-    AlreadyFinal(WithdrawalStatus),
-}
-
 /// Records a pending withdrawal (the job). Idempotent under the request's key. Checks
 /// the account exists, is open and holds the currency, so a bad request is refused now
 /// rather than rejected later; the balance is checked when the job runs.
@@ -197,7 +186,7 @@ pub fn get(conn: &mut PgConnection, id: WithdrawalId) -> Result<Withdrawal, Ledg
 /// Processes one pending job in the caller's transaction. Business refusals are
 /// recorded on the job (and returned as `Rejected`); infrastructure errors are returned
 /// as `Err` and leave the job pending for a retry.
-pub fn process_tx(tx: &mut Tx<'_>, id: WithdrawalId) -> Result<Processed, LedgerError> {
+pub fn process_tx(tx: &mut Tx<'_>, id: WithdrawalId) -> Result<JobOutcome, LedgerError> {
     // Only a pending job is locked: a finished one may be waited for by its payout's
     // settlement or return, which would then wait on us. (IS NOT DISTINCT FROM: see
     // the batch path.) A job that another transaction finishes while we wait for its
@@ -211,17 +200,17 @@ pub fn process_tx(tx: &mut Tx<'_>, id: WithdrawalId) -> Result<Processed, Ledger
         .optional()?;
     let Some(job) = locked else {
         let finished = get(tx.conn(), id)?;
-        return Ok(Processed::AlreadyFinal(finished.status));
+        return Ok(JobOutcome::AlreadyFinal(finished.status));
     };
     match debit_tx(tx, &job) {
         Ok((entry, payout)) => {
             mark_debited(tx, job.id, entry)?;
-            Ok(Processed::Debited { entry, payout })
+            Ok(JobOutcome::Debited { entry, payout })
         }
         Err(e) if e.is_business_rejection() => {
             let reason = e.to_string();
             mark_rejected(tx, job.id, &reason)?;
-            Ok(Processed::Rejected { code: e.code(), reason })
+            Ok(JobOutcome::Rejected { code: e.code(), reason })
         }
         Err(e) => Err(e),
     }

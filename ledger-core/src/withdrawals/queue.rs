@@ -3,17 +3,19 @@
 
 use super::*;
 use crate::prepared::{Prepared, StaticSql};
+use crate::retry::RetryPolicy;
 
-/// Records a failed attempt on a pending job: it waits (exponential backoff with jitter,
-/// capped at `max_backoff_ms`) before it is claimed again, and after `max_attempts`
-/// attempts it ends as `failed` with its last error. Returns the job's status after.
+/// Records a failed attempt on a pending job: it waits as `policy` says (evaluated in
+/// SQL, with the row's own attempt count) before it is claimed again, and after
+/// `policy.max_attempts` attempts it ends as `failed` with its last error. Returns the
+/// job's status after. [`RetryPolicy::JOBS`] is the daemon's default.
 pub fn record_failed_attempt(
     conn: &mut PgConnection,
     id: WithdrawalId,
     error: &str,
-    max_attempts: u32,
-    max_backoff_ms: u64,
+    policy: &RetryPolicy,
 ) -> Result<Option<WithdrawalStatus>, LedgerError> {
+    let b = &policy.backoff;
     #[derive(QueryableByName)]
     struct Status {
         #[diesel(sql_type = diesel::sql_types::Text)]
@@ -24,8 +26,11 @@ pub fn record_failed_attempt(
         "UPDATE withdrawals SET
              attempts = attempts + 1,
              last_error = $2,
+             -- Backoff::delay(attempts) (crate::retry), here because `attempts` is the row's:
+             -- ceiling min(cap $4, base $5 * 2^n), at least 1 ms, jittered above floor $6.
              next_attempt_at = now() + make_interval(secs =>
-                 least($4::float8 / 1000, 0.05 * power(2, attempts)) * (0.5 + random() / 2)),
+                 greatest(1, least($4::float8, $5::float8 * power(2, least(attempts, 30))))
+                 * ($6::float8 + random() * (1 - $6::float8)) / 1000),
              status = CASE WHEN attempts + 1 >= $3 THEN 'failed' ELSE status END,
              reason = CASE WHEN attempts + 1 >= $3 THEN 'gave up after ' || (attempts + 1) || ' attempts: ' || $2
                            ELSE reason END,
@@ -35,8 +40,10 @@ pub fn record_failed_attempt(
     )
     .bind::<diesel::sql_types::BigInt, _>(id.get())
     .bind::<diesel::sql_types::Text, _>(&error)
-    .bind::<diesel::sql_types::Integer, _>(i32::try_from(max_attempts).unwrap_or(i32::MAX))
-    .bind::<diesel::sql_types::BigInt, _>(i64::try_from(max_backoff_ms).unwrap_or(i64::MAX))
+    .bind::<diesel::sql_types::Integer, _>(i32::try_from(policy.max_attempts).unwrap_or(i32::MAX))
+    .bind::<diesel::sql_types::BigInt, _>(i64::try_from(b.cap_ms).unwrap_or(i64::MAX))
+    .bind::<diesel::sql_types::BigInt, _>(i64::try_from(b.base_ms).unwrap_or(i64::MAX))
+    .bind::<diesel::sql_types::Double, _>(b.floor_fraction())
     .get_result(conn)
     .optional()?;
     Ok(row.map(|r| r.status))

@@ -117,8 +117,10 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         poll_interval_ms: args.poll_interval_ms,
         lock_timeout_ms: args.lock_timeout_ms,
         tx_attempts: args.tx_attempts,
-        job_max_attempts: args.max_attempts,
-        job_max_backoff_ms: args.max_backoff_ms,
+        job_retry: RetryPolicy {
+            max_attempts: args.max_attempts,
+            backoff: Backoff { cap_ms: args.max_backoff_ms, ..RetryPolicy::JOBS.backoff },
+        },
         claim: true,
         shutdown_grace_ms: args.shutdown_grace_ms,
         application_name: "ledger-worker".into(),
@@ -131,8 +133,7 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         payout_call_timeout_ms: args.payout_timeout_ms,
         payout_retry: RetryPolicy {
             max_attempts: args.payout_max_attempts,
-            base_ms: args.payout_base_backoff_ms,
-            max_backoff_ms: args.payout_max_backoff_ms,
+            backoff: Backoff::new(args.payout_base_backoff_ms, args.payout_max_backoff_ms, Jitter::Half),
         },
     };
     if args.payout_timeout_ms == 0 || args.payout_connect_timeout_ms == 0 {

@@ -31,7 +31,7 @@ pub(super) fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
                         failures += 1;
                         warn!(error = %e, "claimer cannot connect; retrying");
                         doing("backing off (claimer)");
-                        sleep_unless_stopping(&shared, backoff(failures));
+                        shared.shutdown.sleep(backoff(failures));
                         continue;
                     }
                 }
@@ -98,7 +98,7 @@ pub(super) fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
                     conn = None;
                 }
                 doing("backing off (claimer)");
-                sleep_unless_stopping(&shared, backoff(failures));
+                shared.shutdown.sleep(backoff(failures));
             }
         }
     }
@@ -127,7 +127,7 @@ pub(super) fn wait_for_work(shared: &Shared, conn: &mut PgConnection) -> Result<
             n?;
             woke = true;
         }
-        if woke || Instant::now() >= deadline || shared.stopping.load(Ordering::SeqCst) {
+        if woke || Instant::now() >= deadline || shared.stopping() {
             return Ok(());
         }
         // Diesel does not expose the socket to wait on; checking for a NOTIFY costs one
@@ -141,7 +141,7 @@ pub(super) fn send_unless_stopping(shared: &Shared, sender: &Sender<i64>, id: i6
         match sender.send_timeout(id, Duration::from_millis(50)) {
             Ok(()) => return true,
             Err(SendTimeoutError::Disconnected(_)) => return false,
-            Err(SendTimeoutError::Timeout(_)) if shared.stopping.load(Ordering::SeqCst) => return false,
+            Err(SendTimeoutError::Timeout(_)) if shared.stopping() => return false,
             Err(SendTimeoutError::Timeout(_)) => {}
         }
     }

@@ -17,10 +17,9 @@ pub struct WorkerConfig {
     pub lock_timeout_ms: u64,
     /// Attempts of one batch transaction on transient errors, in-process.
     pub tx_attempts: u32,
-    /// Attempts of one job (across batches and restarts) before it ends as `failed`.
-    pub job_max_attempts: u32,
-    /// Cap of the wait between a job's attempts.
-    pub job_max_backoff_ms: u64,
+    /// Attempts of one job (across batches and restarts) before it ends as `failed`,
+    /// and the wait between them.
+    pub job_retry: RetryPolicy,
     /// Run the claimer (off: only jobs given to `submit` are processed).
     pub claim: bool,
     /// On shutdown, queued jobs not started within this time stay pending for later;
@@ -53,8 +52,7 @@ impl Default for WorkerConfig {
             poll_interval_ms: 1_000,
             lock_timeout_ms: 2_000,
             tx_attempts: 5,
-            job_max_attempts: 10,
-            job_max_backoff_ms: 30_000,
+            job_retry: RetryPolicy::JOBS,
             claim: true,
             shutdown_grace_ms: 10_000,
             application_name: "ledger-worker".into(),
@@ -62,7 +60,7 @@ impl Default for WorkerConfig {
             payout_batch: 256,
             payout_lease_ms: 60_000,
             payout_poll_ms: 50,
-            payout_retry: RetryPolicy::default(),
+            payout_retry: RetryPolicy::PAYOUTS,
             payout_concurrency: 16,
             payout_call_timeout_ms: 10_000,
         }
@@ -83,7 +81,7 @@ impl WorkerConfig {
             concurrency: self.payout_concurrency,
             lease_ms: self.payout_lease_ms,
             call_timeout_ms: self.payout_call_timeout_ms,
-            retry: self.payout_retry.clone(),
+            retry: self.payout_retry,
         }
     }
 
@@ -95,7 +93,10 @@ impl WorkerConfig {
             (self.batch_size >= 1 && self.batch_size <= 1_000, "--batch-size must be 1..=1000"),
             (self.poll_interval_ms >= 1, "--poll-interval-ms must be at least 1"),
             (self.tx_attempts >= 1 && self.tx_attempts <= 100, "--tx-attempts must be 1..=100"),
-            (self.job_max_attempts >= 1 && self.job_max_attempts <= 1_000, "--max-attempts must be 1..=1000"),
+            (
+                self.job_retry.max_attempts >= 1 && self.job_retry.max_attempts <= 1_000,
+                "--max-attempts must be 1..=1000",
+            ),
             (self.payout_threads <= 64, "--payout-threads must be 0..=64"),
             (self.payout_batch >= 1 && self.payout_batch <= 1_000, "--payout-batch must be 1..=1000"),
             (self.payout_lease_ms >= 100, "--payout-lease-ms must be at least 100"),

@@ -72,7 +72,7 @@ pub(super) fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
             if let Some(claim) = waiting.take().or_else(|| shared.payout_handoff.1.try_recv().ok()) {
                 release_claim(shared, claim);
             }
-            sleep_unless_stopping(shared, Duration::from_millis(200));
+            shared.shutdown.sleep(Duration::from_millis(200));
             continue;
         }
         // A claim handed over by a batch first; the table (retries, other daemons'
@@ -112,7 +112,7 @@ pub(super) fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
                             warn!(error = %e, "claiming payouts failed; retrying");
                         }
                         doing("backing off (payouts)");
-                        sleep_unless_stopping(shared, backoff(failures));
+                        shared.shutdown.sleep(backoff(failures));
                         continue;
                     }
                 }

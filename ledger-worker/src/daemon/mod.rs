@@ -10,13 +10,14 @@
 //! The pool can also be fed in-process: an embedding service inserts withdrawal rows in
 //! its own transaction, commits, and calls [`WorkerPool::submit`].
 //!
-//! Shutdown is bounded, whatever the database or the gateway do. One signal (`stopping`,
-//! then the drain deadline) is checked by every loop and every wait: waits for a pooled
-//! connection, backoffs and channel waits are sliced and end when it says so; once
-//! stopping, nothing is retried and no new job or payout is started after the grace
-//! period. What cannot be interrupted is a call already inside libpq (a statement on a
-//! connection whose server stopped answering) or inside the gateway's HTTP client: the
-//! threads doing that are not waited for past the grace period (plus [`WIND_DOWN`]);
+//! Shutdown is bounded, whatever the database or the gateway do. One signal
+//! (`shutdown::Shutdown`: stopping, then the grace period's end) is checked by every
+//! loop and every wait: waits for a pooled connection, backoffs and channel waits are
+//! sliced and end when it says so; once stopping, nothing is retried and no new job or
+//! payout is started after the grace period. What cannot be interrupted is a call
+//! already inside libpq (a statement on a connection whose server stopped answering) or
+//! inside the gateway's HTTP client: the threads doing that are not waited for past
+//! the grace period (plus [`WIND_DOWN`]);
 //! [`WorkerPool::shutdown`] names them in its report and the caller exits without them.
 //! Their transactions were not committed by this process (the server rolls them back
 //! when the connection goes), so their jobs stay pending, and a payout whose gateway
@@ -44,7 +45,8 @@ use diesel::pg::PgConnection;
 use diesel::RunQueryDsl;
 use ledger_core::db::{self, Pool, PoolConfig, SessionConfig};
 use ledger_core::error::{RetryClass, Transient};
-use ledger_core::payouts::{self, PayoutGateway, PayoutRequest, Recorded, RetryPolicy, Verdict};
+use ledger_core::payouts::{self, PayoutGateway, PayoutRequest, Recorded, Verdict};
+use ledger_core::retry::{Backoff, Jitter, RetryPolicy};
 use ledger_core::tx::Patience;
 use ledger_core::withdrawals::{self, BatchItem, JobOutcome, WithdrawalStatus};
 use ledger_core::{LedgerError, Tx, TxOptions, WithdrawalId};
@@ -56,13 +58,14 @@ mod claimer;
 mod config;
 mod dispatch;
 mod pool;
+mod shutdown;
 mod threads;
 mod worker;
 
 pub use config::WorkerConfig;
 pub use pool::{Builder, ShutdownReport, SubmitError, WorkerPool};
 // The rooms below share these through `use super::*`.
-use {claimer::*, dispatch::*, threads::*, worker::*};
+use {claimer::*, dispatch::*, shutdown::*, threads::*, worker::*};
 
 /// How a batch of jobs is processed inside its transaction. The default runs
 /// `ledger_core::withdrawals::process_batch_tx`; tests wrap it to inject faults.
@@ -120,12 +123,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Ids queued or being processed here, so the claimer does not queue them twice.
     inflight: Mutex<HashSet<i64>>,
-    /// Stop claiming; workers drain the channel until `drain_deadline`.
-    stopping: AtomicBool,
-    drain_deadline: Mutex<Option<Instant>>,
-    /// Set when the database failed a batch during shutdown: the rest of the queue is
-    /// left pending at once instead of failing one batch after another.
-    abandon_queue: AtomicBool,
+    /// The one stop signal: stop claiming, drain until the grace period ends.
+    shutdown: Shutdown,
     /// Set by the claimer when nothing is pending or in flight.
     idle: AtomicBool,
     /// Whether payouts are dispatched here (so idle also waits for them).
@@ -157,13 +156,7 @@ impl Shared {
     }
 
     fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
-    }
-
-    /// Stopping, and the grace period is over: no new work, no more waiting.
-    fn past_deadline(&self) -> bool {
-        let deadline = *self.drain_deadline.lock().unwrap_or_else(|e| e.into_inner());
-        deadline.is_some_and(|d| Instant::now() > d)
+        self.shutdown.stopping()
     }
 }
 
@@ -177,7 +170,7 @@ impl Patience for Shared {
 
     fn give_up_waiting(&self, waited: Duration) -> bool {
         self.stopping()
-            && (waited >= STOPPING_CHECKOUT_WAIT || self.abandon_queue.load(Ordering::SeqCst) || self.past_deadline())
+            && (waited >= STOPPING_CHECKOUT_WAIT || self.shutdown.queue_abandoned() || self.shutdown.past_deadline())
     }
 }
 
@@ -187,7 +180,7 @@ struct UntilDeadline<'a>(&'a Shared);
 
 impl Patience for UntilDeadline<'_> {
     fn may_retry(&self) -> bool {
-        !self.0.past_deadline()
+        !self.0.shutdown.past_deadline()
     }
 
     fn give_up_waiting(&self, waited: Duration) -> bool {

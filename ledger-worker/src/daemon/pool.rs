@@ -116,9 +116,7 @@ impl WorkerPool {
             processor,
             metrics,
             inflight: Mutex::new(HashSet::new()),
-            stopping: AtomicBool::new(false),
-            drain_deadline: Mutex::new(None),
-            abandon_queue: AtomicBool::new(false),
+            shutdown: Shutdown::default(),
             idle: AtomicBool::new(false),
             dispatching,
             tracker: Arc::default(),
@@ -182,7 +180,7 @@ impl WorkerPool {
     /// Queues a committed pending withdrawal for processing. Blocks while the queue is
     /// full, at most `wait`.
     pub fn submit(&self, id: WithdrawalId, wait: Duration) -> Result<(), SubmitError> {
-        if self.shared.stopping.load(Ordering::SeqCst) {
+        if self.shared.stopping() {
             return Err(SubmitError::ShuttingDown);
         }
         let senders = self.senders.as_ref().ok_or(SubmitError::ShuttingDown)?;
@@ -226,8 +224,7 @@ impl WorkerPool {
     pub(super) fn stop(&mut self) -> ShutdownReport {
         let started = Instant::now();
         let grace = Duration::from_millis(self.shared.config.shutdown_grace_ms);
-        *self.shared.drain_deadline.lock().unwrap_or_else(|e| e.into_inner()) = Some(started + grace);
-        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.shutdown.begin(started, grace);
         self.senders.take();
         let give_up_at = started + grace + WIND_DOWN;
         let busy = self.shared.tracker.wait_all(give_up_at);

@@ -104,7 +104,7 @@ pub(super) fn resilient(shared: &Shared, what: &str, body: impl Fn()) {
             Err(panic) => {
                 shared.metrics.panics.fetch_add(1, Ordering::Relaxed);
                 error!(thread = what, panic = panic_message(&panic), "panicked; restarting it");
-                if shared.stopping.load(Ordering::SeqCst) {
+                if shared.stopping() {
                     return;
                 }
                 thread::sleep(Duration::from_millis(100));
@@ -121,19 +121,8 @@ pub(super) fn panic_message(panic: &Box<dyn Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic".into())
 }
 
+/// How long a thread waits before reconnecting after `failures` failures in a row.
 pub(super) fn backoff(failures: u32) -> Duration {
-    let cap_ms = 2_000_u64;
-    let exp = 20_u64.saturating_mul(1 << failures.min(10));
-    Duration::from_millis(fastrand::u64(exp.min(cap_ms) / 2..=exp.min(cap_ms)))
-}
-
-pub(super) fn sleep_unless_stopping(shared: &Shared, total: Duration) {
-    let until = Instant::now() + total;
-    loop {
-        let now = Instant::now();
-        if now >= until || shared.stopping() {
-            return;
-        }
-        thread::sleep((until - now).min(Duration::from_millis(10)));
-    }
+    const RECONNECT: Backoff = Backoff::new(20, 2_000, Jitter::Half);
+    RECONNECT.delay(failures)
 }

@@ -32,7 +32,7 @@ pub(super) fn supervise_workers(shared: Arc<Shared>, receivers: Vec<Receiver<i64
     let mut workers: Vec<Option<JoinHandle<WorkerExit>>> = (0..receivers.len()).map(|_| None).collect();
     let mut generation = 0;
     loop {
-        let stopping = shared.stopping.load(Ordering::SeqCst);
+        let stopping = shared.stopping();
         for (lane, slot) in workers.iter_mut().enumerate() {
             if slot.as_ref().is_some_and(|h| h.is_finished()) {
                 let exit = slot.take().expect("checked").join().unwrap_or(WorkerExit::Panicked);
@@ -75,7 +75,7 @@ pub(super) fn worker_loop(shared: &Shared, receiver: &Receiver<i64>) -> WorkerEx
             Ok(id) => id,
             Err(RecvTimeoutError::Disconnected) => return WorkerExit::Done,
             Err(RecvTimeoutError::Timeout) => {
-                if shared.stopping.load(Ordering::SeqCst) && receiver.is_empty() {
+                if shared.stopping() && receiver.is_empty() {
                     return WorkerExit::Done;
                 }
                 continue;
@@ -88,7 +88,7 @@ pub(super) fn worker_loop(shared: &Shared, receiver: &Receiver<i64>) -> WorkerEx
                 Err(_) => break,
             }
         }
-        if shared.stopping() && (shared.past_deadline() || shared.abandon_queue.load(Ordering::SeqCst)) {
+        if shared.shutdown.leave_queue() {
             // Out of grace, or the database failed during shutdown: leave these pending
             // (the next run claims them).
             let mut inflight = shared.inflight();
@@ -218,7 +218,7 @@ pub(super) fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
                         }
                         debug!(withdrawal = item.id.get(), code, "rejected");
                     }
-                    JobOutcome::Skipped => {
+                    JobOutcome::Skipped | JobOutcome::AlreadyFinal(_) => {
                         shared.metrics.skipped.fetch_add(1, Ordering::Relaxed);
                     }
                     // Its savepoint was rolled back: during shutdown it just stays pending.
@@ -231,7 +231,7 @@ pub(super) fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
         }
         Err(e) if shared.stopping() => {
             if connection_trouble(&e) {
-                shared.abandon_queue.store(true, Ordering::SeqCst);
+                shared.shutdown.abandon_queue();
             }
             warn!(error = %e, jobs = ids.len(), "batch not done during shutdown; its jobs stay pending");
         }
@@ -252,13 +252,7 @@ pub(super) fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
 pub(super) fn record_attempt(shared: &Shared, id: WithdrawalId, error: &str) -> bool {
     let opts = TxOptions { max_attempts: shared.config.tx_attempts, ..TxOptions::default() };
     let result = ledger_core::tx::transaction_pooled_until(&shared.pool, &opts, shared, |tx| {
-        withdrawals::record_failed_attempt(
-            tx.conn(),
-            id,
-            error,
-            shared.config.job_max_attempts,
-            shared.config.job_max_backoff_ms,
-        )
+        withdrawals::record_failed_attempt(tx.conn(), id, error, &shared.config.job_retry)
     });
     match result {
         Ok(Some(WithdrawalStatus::Failed)) => {

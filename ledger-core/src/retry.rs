@@ -16,7 +16,7 @@ pub enum Jitter {
 }
 
 /// The wait before retry `n` (0 for the first retry): jittered under the ceiling
-/// `min(cap_ms, base_ms * 2^n)`, at least 1 ms.
+/// `min(cap_ms, base_ms * 2^n)`, itself at least 1 ms (a full-jitter wait can be 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
     pub base_ms: u64,
@@ -62,9 +62,12 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Payouts after an unknown answer: 12 attempts, 200 ms doubling to a minute.
+    /// Payouts after an unknown answer: 12 attempts, ceilings from 200 ms doubling to a
+    /// minute. A payout's `n` is its attempts so far, the claim included, so its first
+    /// retry waits up to 400 ms.
     pub const PAYOUTS: RetryPolicy = RetryPolicy { max_attempts: 12, backoff: Backoff::new(200, 60_000, Jitter::Half) };
-    /// Withdrawal jobs after an infrastructure error: 10 attempts, 50 ms doubling to 30 s.
+    /// Withdrawal jobs after an infrastructure error: 10 attempts, ceilings from 50 ms
+    /// (the first retry) doubling to 30 s.
     pub const JOBS: RetryPolicy = RetryPolicy { max_attempts: 10, backoff: Backoff::new(50, 30_000, Jitter::Half) };
 }
 

@@ -138,6 +138,12 @@ pub struct LockedAccount {
 }
 
 impl LockedAccount {
+    /// A locked account for pure unit tests of decisions (no database, no lock).
+    #[cfg(test)]
+    pub(crate) fn for_tests(account: Account) -> LockedAccount {
+        LockedAccount { account }
+    }
+
     pub fn account(&self) -> &Account {
         &self.account
     }
@@ -351,6 +357,17 @@ pub fn lock_all(tx: &mut Tx<'_>, set: &LockSet) -> Result<Vec<Result<LockedAccou
         }
     }
     Ok(out)
+}
+
+/// The refusal an unusable account gives every movement that names it, again: account
+/// errors are shared by all the items of a batch on that account, and errors are not Clone.
+pub(crate) fn rebuild_refusal(e: &LedgerError) -> LedgerError {
+    match e {
+        LedgerError::UnknownAccount(id) => LedgerError::UnknownAccount(*id),
+        LedgerError::AccountClosed(id) => LedgerError::AccountClosed(*id),
+        LedgerError::SystemAccount(id) => LedgerError::SystemAccount(*id),
+        other => LedgerError::Invalid(InvalidInput::BadField { field: "account", reason: other.to_string() }),
+    }
 }
 
 /// Writes the new balance of an account this transaction has locked.

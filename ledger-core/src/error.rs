@@ -37,6 +37,14 @@ pub enum LedgerError {
     SameAccount(AccountId),
     #[error("idempotency key {key:?} was already used for a different request ({operation})")]
     IdempotencyConflict { key: String, operation: String },
+    /// A batch item not applied because another item of its linked chain (`failed`, its
+    /// index in the batch) was refused: a chain succeeds or fails as a whole.
+    #[error("not applied: item {failed} of its linked chain was refused")]
+    LinkedItemFailed { failed: usize },
+    /// A batch item not applied because its linked chain was never closed: the batch's
+    /// last item was marked `linked`.
+    #[error("not applied: its linked chain is not closed (the batch's last item is marked linked)")]
+    LinkedChainOpen,
     #[error("unknown withdrawal {0}")]
     UnknownWithdrawal(WithdrawalId),
     #[error("balance overflow on account {0}")]
@@ -161,6 +169,8 @@ impl LedgerError {
             LedgerError::CurrencyMismatch { .. } => "currency_mismatch",
             LedgerError::SameAccount(_) => "same_account",
             LedgerError::IdempotencyConflict { .. } => "idempotency_conflict",
+            LedgerError::LinkedItemFailed { .. } => "linked_item_failed",
+            LedgerError::LinkedChainOpen => "linked_chain_open",
             LedgerError::UnknownWithdrawal(_) => "unknown_withdrawal",
             LedgerError::BalanceOverflow(_) => "balance_overflow",
             LedgerError::LockTimeout(_) => "lock_timeout",
@@ -182,6 +192,8 @@ impl LedgerError {
                 | LedgerError::SystemAccount(_)
                 | LedgerError::CurrencyMismatch { .. }
                 | LedgerError::SameAccount(_)
+                | LedgerError::LinkedItemFailed { .. }
+                | LedgerError::LinkedChainOpen
                 | LedgerError::BalanceOverflow(_)
                 | LedgerError::Invalid(_)
         )

@@ -17,7 +17,8 @@
 //!   ordered lock sets, batch plans), [`columns`] (how ids, currencies and status enums
 //!   are stored), `prepared` (statements kept prepared), [`accounts`], [`journal`],
 //!   [`idempotency`].
-//! - Movements: [`deposits`], [`transfers`], [`withdrawals`]. A withdrawal is decided in
+//! - Movements: [`deposits`], [`transfers`], [`withdrawals`]; [`batch`] (many requests in
+//!   one transaction, one result each, linked chains). A withdrawal is decided in
 //!   one place, [`withdrawals::decide`]; the batch path and the single path both call it.
 //! - Payouts: [`outbox`] (phase 1, written with the debit), [`payouts`] (phase 2: what a
 //!   gateway answer means, [`payouts::resolve`], and how it is recorded), [`dispatcher`]
@@ -29,6 +30,7 @@
 
 pub mod accounts;
 pub mod audit;
+pub mod batch;
 pub mod columns;
 pub mod db;
 pub mod deposits;

@@ -27,16 +27,6 @@ pub fn decide(currency: Currency, amount_minor: i64, account: Result<&accounts::
     decided.unwrap_or_else(Decision::Reject)
 }
 
-/// Account-level refusals are shared by every job on the account; errors are not Clone.
-pub(super) fn rebuild_refusal(e: &LedgerError) -> LedgerError {
-    match e {
-        LedgerError::UnknownAccount(id) => LedgerError::UnknownAccount(*id),
-        LedgerError::AccountClosed(id) => LedgerError::AccountClosed(*id),
-        LedgerError::SystemAccount(id) => LedgerError::SystemAccount(*id),
-        other => LedgerError::Invalid(InvalidInput::BadField { field: "account", reason: other.to_string() }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

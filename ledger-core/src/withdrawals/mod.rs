@@ -23,10 +23,10 @@ mod batch;
 mod decide;
 mod queue;
 
+use crate::accounts::rebuild_refusal;
 #[cfg(test)]
 pub(crate) use batch::WritePlan;
 pub use batch::{process_batch_fast_claiming_tx, process_batch_fast_tx, process_batch_tx, BatchItem, JobOutcome};
-use decide::rebuild_refusal;
 pub use decide::{decide, Decision};
 pub use queue::{claim_after, claim_due, fail_now, pending_count, record_failed_attempt};
 

@@ -1,5 +1,8 @@
 //! Transfers between two customer accounts of the same currency. Both rows are locked
 //! through a `LockSet`, so always in ascending id order: A->B and B->A never deadlock.
+//!
+//! One at a time ([`transfer`]), or many in one transaction with a result per item and
+//! linked chains ([`create_batch`], decided in `plan`).
 
 use diesel::pg::PgConnection;
 
@@ -12,6 +15,11 @@ use crate::journal::{self, EntryKind, Leg};
 use crate::money::{Amount, Currency};
 use crate::tx::{self, LockSet, Tx, TxOptions};
 
+mod batch;
+mod plan;
+
+pub use batch::{create_batch, create_batch_tx, create_batch_with, TransferResult};
+
 #[derive(Clone, Debug)]
 pub struct Transfer {
     pub from: AccountId,
@@ -22,7 +30,9 @@ pub struct Transfer {
 }
 
 impl Transfer {
-    fn fingerprint(&self) -> String {
+    /// The request as its idempotency key remembers it: the same key with another
+    /// fingerprint is a conflict.
+    pub(crate) fn fingerprint(&self) -> String {
         format!("from={}|to={}|amount={}|currency={}", self.from, self.to, self.amount.minor(), self.currency)
     }
 }

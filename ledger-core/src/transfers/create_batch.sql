@@ -1,0 +1,44 @@
+-- One batch of planned transfers carried out in one statement (transfers::batch).
+-- $1..$8 the created transfers in batch order (key, fingerprint, from, to, currency,
+-- amount, from's balance after, to's balance after), $9/$10 the accounts' final
+-- balances, $11 the claimed keys no transfer was created under (given back).
+WITH de AS MATERIALIZED (
+    -- Each transfer's entry id is drawn here, in batch order, so nothing joins back.
+    SELECT t.*, nextval('journal_entries_id_seq') AS entry_id
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[],
+                $7::bigint[], $8::bigint[])
+        WITH ORDINALITY AS t(key, fingerprint, from_id, to_id, currency, amount, from_after, to_after, n)
+    ORDER BY n
+), e AS (
+    INSERT INTO journal_entries (id, kind, reference)
+    SELECT entry_id, 'transfer', 'transfer:' || key FROM de ORDER BY entry_id
+    RETURNING id
+), p AS (
+    INSERT INTO postings (entry_id, account_id, currency, amount_minor, balance_after_minor)
+    SELECT entry_id, account, currency, amount, after FROM (
+        SELECT n, 0 AS leg, entry_id, from_id AS account, currency, -amount AS amount, from_after AS after FROM de
+        UNION ALL
+        SELECT n, 1, entry_id, to_id, currency, amount, to_after FROM de
+    ) legs
+    -- Posting ids follow batch order, so each account's running balance reads in order.
+    ORDER BY n, leg
+    RETURNING 1
+), b AS (
+    UPDATE accounts a SET balance_minor = v.balance
+    FROM unnest($9::bigint[], $10::bigint[]) AS v(id, balance) WHERE a.id = v.id
+    RETURNING 1
+), k AS (
+    -- The fingerprint too: the key may have been claimed with an earlier item's request
+    -- that was refused.
+    UPDATE idempotency_keys i SET result_id = de.entry_id, request_fingerprint = de.fingerprint
+    FROM de WHERE i.key = de.key AND i.result_id IS NULL
+    RETURNING 1
+), gone AS (
+    DELETE FROM idempotency_keys i WHERE i.key = ANY($11::text[]) AND i.result_id IS NULL
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM p) AS postings,
+       (SELECT count(*) FROM b) AS balances,
+       (SELECT count(*) FROM k) AS keys,
+       (SELECT count(*) FROM gone) AS given_back,
+       COALESCE((SELECT array_agg(de.entry_id ORDER BY de.n) FROM de), '{}') AS entries

@@ -1,0 +1,242 @@
+//! Batches of transfers on a real PostgreSQL: one result per item, linked chains, keys,
+//! and concurrent batches over shared accounts with real commits.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Barrier;
+use std::thread;
+
+use common::{assert_audit_clean, balance, eur};
+use diesel::pg::PgConnection;
+use ledger_core::batch::{Item, MAX_BATCH_ITEMS};
+use ledger_core::transfers::{self, Transfer, TransferResult};
+use ledger_core::{AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
+use ledger_testdb as testing;
+
+fn t(from: AccountId, to: AccountId, amount: &str, key: &IdempotencyKey) -> Transfer {
+    Transfer { from, to, amount: eur(amount), currency: Currency::EUR, key: key.clone() }
+}
+
+fn code(r: &TransferResult) -> &'static str {
+    match r {
+        TransferResult::Created { .. } => "created",
+        TransferResult::Replayed { .. } => "replayed",
+        TransferResult::Refused(e) => e.code(),
+    }
+}
+
+fn postings_of(conn: &mut PgConnection, account: AccountId) -> usize {
+    ledger_core::journal::statement(conn, account, 10_000).unwrap().len()
+}
+
+#[testing::test]
+fn a_batch_answers_each_item_and_writes_only_what_it_created() {
+    testing::with_rollback(|conn| {
+        let a = testing::funded_account(conn, "a", Currency::EUR, "100.00");
+        let b = testing::funded_account(conn, "b", Currency::EUR, "10.00");
+        let c = testing::funded_account(conn, "c", Currency::EUR, "0.00");
+        let k: Vec<IdempotencyKey> = (0..7).map(|_| testing::key("tb")).collect();
+        let batch = vec![
+            Item::single(t(a, b, "30.00", &k[0])), // created: a 70, b 40
+            Item::single(t(c, a, "1.00", &k[1])),  // refused: c holds nothing
+            Item::linked(t(b, c, "40.00", &k[2])), // chain 2..=3 fails with 3
+            Item::single(t(c, a, "50.00", &k[3])), //   (c would hold 40.00 only)
+            Item::linked(t(b, c, "15.00", &k[4])), // chain 4..=5 succeeds: b 25, c 15
+            Item::single(t(c, a, "5.00", &k[5])),  //   c 10, a 75
+            Item::linked(t(a, b, "1.00", &k[6])),  // open chain: refused
+        ];
+        let before_c = postings_of(conn, c);
+        let results = transfers::create_batch(conn, &batch).unwrap();
+        let codes: Vec<&str> = results.iter().map(code).collect();
+        assert_eq!(
+            codes,
+            [
+                "created",
+                "insufficient_funds",
+                "linked_item_failed",
+                "insufficient_funds",
+                "created",
+                "created",
+                "linked_chain_open"
+            ]
+        );
+        assert!(matches!(results[2], TransferResult::Refused(LedgerError::LinkedItemFailed { failed: 3 })));
+        // Each answer carries the balances right after it, and the database agrees.
+        let balances: Vec<(i64, i64)> = results
+            .iter()
+            .filter_map(|r| match r {
+                TransferResult::Created { from_balance_minor, to_balance_minor, .. } => {
+                    Some((*from_balance_minor, *to_balance_minor))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(balances, [(7_000, 4_000), (2_500, 1_500), (1_000, 7_500)]);
+        assert_eq!((balance(conn, a), balance(conn, b), balance(conn, c)), (7_500, 2_500, 1_000));
+        assert_eq!(postings_of(conn, c) - before_c, 2, "only the created items posted to c");
+        let entries: Vec<_> = results.iter().filter_map(TransferResult::entry).collect();
+        assert_eq!(entries.len(), 3);
+        assert!(entries.windows(2).all(|w| w[0] < w[1]), "entries follow batch order");
+        assert_audit_clean(conn);
+    });
+}
+
+#[testing::test]
+fn a_batch_sent_again_replays_what_it_created_and_a_refused_key_is_free_to_retry() {
+    testing::with_rollback(|conn| {
+        let a = testing::funded_account(conn, "a", Currency::EUR, "10.00");
+        let b = testing::funded_account(conn, "b", Currency::EUR, "0.00");
+        let (k1, k2) = (testing::key("again"), testing::key("again"));
+        let batch = vec![Item::single(t(a, b, "10.00", &k1)), Item::single(t(b, a, "20.00", &k2))];
+        let first = transfers::create_batch(conn, &batch).unwrap();
+        assert_eq!(first.iter().map(code).collect::<Vec<_>>(), ["created", "insufficient_funds"]);
+        let second = transfers::create_batch(conn, &batch).unwrap();
+        assert_eq!(second.iter().map(code).collect::<Vec<_>>(), ["replayed", "insufficient_funds"]);
+        assert_eq!(second[0].entry(), first[0].entry(), "the replay names the first entry");
+        assert_eq!((balance(conn, a), balance(conn, b)), (0, 1_000), "nothing applied twice");
+        // The single path sees the same key as the same transfer.
+        let single = transfers::transfer(conn, &batch[0].request).unwrap();
+        assert!(single.replayed);
+        assert_eq!(Some(single.entry), first[0].entry());
+        // The refused key was given back: once b can pay, the same key goes through.
+        let d = testing::funded_account(conn, "d", Currency::EUR, "20.00");
+        transfers::create_batch(conn, &[Item::single(t(d, b, "20.00", &testing::key("fund")))]).unwrap();
+        let retried = transfers::create_batch(conn, &batch[1..]).unwrap();
+        assert_eq!(code(&retried[0]), "created");
+        assert_eq!((balance(conn, a), balance(conn, b)), (2_000, 1_000));
+        // A key used for another request is a conflict, in a batch as alone.
+        let changed = vec![Item::single(t(a, b, "9.99", &k1))];
+        assert_eq!(code(&transfers::create_batch(conn, &changed).unwrap()[0]), "idempotency_conflict");
+        assert_audit_clean(conn);
+    });
+}
+
+#[testing::test]
+fn a_batch_too_large_or_in_another_currency_is_refused_and_changes_nothing() {
+    testing::with_rollback(|conn| {
+        let a = testing::funded_account(conn, "a", Currency::EUR, "10.00");
+        let b = testing::funded_account(conn, "b", Currency::EUR, "0.00");
+        let before = testing::snapshot(conn);
+        let key = testing::key("big");
+        let big: Vec<Item<Transfer>> = (0..=MAX_BATCH_ITEMS).map(|_| Item::single(t(a, b, "0.01", &key))).collect();
+        let err = transfers::create_batch(conn, &big).unwrap_err();
+        assert_eq!(err.code(), "invalid_input", "{err}");
+        // A transfer in a currency neither account holds is refused on its own.
+        let yen = Transfer {
+            from: a,
+            to: b,
+            amount: Amount::parse("100", Currency::JPY).unwrap(),
+            currency: Currency::JPY,
+            key: testing::key("jpy"),
+        };
+        let results = transfers::create_batch(conn, &[Item::single(yen)]).unwrap();
+        assert_eq!(code(&results[0]), "currency_mismatch");
+        assert_eq!(testing::snapshot(conn), before, "nothing was written");
+    });
+}
+
+/// Threads send batches over the same few accounts at once, in opposite orders and
+/// sharing keys, each on its own connection with real commits. Account locks (sorted)
+/// and key claims (sorted) keep them from deadlocking; the row locks keep every
+/// balance exact.
+#[testing::test]
+fn concurrent_batches_over_shared_accounts_and_keys_never_deadlock_or_lose_money() {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 15;
+    const PER_BATCH: usize = 100;
+    let db = testing::committed();
+    let mut setup = db.conn();
+    let accounts: Vec<AccountId> =
+        (0..8).map(|i| testing::funded_account(&mut setup, &format!("acct{i}"), Currency::EUR, "50.00")).collect();
+    // Keys shared by thread pairs: thread 2k and 2k+1 send the same transfers, one
+    // forward and one in reverse order, so each waits on keys the other claimed.
+    let plans: Vec<Vec<Vec<Item<Transfer>>>> = (0..THREADS / 2)
+        .map(|pair| {
+            let mut rng = fastrand::Rng::with_seed(pair as u64);
+            (0..ROUNDS)
+                .map(|round| {
+                    (0..PER_BATCH)
+                        .map(|i| {
+                            let from = accounts[rng.usize(..accounts.len())];
+                            let mut to = accounts[rng.usize(..accounts.len())];
+                            while to == from {
+                                to = accounts[rng.usize(..accounts.len())];
+                            }
+                            let amount = Amount::from_minor(rng.i64(1..=2_000)).unwrap();
+                            let key = IdempotencyKey::new(format!("cb-{pair}-{round}-{i}")).unwrap();
+                            let transfer = Transfer { from, to, amount, currency: Currency::EUR, key };
+                            if i % 10 == 9 {
+                                Item::linked(transfer)
+                            } else {
+                                Item::single(transfer)
+                            }
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let start = Barrier::new(THREADS);
+    let results: Vec<Vec<(Transfer, TransferResult)>> = thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|n| {
+                let (start, plan, db) = (&start, &plans[n / 2], &db);
+                s.spawn(move || {
+                    let mut conn = db.conn();
+                    start.wait();
+                    let mut out = Vec::new();
+                    for batch in plan {
+                        let mut batch = batch.clone();
+                        if n % 2 == 1 {
+                            // Reversed, the chains are re-linked the other way round.
+                            batch.reverse();
+                            let links: Vec<bool> = batch.iter().map(|i| i.linked).collect();
+                            for (i, item) in batch.iter_mut().enumerate() {
+                                item.linked = i + 1 < links.len() && links[i + 1];
+                            }
+                        }
+                        // No retries: a deadlock would fail the batch, and the test.
+                        let results = transfers::create_batch_with(&mut conn, &TxOptions::no_retry(), &batch)
+                            .unwrap_or_else(|e| panic!("thread {n}: a batch failed as a whole: {e}"));
+                        out.extend(batch.into_iter().map(|i| i.request).zip(results));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a batch thread panicked")).collect()
+    });
+    // Every key was created exactly once; its twin either replayed it or was refused.
+    let mut created: HashMap<String, (Transfer, ledger_core::EntryId)> = HashMap::new();
+    for (transfer, result) in results.iter().flatten() {
+        match result {
+            TransferResult::Created { entry, .. } => {
+                let twice = created.insert(transfer.key.as_str().to_string(), (transfer.clone(), *entry));
+                assert!(twice.is_none(), "key {} created twice", transfer.key);
+            }
+            TransferResult::Replayed { .. } | TransferResult::Refused(_) => {}
+        }
+    }
+    for (transfer, result) in results.iter().flatten() {
+        if let TransferResult::Replayed { entry } = result {
+            assert_eq!(
+                created.get(transfer.key.as_str()).map(|c| c.1),
+                Some(*entry),
+                "a replay names the created entry"
+            );
+        }
+    }
+    assert!(created.len() > THREADS * ROUNDS, "the test moved money: {} transfers", created.len());
+    // Each balance is its deposit plus what the created transfers moved.
+    let mut expected: HashMap<AccountId, i64> = accounts.iter().map(|a| (*a, 5_000)).collect();
+    for (t, _) in created.values() {
+        *expected.get_mut(&t.from).unwrap() -= t.amount.minor();
+        *expected.get_mut(&t.to).unwrap() += t.amount.minor();
+    }
+    for a in &accounts {
+        assert_eq!(balance(&mut setup, *a), expected[a], "account {a}");
+        assert!(expected[a] >= 0, "no account went below its floor");
+    }
+    assert_audit_clean(&mut setup);
+}

@@ -27,6 +27,7 @@ pub(super) fn latency_phase(
     thread::sleep(Duration::from_millis(500));
     let profiling = opts.profile && start_profile(conn);
     let cpu_before = cpu_seconds(worker.pid()).unwrap_or(0.0);
+    let server_before = if profiling { server_cpu_seconds(conn) } else { None };
     let phase_started = Instant::now();
     let stop = AtomicBool::new(false);
     let url = spec.url;
@@ -65,12 +66,13 @@ pub(super) fn latency_phase(
         thread::sleep(Duration::from_millis(20));
     }
     let cpu_after = cpu_seconds(worker.pid()).unwrap_or(cpu_before);
+    let server_used = server_before.and_then(|b| Some(server_cpu_seconds(conn)? - b));
     let status = worker.stop()?;
     if !status.success() {
         bail!("the latency-phase worker exited with {status}");
     }
     if profiling {
-        print_profile(conn, "latency", produced, phase_started.elapsed(), cpu_after - cpu_before)?;
+        print_profile(conn, "latency", produced, phase_started.elapsed(), cpu_after - cpu_before, server_used)?;
     }
     #[derive(QueryableByName)]
     struct Lat {

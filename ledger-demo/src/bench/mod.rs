@@ -224,17 +224,24 @@ fn run_all(database: &Database, opts: &BenchOptions, modes: &ModeOptions, flags:
             pgbench_scale: if s == Scenario::Hot { 1 } else { 10 },
             ..Default::default()
         };
-        let scenario_modes: Vec<Option<Mode>> =
-            if s == Scenario::Transfers { vec![None] } else { modes.modes.iter().copied().map(Some).collect() };
+        // The transfers scenario's rows: one transfer per call, then batches.
+        let scenario_modes: Vec<Result<Mode, TransferCalls>> = if s == Scenario::Transfers {
+            vec![Err(TransferCalls::Single), Err(TransferCalls::Batch(TRANSFER_BATCH))]
+        } else {
+            modes.modes.iter().copied().map(Ok).collect()
+        };
         let mut these = vec![];
         for mode in scenario_modes {
-            let tag = mode.map(Mode::gateway).unwrap_or("transfers");
+            let (tag, label) = match mode {
+                Ok(m) => (m.gateway(), m.label()),
+                Err(calls) => ("transfers", calls.label()),
+            };
             let name = format!("ledger_bench_{}_{tag}_{}", scenario_name(s), std::process::id());
             let url = database.create_sibling(&name)?;
-            let mut row = Row { mode: mode.map(Mode::label).unwrap_or("transfer"), ..base.clone() };
+            let mut row = Row { mode: label, ..base.clone() };
             let measured = match mode {
-                None => run_transfer_scenario(&url, &mut row),
-                Some(mode) => run_mode(&url, s, mode, opts, modes, flags, &mut row),
+                Err(calls) => run_transfer_scenario(&url, calls, &mut row),
+                Ok(mode) => run_mode(&url, s, mode, opts, modes, flags, &mut row),
             };
             database.drop_sibling(&name)?;
             if let Err(e) = measured {

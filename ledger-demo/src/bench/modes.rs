@@ -46,6 +46,7 @@ pub(super) fn run_mode(
     let measured = (|| -> Result<()> {
         enqueue_bulk(&mut conn, &accounts, n)?;
         let profiling = opts.profile && start_profile(&mut conn);
+        let server_before = if profiling { server_cpu_seconds(&mut conn) } else { None };
         let started = Instant::now();
         let mut worker = Worker::spawn(&spec, true)?;
         let pid = worker.pid();
@@ -85,7 +86,8 @@ pub(super) fn run_mode(
         row.ops_per_sec = n as f64 / elapsed.as_secs_f64();
         row.rss_mb = rss;
         if profiling {
-            print_profile(&mut conn, "throughput", n, elapsed, cpu)?;
+            let server_used = server_before.and_then(|b| Some(server_cpu_seconds(&mut conn)? - b));
+            print_profile(&mut conn, "throughput", n, elapsed, cpu, server_used)?;
         }
         check_final(&mut conn, mode)?;
         latency_phase(&spec, &mut conn, &accounts, opts, bank.as_ref(), row)?;

@@ -12,6 +12,35 @@ pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// CPU seconds used so far by a local PostgreSQL server: the postmaster and the
+/// children it reaped (`cutime`/`cstime`), plus every live child (backends, WAL writer,
+/// checkpointer). Unlike pg_stat_statements' execution time this is CPU, not time spent
+/// waiting for a core or a lock. `None` when the server is not on this machine.
+pub(super) fn server_cpu_seconds(conn: &mut PgConnection) -> Option<f64> {
+    #[derive(QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    let backend = diesel::sql_query("SELECT pg_backend_pid() AS pid").get_result::<Pid>(conn).ok()?.pid;
+    let fields = |pid: u32| -> Option<Vec<f64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = stat.rsplit_once(") ")?.1;
+        // From the state field on: ppid is [1], utime..cstime are [11..=14].
+        rest.split_whitespace().take(15).map(|f| f.parse::<f64>().or(Ok::<f64, ()>(0.0)).ok()).collect()
+    };
+    let postmaster = *fields(u32::try_from(backend).ok()?)?.get(1)? as u32;
+    let own = fields(postmaster)?;
+    let mut ticks: f64 = own[11..=14].iter().sum();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if let Some(f) = fields(pid).filter(|f| f.get(1) == Some(&(postmaster as f64))) {
+            ticks += f[11] + f[12];
+        }
+    }
+    Some(ticks / 100.0)
+}
+
 pub(super) fn start_profile(conn: &mut PgConnection) -> bool {
     use diesel::connection::SimpleConnection;
     match conn.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset();") {
@@ -31,6 +60,7 @@ pub(super) fn print_profile(
     jobs: usize,
     elapsed: Duration,
     worker_cpu_s: f64,
+    server_cpu_s: Option<f64>,
 ) -> Result<()> {
     #[derive(QueryableByName)]
     struct Stmt {
@@ -64,6 +94,14 @@ pub(super) fn print_profile(
         plan_ms * 1e3 / jobs as f64,
         worker_cpu_s * 1e6 / jobs as f64
     );
+    if let Some(server) = server_cpu_s {
+        eprintln!(
+            "   server CPU {:.0} µs/job (all PostgreSQL processes), worker CPU {:.0} µs/job: {:.0}% of 2 cores",
+            server * 1e6 / jobs as f64,
+            worker_cpu_s * 1e6 / jobs as f64,
+            (server + worker_cpu_s) * 100.0 / (2.0 * elapsed.as_secs_f64())
+        );
+    }
     for r in rows {
         eprintln!(
             "   {:>7.1} µs/job {:>7} calls {:>7.2} ms/call (+{:.2} planning)  {}",

@@ -108,6 +108,33 @@ fn an_overdraft_limit_lowers_the_floor_and_no_further() {
 }
 
 #[testing::test]
+fn an_overdraft_limit_above_the_currency_ceiling_is_refused_and_opens_nothing() {
+    testing::with_rollback(|conn| {
+        // The default ceiling: 1,000,000 units of the currency.
+        assert_eq!(accounts::overdraft_ceiling(conn, Currency::EUR).unwrap(), 100_000_000);
+        assert_eq!(accounts::overdraft_ceiling(conn, Currency::JPY).unwrap(), 1_000_000);
+        let before = testing::snapshot(conn);
+        let huge = NewAccount::new("o", Currency::EUR).with_overdraft(i64::MAX);
+        let err = accounts::open(conn, &huge, None).unwrap_err();
+        assert!(err.to_string().contains("above this ledger's ceiling of 1000000.00 EUR"), "{err}");
+        assert_eq!(testing::snapshot(conn), before, "nothing was opened");
+        // At the ceiling is fine; a lower ceiling refuses what the old one allowed.
+        accounts::open(conn, &NewAccount::new("o", Currency::EUR).with_overdraft(100_000_000), None).unwrap();
+        accounts::set_overdraft_ceiling(conn, Currency::EUR, 5_000).unwrap();
+        let err = accounts::open(conn, &NewAccount::new("o", Currency::EUR).with_overdraft(5_001), None).unwrap_err();
+        assert!(err.to_string().contains("50.01 EUR is above this ledger's ceiling of 50.00 EUR"), "{err}");
+        assert_eq!(accounts::set_overdraft_ceiling(conn, Currency::EUR, -1).unwrap_err().code(), "invalid_input");
+        // The database refuses it too, whoever writes the row.
+        let raw = conn.batch_execute(
+            "SAVEPOINT raw; INSERT INTO accounts (owner, currency, kind, balance_minor, overdraft_limit_minor)
+             VALUES ('raw', 'EUR', 'customer', 0, 5001)",
+        );
+        assert!(raw.unwrap_err().to_string().contains("above the EUR ceiling of 5000"));
+        conn.batch_execute("ROLLBACK TO SAVEPOINT raw").unwrap();
+    });
+}
+
+#[testing::test]
 fn the_same_key_with_the_same_request_replays_the_first_result() {
     testing::with_rollback(|conn| {
         let a = testing::funded_account(conn, "a", Currency::EUR, "0.00");

@@ -229,6 +229,21 @@ pub fn open_tx(tx: &mut Tx<'_>, new: &NewAccount, key: Option<&IdempotencyKey>) 
             return get(tx.conn(), AccountId::from_db(id));
         }
     }
+    if new.overdraft_limit_minor > 0 {
+        let ceiling = overdraft_ceiling(tx.conn(), new.currency)?;
+        if new.overdraft_limit_minor > ceiling {
+            return Err(LedgerError::Invalid(InvalidInput::BadField {
+                field: "overdraft limit",
+                reason: format!(
+                    "{} {} is above this ledger's ceiling of {} {} (migrate --max-overdraft changes it)",
+                    new.currency.format_minor(new.overdraft_limit_minor),
+                    new.currency,
+                    new.currency.format_minor(ceiling),
+                    new.currency
+                ),
+            }));
+        }
+    }
     let row: AccountRow = diesel::insert_into(accounts::table)
         .values((
             accounts::owner.eq(&new.owner),
@@ -377,6 +392,34 @@ pub fn set_balance(tx: &mut Tx<'_>, account: &LockedAccount, balance_minor: i64)
         .set(accounts::balance_minor.eq(Some(balance_minor)))
         .execute(tx.conn())?;
     assert_eq!(updated, 1, "a locked account row must exist");
+    Ok(())
+}
+
+/// The highest overdraft limit an account in `currency` may be given, in minor units
+/// (by default 1,000,000 units of the currency; see [`set_overdraft_ceiling`]).
+pub fn overdraft_ceiling(conn: &mut PgConnection, currency: Currency) -> Result<i64, LedgerError> {
+    use crate::schema::currencies;
+    Ok(currencies::table.find(currency.code()).select(currencies::max_overdraft_minor).first(conn)?)
+}
+
+/// Sets the overdraft ceiling of `currency` (0: no overdrafts). It applies to limits
+/// written from now on: accounts opened before keep theirs.
+pub fn set_overdraft_ceiling(
+    conn: &mut PgConnection,
+    currency: Currency,
+    ceiling_minor: i64,
+) -> Result<(), LedgerError> {
+    use crate::schema::currencies;
+    if ceiling_minor < 0 {
+        return Err(LedgerError::Invalid(InvalidInput::BadField {
+            field: "overdraft ceiling",
+            reason: "must not be negative".into(),
+        }));
+    }
+    let updated = diesel::update(currencies::table.find(currency.code()))
+        .set(currencies::max_overdraft_minor.eq(ceiling_minor))
+        .execute(conn)?;
+    assert_eq!(updated, 1, "every supported currency has a row (a test keeps the two lists equal)");
     Ok(())
 }
 

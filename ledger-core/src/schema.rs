@@ -18,6 +18,7 @@ diesel::table! {
     currencies (code) {
         code -> Text,
         minor_units -> Int2,
+        max_overdraft_minor -> Int8,
     }
 }
 

@@ -231,3 +231,21 @@ fn the_daemon_binary_has_no_demo_and_no_bench() {
         assert!(stderr.contains(&format!("unrecognized subcommand '{command}'")), "{stderr}");
     }
 }
+
+#[testing::test]
+fn migrate_sets_an_overdraft_ceiling_that_account_open_keeps() {
+    let db = testing::committed();
+    let url = db.url();
+    let set = ok_json(url, &["migrate", "--max-overdraft", "EUR=50.00", "--max-overdraft", "JPY=0"]);
+    assert_eq!(set["overdraft_ceilings"][0]["max_overdraft"], "50.00");
+    assert_eq!(set["overdraft_ceilings"][1]["max_overdraft"], "0");
+    ok_json(url, &["account", "open", "--owner", "at", "--currency", "EUR", "--overdraft-limit", "50.00"]);
+    let err =
+        refused(&db, &["account", "open", "--owner", "over", "--currency", "EUR", "--overdraft-limit", "50.01"], None);
+    assert!(err.contains("50.01 EUR is above this ledger's ceiling of 50.00 EUR"), "{err}");
+    let err = refused(&db, &["account", "open", "--owner", "yen", "--currency", "JPY", "--overdraft-limit", "1"], None);
+    assert!(err.contains("ceiling of 0 JPY"), "{err}");
+    for bad in ["EUR", "XXX=1.00", "EUR=-1", "EUR=1.001"] {
+        refused(&db, &["migrate", "--max-overdraft", bad], None);
+    }
+}

@@ -1,7 +1,6 @@
 //! Payouts through the daemon: a flaky local bank that checks every signature, two
 //! daemons killed with kill -9 at random moments, a wrong secret, and the proof that no transaction is open during a gateway call.
 
-mod bank;
 mod common;
 
 use std::collections::HashSet;
@@ -16,6 +15,7 @@ use diesel::prelude::*;
 use ledger_core::payouts::{LookupOutcome, PayoutGateway, PayoutRequest, SendOutcome};
 use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
 use ledger_core::{Amount, Currency, TxOptions};
+use ledger_testbank::{Bank, BankConfig, Faults, Replay};
 use ledger_testdb as testing;
 use ledger_worker::daemon::{WorkerConfig, WorkerPool};
 
@@ -46,7 +46,7 @@ fn seed_payouts(conn: &mut diesel::pg::PgConnection) {
 }
 
 /// `ledger-worker run` through the webhook gateway to `bank`, with its credentials.
-fn spawn_paying_daemon(url: &str, bank: &bank::BankServer, token: &str, secret: &str, extra: &[&str]) -> Daemon {
+fn spawn_paying_daemon(url: &str, bank: &Bank, token: &str, secret: &str, extra: &[&str]) -> Daemon {
     let webhook = bank.url().to_string();
     let args = [
         &[
@@ -93,7 +93,7 @@ fn a_flaky_bank_and_two_daemons_killed_again_and_again_pay_each_payout_exactly_o
     let db = testing::committed();
     let mut conn = db.conn();
     seed_payouts(&mut conn);
-    let nasty = bank::Faults {
+    let nasty = Faults {
         drop_before_pct: 8,
         server_error_pct: 12,
         pay_then_drop_pct: 10,
@@ -104,16 +104,16 @@ fn a_flaky_bank_and_two_daemons_killed_again_and_again_pay_each_payout_exactly_o
         slow_pct: 4,
         slow_delay: Duration::from_millis(600),
     };
-    let config = bank::BankConfig {
+    let config = BankConfig {
         faults: nasty,
         // A replay of a key already paid is answered 409: only a lookup tells the truth.
-        replay: bank::Replay::Status(409),
+        replay: Replay::Status(409),
         refused_destinations: [REFUSED_IBAN.to_string()].into_iter().collect(),
         seed: 42,
-        ..bank::BankConfig::default()
+        ..BankConfig::default()
     };
     let (token, secret) = (config.token.clone(), config.secret.clone());
-    let bank = bank::start(config);
+    let bank = Bank::start(config).expect("starting the test bank");
     let mut rng = fastrand::Rng::with_seed(42);
     let mut kills_mid_run = 0;
     for _ in 0..4 {
@@ -134,7 +134,7 @@ fn a_flaky_bank_and_two_daemons_killed_again_and_again_pay_each_payout_exactly_o
     }
     assert!(kills_mid_run >= 2, "the kills must land while work remains ({kills_mid_run})");
     // The bank calms down; two daemons finish the rest.
-    bank.set_faults(bank::Faults { server_error_pct: 10, pay_then_drop_pct: 5, ..bank::Faults::none() });
+    bank.set_faults(Faults { server_error_pct: 10, pay_then_drop_pct: 5, ..Faults::none() }).unwrap();
     let mut a = spawn_paying_daemon(db.url(), &bank, &token, &secret, &["--exit-when-idle"]);
     let mut b = spawn_paying_daemon(db.url(), &bank, &token, &secret, &[]);
     let status = wait_exit(&mut a, Duration::from_secs(120));
@@ -197,12 +197,10 @@ fn with_a_wrong_secret_nothing_is_paid_and_nothing_is_refunded() {
     let db = testing::committed();
     let mut conn = db.conn();
     seed_payouts(&mut conn);
-    let config = bank::BankConfig {
-        refused_destinations: [REFUSED_IBAN.to_string()].into_iter().collect(),
-        ..bank::BankConfig::default()
-    };
+    let config =
+        BankConfig { refused_destinations: [REFUSED_IBAN.to_string()].into_iter().collect(), ..BankConfig::default() };
     let token = config.token.clone();
-    let bank = bank::start(config);
+    let bank = Bank::start(config).expect("starting the test bank");
     let mut daemon = spawn_paying_daemon(db.url(), &bank, &token, "not-the-bank-secret", &[]);
     wait_for(Duration::from_secs(60), "the bank to refuse our signatures", || bank.auth_failures() >= 1);
     wait_for(Duration::from_secs(60), "every withdrawal to be debited", || pending(&mut conn) == 0);

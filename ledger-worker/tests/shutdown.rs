@@ -17,8 +17,9 @@ use common::*;
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use ledger_core::db::{self, SessionConfig};
+use ledger_testbank::{Bank, BankConfig};
 use ledger_testdb::{self as testing, Durability, TempCluster};
-use support::{Bank, Proxy};
+use support::Proxy;
 
 const GRACE_MS: u64 = 2_000;
 const GRACE: &str = "2000";
@@ -242,10 +243,15 @@ fn d_pool_exhausted_sigint_exits_and_waiters_for_a_connection_give_up() {
     restart_and_finish(db.url(), LOG_PAYOUTS, &mut conn);
 }
 
-/// The webhook gateway's credentials (this test bank does not check them; the payouts
-/// tests' bank does).
+/// The webhook gateway's credentials, which the bank checks.
 const CREDENTIALS: &[(&str, &str)] =
     &[("LEDGER_PAYOUT_WEBHOOK_TOKEN", "shutdown-test-token"), ("LEDGER_PAYOUT_WEBHOOK_SECRET", "shutdown-test-secret")];
+
+/// A well-behaved bank that expects [`CREDENTIALS`] (and can be told to hang).
+fn start_bank() -> Bank {
+    let (token, secret) = (CREDENTIALS[0].1.to_string(), CREDENTIALS[1].1.to_string());
+    Bank::start(BankConfig { token, secret, ..BankConfig::default() }).expect("starting the test bank")
+}
 
 /// The webhook gateway against `bank`, a gateway timeout of `timeout_ms` (plus 500 ms
 /// to connect), and a lease of `lease_ms`: room for three calls plus a margin.
@@ -254,7 +260,7 @@ fn payout_args<'a>(bank: &'a Bank, timeout_ms: &'a str, lease_ms: &'a str) -> Ve
         "--gateway",
         "webhook",
         "--payout-webhook",
-        &bank.url,
+        bank.url(),
         "--payout-timeout-ms",
         timeout_ms,
         "--payout-connect-timeout-ms",
@@ -283,7 +289,7 @@ fn assert_settled_as_paid(conn: &mut PgConnection, bank: &Bank, exactly: bool) {
             .into_iter()
             .map(|k| k.key)
             .collect();
-    let paid = bank.paid_keys();
+    let paid: std::collections::HashSet<String> = bank.paid().into_keys().collect();
     assert!(settled.is_subset(&paid), "settled in the ledger => paid by the bank");
     if exactly {
         assert_eq!(settled, paid, "settled in the ledger <=> paid by the bank");
@@ -295,7 +301,7 @@ fn e_gateway_answering_sigterm_stops_cleanly_within_the_grace_period() {
     let db = testing::committed();
     let mut conn = db.conn();
     seed(&mut conn, 20, "500.00", 3_000);
-    let bank = Bank::start();
+    let bank = start_bank();
     let payout = payout_args(&bank, "1000", "6000");
     let mut daemon = spawn_daemon_with_env(db.url(), &[LOAD, &payout].concat(), CREDENTIALS);
     wait_for(Duration::from_secs(60), "payouts to settle", || {
@@ -316,7 +322,7 @@ fn f_gateway_hanging_sigterm_exits_and_cut_off_payouts_stay_pending() {
     let db = testing::committed();
     let mut conn = db.conn();
     seed(&mut conn, 20, "500.00", 3_000);
-    let bank = Bank::start();
+    let bank = start_bank();
     // A gateway timeout past the grace period (plus the second of wind-down), so the
     // calls are cut off by the exit, not by their timeout.
     let payout = payout_args(&bank, "4000", "15000");
@@ -324,7 +330,7 @@ fn f_gateway_hanging_sigterm_exits_and_cut_off_payouts_stay_pending() {
     wait_for(Duration::from_secs(60), "payouts to settle", || {
         count(&mut conn, "SELECT count(*) AS n FROM payouts WHERE status = 'settled'") >= 20
     });
-    bank.hang(true);
+    bank.set_hang(true);
     wait_for(Duration::from_secs(30), "both dispatchers to hang in a call", || bank.hung_keys().len() >= 2);
     stop(&mut daemon, "TERM", FORCED, "(f) gateway hanging");
     let stuck = still_running(&daemon);

@@ -1,7 +1,5 @@
-//! The webhook gateway against the local test bank (`tests/bank`): every row of the
+//! The webhook gateway against the local test bank (`ledger-testbank`): every row of the
 //! contract that needs a real server, with no database.
-
-mod bank;
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -10,9 +8,9 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bank::{BankConfig, BankServer, Faults, Replay, Violation};
 use ledger_core::payouts::{LookupOutcome, PayoutGateway, PayoutRequest, SendOutcome};
 use ledger_core::{PayoutId, WithdrawalId};
+use ledger_testbank::{Bank, BankConfig, Faults, Replay, Violation};
 use ledger_testdb as testing;
 use ledger_worker::webhook::{
     self, Credentials, Secret, WebhookConfig, WebhookError, WebhookGateway, SECRET_FILE_VAR, SECRET_VAR, TOKEN_VAR,
@@ -26,17 +24,18 @@ fn config(url: &str) -> WebhookConfig {
     WebhookConfig { url: url.to_string(), connect_timeout: Duration::from_secs(2), timeout: Duration::from_secs(5) }
 }
 
-fn gateway(bank: &BankServer) -> WebhookGateway {
+fn gateway(bank: &Bank) -> WebhookGateway {
     let credentials = Credentials { token: Secret::new(bank.token()), secret: Secret::new(bank.secret()) };
     WebhookGateway::new(config(bank.url()), credentials).expect("a loopback http URL is allowed")
 }
 
-fn start(faults: Faults) -> BankServer {
-    bank::start(BankConfig {
+fn start(faults: Faults) -> Bank {
+    Bank::start(BankConfig {
         faults,
         refused_destinations: HashSet::from([CLOSED_IBAN.to_string()]),
         ..BankConfig::default()
     })
+    .expect("starting the test bank")
 }
 
 /// A payout with ids unique in this test process (the bank flags one withdrawal paid
@@ -58,7 +57,7 @@ fn payout(destination: &str) -> PayoutRequest {
     }
 }
 
-fn assert_clean(bank: &BankServer) {
+fn assert_clean(bank: &Bank) {
     assert_eq!(bank.violations(), Vec::<Violation>::new(), "the client broke the contract");
 }
 
@@ -109,7 +108,7 @@ fn a_redirect_is_unknown_and_nothing_is_paid() {
     let outcome = gateway.send(&p);
     assert!(matches!(&outcome, SendOutcome::Unknown { error } if error.starts_with("HTTP 307")), "{outcome:?}");
     assert!(matches!(gateway.lookup(&p), LookupOutcome::Unknown { .. }), "a redirected lookup is unknown too");
-    bank.set_faults(Faults::none());
+    bank.set_faults(Faults::none()).unwrap();
     assert_eq!(gateway.lookup(&p), LookupOutcome::NotFound);
     assert!(bank.paid().is_empty());
     assert_eq!(bank.requests(), 3, "the redirect was not followed");
@@ -147,7 +146,7 @@ fn a_server_error_is_unknown_and_nothing_is_paid() {
     let p = payout(IBAN);
     assert!(matches!(gateway.send(&p), SendOutcome::Unknown { error } if error.starts_with("HTTP 503")));
     assert!(matches!(gateway.lookup(&p), LookupOutcome::Unknown { error } if error.starts_with("HTTP 503")));
-    bank.set_faults(Faults::none());
+    bank.set_faults(Faults::none()).unwrap();
     assert_eq!(gateway.lookup(&p), LookupOutcome::NotFound);
     assert!(bank.paid().is_empty());
     assert_clean(&bank);
@@ -187,7 +186,7 @@ fn a_dropped_connection_is_unknown() {
     let p = payout(IBAN);
     assert!(matches!(gateway.send(&p), SendOutcome::Unknown { .. }));
     assert!(matches!(gateway.lookup(&p), LookupOutcome::Unknown { .. }));
-    bank.set_faults(Faults::none());
+    bank.set_faults(Faults::none()).unwrap();
     assert_eq!(gateway.lookup(&p), LookupOutcome::NotFound);
     assert_clean(&bank);
 }
@@ -232,7 +231,7 @@ fn a_slow_bank_times_out_as_unknown_and_pays_anyway() {
     assert!(matches!(gateway.send(&p), SendOutcome::Unknown { .. }));
     assert!(started.elapsed() < Duration::from_millis(2_500), "the call was not bounded: {:?}", started.elapsed());
     assert!(bank.wait_idle(Duration::from_secs(10)), "the bank stays busy");
-    bank.set_faults(Faults::none());
+    bank.set_faults(Faults::none()).unwrap();
     assert!(matches!(gateway.lookup(&p), LookupOutcome::Accepted { .. }));
     assert_clean(&bank);
 }
@@ -292,7 +291,7 @@ fn a_wrong_secret_or_token_is_unauthorized_and_nothing_is_paid() {
 }
 
 /// One raw request to the bank, signed at `t`; returns the status line.
-fn raw_request(bank: &BankServer, t: u64, method: &str, path: &str, body: &str, sign_body: &str) -> String {
+fn raw_request(bank: &Bank, t: u64, method: &str, path: &str, body: &str, sign_body: &str) -> String {
     let signature = webhook::signature_header(&Secret::new(bank.secret()), t, sign_body);
     let mut stream = TcpStream::connect(bank.addr()).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -396,12 +395,13 @@ fn from_env_child() {
 
 #[testing::test]
 fn secrets_never_show_in_debug_output_errors_or_outcomes() {
-    let bank = bank::start(BankConfig {
+    let bank = Bank::start(BankConfig {
         token: "tok-very-secret".into(),
         secret: "sec-very-secret".into(),
         faults: Faults { server_error_pct: 50, drop_before_pct: 25, ..Faults::none() },
         ..BankConfig::default()
-    });
+    })
+    .expect("starting the test bank");
     let gateway = gateway(&bank);
     let shown = format!("{gateway:?} {gateway:#?}");
     assert!(!shown.contains("tok-very-secret") && !shown.contains("sec-very-secret"), "{shown}");

@@ -9,7 +9,7 @@
 //!   and settled (withdrawal `completed`, or `rejected`/`returned`) per second, from the
 //!   worker's start until no withdrawal is `pending` or `paying_out`.
 //! - `e2e webhook` (`--gateway webhook`): the same through the webhook gateway, to a
-//!   local bank the bench runs in-process ([`bank`]) with fresh random credentials.
+//!   local bank the bench runs in-process (`ledger_testbank`, fast and well-behaved) with fresh random credentials.
 //!
 //! Then a latency phase per mode: arrivals at half that mode's peak, p50/p99 from enqueue
 //! to debited (debit-only) or to final (end to end). pgbench's TPC-B-like transaction at
@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use self::bank::{Bank, BankStats};
 use anyhow::{anyhow, bail, Context, Result};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -28,6 +27,7 @@ use diesel::sql_types::{BigInt, Double, Nullable};
 use ledger_core::accounts::{self, NewAccount};
 use ledger_core::transfers::{self, Transfer};
 use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
+use ledger_testbank::{Bank, BankConfig, BankStats};
 use serde_json::json;
 
 use crate::database::Database;
@@ -42,8 +42,6 @@ mod worker;
 
 // The rooms below share these through `use super::*`.
 use {data::*, latency::*, modes::*, profile::*, report::*, transfer_scenario::*, worker::*};
-
-pub mod bank;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {

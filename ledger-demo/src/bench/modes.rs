@@ -22,10 +22,11 @@ pub(super) fn run_mode(
     row.gateway = Some(mode.gateway());
     let (mut conn, accounts) = setup(url, account_count, n)?;
     // The webhook's bank, with credentials made for this run only.
-    let credentials = (bank::random_hex(24), bank::random_hex(32));
+    let credentials = (ledger_testbank::random_hex(24), ledger_testbank::random_hex(32));
     let bank = match mode {
         Mode::Webhook => {
-            Some(Bank::start(&credentials.0, &credentials.1, modes.bank_delay).context("starting the local bank")?)
+            let config = BankConfig::fast(&credentials.0, &credentials.1, modes.bank_delay);
+            Some(Bank::start(config).context("starting the local bank")?)
         }
         _ => None,
     };

@@ -72,7 +72,7 @@ impl Worker {
             .stdout(Stdio::null());
         cmd.args(spec.payout_args());
         if let Some((bank, token, secret)) = spec.bank {
-            cmd.args(["--payout-webhook", &bank.url()]).env(TOKEN_VAR, token).env(SECRET_VAR, secret);
+            cmd.args(["--payout-webhook", bank.url()]).env(TOKEN_VAR, token).env(SECRET_VAR, secret);
         }
         if exit_when_idle {
             cmd.arg("--exit-when-idle");

@@ -129,9 +129,12 @@ pub fn renew_instance_id(conn: &mut PgConnection) -> Result<String, LedgerError>
 }
 
 pub fn get(conn: &mut PgConnection, id: PayoutId) -> Result<Payout, LedgerError> {
-    payouts::table.find(id.get()).select(Payout::as_select()).first(conn).optional()?.ok_or_else(|| {
-        LedgerError::Invalid(InvalidInput::BadField { field: "payout", reason: format!("no payout {id}") })
-    })
+    payouts::table
+        .find(id.get())
+        .select(Payout::as_select())
+        .first(conn)
+        .optional()?
+        .ok_or(LedgerError::UnknownPayout(id))
 }
 
 pub fn for_withdrawal(conn: &mut PgConnection, withdrawal: WithdrawalId) -> Result<Option<Payout>, LedgerError> {

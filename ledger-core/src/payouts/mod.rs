@@ -154,6 +154,26 @@ pub fn list(conn: &mut PgConnection, status: Option<PayoutStatus>, limit: i64) -
     Ok(query.load(conn)?)
 }
 
+/// One page of payouts in ascending id order, those after `after` (exclusive),
+/// optionally by status; each page found through the primary key.
+pub fn list_after(
+    conn: &mut PgConnection,
+    status: Option<PayoutStatus>,
+    after: Option<PayoutId>,
+    limit: i64,
+) -> Result<Vec<Payout>, LedgerError> {
+    let mut query = payouts::table
+        .select(Payout::as_select())
+        .filter(payouts::id.gt(after.map_or(0, PayoutId::get)))
+        .order(payouts::id.asc())
+        .limit(limit)
+        .into_boxed();
+    if let Some(s) = status {
+        query = query.filter(payouts::status.eq(s.as_str()));
+    }
+    Ok(query.load(conn)?)
+}
+
 /// Payouts still to send (due now or waiting for a retry or a lease).
 pub fn pending_count(conn: &mut PgConnection) -> Result<i64, LedgerError> {
     Ok(payouts::table.filter(payouts::status.eq(PayoutStatus::Pending.as_str())).count().get_result(conn)?)

@@ -5,11 +5,13 @@ use super::*;
 /// The options of `deposit`.
 #[derive(Args, Debug)]
 pub struct DepositArgs {
+    /// The account to credit (an account id).
     #[arg(long)]
     pub account: i64,
     /// Decimal amount in the account's currency, e.g. 100.00.
     #[arg(long, allow_hyphen_values = true)]
     pub amount: String,
+    /// Idempotency key: the same key with the same request deposits once.
     #[arg(long)]
     pub key: String,
 }
@@ -33,6 +35,6 @@ pub fn run(ctx: Ctx, args: DepositArgs) -> Result<ExitCode> {
                 balance.balance_display()
             )
         },
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

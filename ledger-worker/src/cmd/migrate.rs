@@ -25,6 +25,6 @@ pub fn run(ctx: Ctx, args: MigrateArgs) -> Result<ExitCode> {
     ctx.out.print(json!({ "applied": n, "instance_id": instance, "instance_id_renewed": renewed }), || {
         let what = if renewed { "new instance id" } else { "instance id" };
         format!("{n} migration(s) applied; {what} {instance}")
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }

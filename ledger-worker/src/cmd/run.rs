@@ -95,7 +95,8 @@ pub struct RunArgs {
 }
 
 pub fn run(ctx: Ctx, args: RunArgs) -> Result<ExitCode> {
-    init_logging(ctx.log_format, "info");
+    // With --json every line on stderr is JSON, the logs included.
+    init_logging(if ctx.json { LogFormat::Json } else { ctx.log_format }, "info");
     run_daemon(require_url(ctx.database_url)?, &args)
 }
 
@@ -103,6 +104,10 @@ pub fn run(ctx: Ctx, args: RunArgs) -> Result<ExitCode> {
 /// still busy after `--shutdown-grace-ms` (plus a second), or a second SIGTERM/SIGINT
 /// came. Nothing unfinished was committed; see [`WorkerPool::shutdown`].
 pub const EXIT_FORCED: u8 = 3;
+
+const NO_GATEWAY: &str = "`run` needs an explicit payout gateway: --gateway webhook --payout-webhook URL \
+     (credentials from LEDGER_PAYOUT_WEBHOOK_TOKEN and LEDGER_PAYOUT_WEBHOOK_SECRET), --gateway log to try it out \
+     (settles every payout WITHOUT paying anyone), or --gateway none to only debit";
 
 fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
     // Fail fast, with one clear line, on an unreachable or unmigrated database; with the
@@ -137,18 +142,17 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         },
     };
     if args.payout_timeout_ms == 0 || args.payout_connect_timeout_ms == 0 {
-        bail!("--payout-timeout-ms and --payout-connect-timeout-ms must be at least 1");
+        let message = "--payout-timeout-ms and --payout-connect-timeout-ms must be at least 1";
+        return Err(failure::usage("payout-timeout-ms", message));
     }
-    config.validate().map_err(|e| anyhow!(e))?;
+    config.validate().map_err(|e| CliError::Usage { field: None, message: e })?;
     let gateway: Option<Arc<dyn PayoutGateway>> = match (args.gateway, &args.payout_webhook) {
-        (None, _) => bail!(
-            "`run` needs an explicit payout gateway: --gateway webhook --payout-webhook URL (credentials from \
-             LEDGER_PAYOUT_WEBHOOK_TOKEN and LEDGER_PAYOUT_WEBHOOK_SECRET), --gateway log to try it out (settles \
-             every payout WITHOUT paying anyone), or --gateway none to only debit"
-        ),
-        (Some(GatewayKind::Webhook), None) => bail!("--gateway webhook needs --payout-webhook URL"),
+        (None, _) => return Err(failure::usage("gateway", NO_GATEWAY)),
+        (Some(GatewayKind::Webhook), None) => {
+            return Err(failure::usage("payout-webhook", "--gateway webhook needs --payout-webhook URL"))
+        }
         (Some(GatewayKind::Log | GatewayKind::None), Some(_)) => {
-            bail!("--payout-webhook is only used with --gateway webhook")
+            return Err(failure::usage("payout-webhook", "--payout-webhook is only used with --gateway webhook"))
         }
         (Some(GatewayKind::None), None) => None,
         (Some(GatewayKind::Log), None) => {

@@ -145,15 +145,15 @@ fn unlocked_race(url: &str) -> Result<()> {
     });
     for (amount, r) in amounts.iter().zip(&results) {
         match r {
-            Ok(()) => println!("   worker withdrawing {amount:>6}: balance check passed, paid out"),
-            Err(e) => println!("   worker withdrawing {amount:>6}: {e}"),
+            Ok(()) => println!("   worker withdrawing {amount:>6} EUR: balance check passed, paid out"),
+            Err(e) => println!("   worker withdrawing {amount:>6} EUR: {e}"),
         }
     }
     let paid: i64 = amounts.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(a, _)| eur(a).minor()).sum();
     let stored = accounts::get(&mut conn, account)?.balance_minor;
     let report = audit::run(&mut conn)?;
     println!(
-        "   paid out {} from an account holding 100.00; the stored balance now says {} -> {}",
+        "   paid out {} EUR from an account holding 100.00 EUR; the stored balance now says {} EUR -> {}",
         Currency::EUR.format_minor(paid),
         Currency::EUR.format_minor(stored),
         if report.is_clean() {
@@ -200,16 +200,17 @@ fn locked_race(url: &str) -> Result<()> {
     });
     for (amount, r) in amounts.iter().zip(&results) {
         match r {
-            Ok(w) => println!("   worker withdrawing {amount:>6}: {}", w.status),
-            Err(e) => println!("   worker withdrawing {amount:>6}: refused: {e}"),
+            Ok(w) => println!("   worker withdrawing {amount:>6} EUR: {}", w.status),
+            Err(e) => println!("   worker withdrawing {amount:>6} EUR: refused: {e}"),
         }
     }
     let ok = results.iter().filter(|r| r.is_ok()).count();
     let balance = accounts::get(&mut conn, account)?;
     let report = audit::run(&mut conn)?;
     println!(
-        "   {ok} withdrawal went through; balance {}; {}",
+        "   {ok} withdrawal went through; balance {} {}; {}",
         balance.balance_display(),
+        balance.currency,
         if report.is_clean() { "audit clean" } else { "AUDIT FAILED" }
     );
     if ok != 1 || !report.is_clean() {

@@ -28,7 +28,7 @@ pub fn run(ctx: Ctx, args: DepositArgs) -> Result<ExitCode> {
                 "balance": balance.balance_display() }),
         || {
             format!(
-                "deposited {} {currency} into account {account} (entry {}{}); balance {}",
+                "deposited {} {currency} into account {account} (entry {}{}); balance {} {currency}",
                 amount.format(currency),
                 receipt.entry,
                 if receipt.replayed { ", replayed" } else { "" },

@@ -10,7 +10,8 @@ pub enum PayoutCommand {
         /// Only payouts in this status.
         #[arg(long, value_parser = status_parser(PayoutStatus::ALL, PayoutStatus::as_str))]
         status: Option<PayoutStatus>,
-        /// Start after this payout id (exclusive): the cursor of the next page.
+        /// Start after this payout id (exclusive; 0 = from the first): the cursor of the
+        /// next page.
         #[arg(long)]
         after: Option<i64>,
         /// Print at most this many (default: all).
@@ -56,7 +57,8 @@ pub enum PayoutCommand {
 pub fn run(ctx: Ctx, command: PayoutCommand) -> Result<ExitCode> {
     match command {
         PayoutCommand::List { status, after, limit } => {
-            let after = after.map(PayoutId::new).transpose()?;
+            // 0 is the cursor before the first row, as a script starts its loop.
+            let after = after.filter(|a| *a != 0).map(PayoutId::new).transpose()?;
             let mut conn = connect(ctx.database_url)?;
             let fetch = |after: Option<i64>, n: i64| -> Result<Vec<Payout>> {
                 let after = after.map(PayoutId::new).transpose()?;

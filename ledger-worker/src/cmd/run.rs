@@ -109,11 +109,8 @@ const NO_GATEWAY: &str = "`run` needs an explicit payout gateway: --gateway webh
      (credentials from LEDGER_PAYOUT_WEBHOOK_TOKEN and LEDGER_PAYOUT_WEBHOOK_SECRET), --gateway log to try it out \
      (settles every payout WITHOUT paying anyone), or --gateway none to only debit";
 
-fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
-    // Fail fast, with one clear line, on an unreachable or unmigrated database; with the
-    // network timeouts the pool uses, so that a server that does not answer fails too.
-    // (No handler is installed yet: a signal now ends the process at once.)
-    drop(connect(Some(db::with_network_timeouts(&url)))?);
+/// The daemon's configuration from its options, checked.
+fn worker_config(args: &RunArgs) -> Result<WorkerConfig> {
     let config = WorkerConfig {
         threads: args.threads,
         pool_size: args.pool_size.unwrap_or(args.threads as u32 + 2),
@@ -146,6 +143,11 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         return Err(failure::usage("payout-timeout-ms", message));
     }
     config.validate().map_err(|e| CliError::Usage { field: None, message: e })?;
+    Ok(config)
+}
+
+/// The gateway `--gateway` names, with its options checked.
+fn payout_gateway(args: &RunArgs) -> Result<Option<Arc<dyn PayoutGateway>>> {
     let gateway: Option<Arc<dyn PayoutGateway>> = match (args.gateway, &args.payout_webhook) {
         (None, _) => return Err(failure::usage("gateway", NO_GATEWAY)),
         (Some(GatewayKind::Webhook), None) => {
@@ -167,6 +169,17 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
             })?))
         }
     };
+    Ok(gateway)
+}
+
+fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
+    // Bad options first (exit 2, whatever the database), then fail fast, with one clear
+    // line, on an unreachable or unmigrated database; with the network timeouts the pool
+    // uses, so that a server that does not answer fails too. (No handler is installed
+    // yet: a signal now ends the process at once.)
+    let config = worker_config(args)?;
+    let gateway = payout_gateway(args)?;
+    drop(connect(Some(db::with_network_timeouts(&url)))?);
     let terminate = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         // The first signal starts a graceful stop; a second one exits at once. (The

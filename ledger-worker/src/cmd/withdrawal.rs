@@ -18,7 +18,8 @@ pub enum WithdrawalCommand {
         /// Only this account's withdrawals (an account id).
         #[arg(long)]
         account: Option<i64>,
-        /// Start after this withdrawal id (exclusive): the cursor of the next page.
+        /// Start after this withdrawal id (exclusive; 0 = from the first): the cursor of
+        /// the next page.
         #[arg(long)]
         after: Option<i64>,
         /// Print at most this many (default: all).
@@ -49,7 +50,8 @@ pub fn run(ctx: Ctx, command: WithdrawalCommand) -> Result<ExitCode> {
         }
         WithdrawalCommand::List { status, account, after, limit } => {
             let account = account.map(account_id).transpose()?;
-            let after = after.map(WithdrawalId::new).transpose()?;
+            // 0 is the cursor before the first row, as a script starts its loop.
+            let after = after.filter(|a| *a != 0).map(WithdrawalId::new).transpose()?;
             let mut conn = connect(ctx.database_url)?;
             let fetch = |after: Option<i64>, n: i64| -> Result<Vec<Withdrawal>> {
                 let after = after.map(WithdrawalId::new).transpose()?;

@@ -215,7 +215,9 @@ mod tests {
             requested_minor: 1,
         };
         let lost = LedgerError::Pool("connecting to postgres://x: refused".into());
-        let cases: Vec<(anyhow::Error, &str, u8, Option<&str>, Option<i64>)> = vec![
+        // (error, kind, exit status, field, id)
+        type Case = (anyhow::Error, &'static str, u8, Option<&'static str>, Option<i64>);
+        let cases: Vec<Case> = vec![
             (funds.into(), "insufficient_funds", 1, Some("account"), Some(88)),
             (LedgerError::UnknownAccount(AccountId::new(5).unwrap()).into(), "not_found", 1, Some("account"), Some(5)),
             (LedgerError::UnknownPayout(PayoutId::new(3).unwrap()).into(), "not_found", 1, Some("payout"), Some(3)),

@@ -37,7 +37,11 @@ fn each_check_reports_the_corruption_it_is_for() {
         (
             "a stored balance that is not the sum of its postings",
             &["UPDATE accounts SET balance_minor = balance_minor + 1 WHERE id = {account}"],
-            |v| matches!(v, Violation::BalanceMismatch { stored_minor: 6_001, postings_sum_minor: 6_000, .. }),
+            // Read in decimals with the currency, as every amount a person reads.
+            |v| {
+                matches!(v, Violation::BalanceMismatch { stored_minor: 6_001, postings_sum_minor: 6_000, .. })
+                    && v.to_string().ends_with("stored balance 60.01 EUR != sum of postings 60.00 EUR")
+            },
         ),
         (
             "a balance below its floor",
@@ -45,7 +49,10 @@ fn each_check_reports_the_corruption_it_is_for() {
                 "ALTER TABLE accounts DROP CONSTRAINT accounts_balance_floor",
                 "UPDATE accounts SET balance_minor = -1 WHERE id = {account}",
             ],
-            |v| matches!(v, Violation::BelowFloor { balance_minor: -1, floor_minor: 0, .. }),
+            |v| {
+                matches!(v, Violation::BelowFloor { balance_minor: -1, floor_minor: 0, .. })
+                    && v.to_string().ends_with("balance -0.01 EUR below floor 0.00 EUR")
+            },
         ),
         (
             "an entry whose postings do not sum to zero",
@@ -54,7 +61,10 @@ fn each_check_reports_the_corruption_it_is_for() {
                 "INSERT INTO postings (entry_id, account_id, currency, amount_minor)
                  SELECT {entry}, id, 'EUR', 1 FROM accounts WHERE system_role = 'external_funding' AND currency = 'EUR'",
             ],
-            |v| matches!(v, Violation::UnbalancedEntry { sum_minor: 1, .. }),
+            |v| {
+                matches!(v, Violation::UnbalancedEntry { sum_minor: 1, .. })
+                    && v.to_string().ends_with("postings in EUR sum to 0.01 EUR, not 0")
+            },
         ),
         (
             "a completed withdrawal whose payout is still pending",

@@ -84,6 +84,7 @@ impl Account {
         if after < self.floor_minor() {
             return Err(LedgerError::InsufficientFunds {
                 account: self.id,
+                currency: self.currency,
                 balance_minor: self.balance_minor,
                 floor_minor: self.floor_minor(),
                 requested_minor: amount.minor(),

@@ -16,20 +16,21 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 
 use crate::error::LedgerError;
+use crate::money::Currency;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Violation {
     UnbalancedEntry { entry: i64, currency: String, sum_minor: i64 },
     TooFewPostings { entry: i64, postings: i64 },
-    BalanceMismatch { account: i64, stored_minor: i64, postings_sum_minor: i64 },
-    RunningBalanceWrong { posting: i64, stored_minor: i64, expected_minor: i64 },
-    BelowFloor { account: i64, balance_minor: i64, floor_minor: i64 },
+    BalanceMismatch { account: i64, currency: String, stored_minor: i64, postings_sum_minor: i64 },
+    RunningBalanceWrong { posting: i64, currency: String, stored_minor: i64, expected_minor: i64 },
+    BelowFloor { account: i64, currency: String, balance_minor: i64, floor_minor: i64 },
     InTransitMismatch { currency: String, in_transit_minor: i64, open_payouts_minor: i64 },
     SettlementMismatch { currency: String, settled_minor: i64, settled_payouts_minor: i64 },
     PayoutStateMismatch { withdrawal: i64, withdrawal_status: String, payout_status: String },
     WithdrawalWithoutPayout { withdrawal: i64 },
     WithdrawalEntryMismatch { withdrawal: i64 },
-    ResolutionMismatch { entry: i64, moved_minor: i64, payouts_minor: i64 },
+    ResolutionMismatch { entry: i64, currency: String, moved_minor: i64, payouts_minor: i64 },
     PayoutResolutionWrong { payout: i64 },
 }
 
@@ -37,26 +38,32 @@ impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Violation::UnbalancedEntry { entry, currency, sum_minor } => {
-                write!(f, "entry {entry}: postings in {currency} sum to {sum_minor}, not 0")
+                write!(f, "entry {entry}: postings in {currency} sum to {}, not 0", money(currency, *sum_minor))
             }
             Violation::TooFewPostings { entry, postings } => write!(f, "entry {entry}: {postings} posting(s), need 2+"),
-            Violation::BalanceMismatch { account, stored_minor, postings_sum_minor } => {
-                write!(f, "account {account}: stored balance {stored_minor} != sum of postings {postings_sum_minor}")
+            Violation::BalanceMismatch { account, currency: c, stored_minor, postings_sum_minor: sum } => {
+                let (stored, sum) = (money(c, *stored_minor), money(c, *sum));
+                write!(f, "account {account}: stored balance {stored} != sum of postings {sum}")
             }
-            Violation::RunningBalanceWrong { posting, stored_minor, expected_minor } => {
-                write!(f, "posting {posting}: running balance {stored_minor}, expected {expected_minor}")
+            Violation::RunningBalanceWrong { posting, currency: c, stored_minor, expected_minor } => {
+                let (stored, expected) = (money(c, *stored_minor), money(c, *expected_minor));
+                write!(f, "posting {posting}: running balance {stored}, expected {expected}")
             }
-            Violation::BelowFloor { account, balance_minor, floor_minor } => {
-                write!(f, "account {account}: balance {balance_minor} below floor {floor_minor}")
+            Violation::BelowFloor { account, currency: c, balance_minor, floor_minor } => {
+                write!(
+                    f,
+                    "account {account}: balance {} below floor {}",
+                    money(c, *balance_minor),
+                    money(c, *floor_minor)
+                )
             }
-            Violation::InTransitMismatch { currency, in_transit_minor, open_payouts_minor } => write!(
-                f,
-                "{currency}: payouts in transit hold {in_transit_minor}, open payouts total {open_payouts_minor}"
-            ),
-            Violation::SettlementMismatch { currency, settled_minor, settled_payouts_minor } => write!(
-                f,
-                "{currency}: external settlement holds {settled_minor}, settled payouts total {settled_payouts_minor}"
-            ),
+            Violation::InTransitMismatch { currency: c, in_transit_minor: held, open_payouts_minor: open } => {
+                write!(f, "{c}: payouts in transit hold {}, open payouts total {}", money(c, *held), money(c, *open))
+            }
+            Violation::SettlementMismatch { currency: c, settled_minor: held, settled_payouts_minor: paid } => {
+                let (held, paid) = (money(c, *held), money(c, *paid));
+                write!(f, "{c}: external settlement holds {held}, settled payouts total {paid}")
+            }
             Violation::PayoutStateMismatch { withdrawal, withdrawal_status, payout_status } => {
                 write!(f, "withdrawal {withdrawal} is {withdrawal_status} but its payout is {payout_status}")
             }
@@ -66,15 +73,24 @@ impl fmt::Display for Violation {
             Violation::WithdrawalEntryMismatch { withdrawal } => {
                 write!(f, "withdrawal {withdrawal}: its journal entry does not move its amount")
             }
-            Violation::ResolutionMismatch { entry, moved_minor, payouts_minor } => write!(
-                f,
-                "entry {entry}: moves {moved_minor} out of transit, but the payouts it resolves total {payouts_minor}"
-            ),
+            Violation::ResolutionMismatch { entry, currency: c, moved_minor: moved, payouts_minor: total } => {
+                let (moved, total) = (money(c, *moved), money(c, *total));
+                write!(f, "entry {entry}: moves {moved} out of transit, but the payouts it resolves total {total}")
+            }
             Violation::PayoutResolutionWrong { payout } => write!(
                 f,
                 "payout {payout}: its resolution entry is not a settlement (or return) out of transit in its currency"
             ),
         }
+    }
+}
+
+/// An amount as people read it: a decimal with its currency (minor units if the stored
+/// code is not one the ledger knows, which is itself worth seeing).
+fn money(currency: &str, minor: i64) -> String {
+    match Currency::from_code(currency) {
+        Ok(c) => format!("{} {c}", c.format_minor(minor)),
+        Err(_) => format!("{minor} minor units of {currency:?}"),
     }
 }
 
@@ -145,6 +161,8 @@ struct EntryPostings {
 struct StoredVsExpected {
     #[diesel(sql_type = BigInt)]
     id: i64,
+    #[diesel(sql_type = Text)]
+    currency: String,
     #[diesel(sql_type = BigInt)]
     stored_minor: i64,
     #[diesel(sql_type = BigInt)]
@@ -249,7 +267,7 @@ fn run_checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
     }
     for r in rows::<StoredVsExpected>(
         conn,
-        "SELECT a.id, a.balance_minor AS stored_minor, COALESCE(s.total, 0)::bigint AS expected_minor
+        "SELECT a.id, a.currency, a.balance_minor AS stored_minor, COALESCE(s.total, 0)::bigint AS expected_minor
          FROM accounts a
          LEFT JOIN (SELECT account_id, SUM(amount_minor) AS total FROM postings GROUP BY account_id) s
                 ON s.account_id = a.id
@@ -257,30 +275,33 @@ fn run_checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
     )? {
         v.push(Violation::BalanceMismatch {
             account: r.id,
+            currency: r.currency,
             stored_minor: r.stored_minor,
             postings_sum_minor: r.expected_minor,
         });
     }
     for r in rows::<StoredVsExpected>(
         conn,
-        "SELECT id, balance_after_minor AS stored_minor, running::bigint AS expected_minor FROM (
-             SELECT id, balance_after_minor,
+        "SELECT id, currency, balance_after_minor AS stored_minor, running::bigint AS expected_minor FROM (
+             SELECT id, currency, balance_after_minor,
                     SUM(amount_minor) OVER (PARTITION BY account_id ORDER BY id) AS running
              FROM postings) p
          WHERE balance_after_minor IS NOT NULL AND balance_after_minor <> running ORDER BY id",
     )? {
         v.push(Violation::RunningBalanceWrong {
             posting: r.id,
+            currency: r.currency,
             stored_minor: r.stored_minor,
             expected_minor: r.expected_minor,
         });
     }
     for r in rows::<StoredVsExpected>(
         conn,
-        "SELECT id, balance_minor AS stored_minor, -overdraft_limit_minor AS expected_minor
+        "SELECT id, currency, balance_minor AS stored_minor, -overdraft_limit_minor AS expected_minor
          FROM accounts WHERE kind = 'customer' AND balance_minor < -overdraft_limit_minor ORDER BY id",
     )? {
-        v.push(Violation::BelowFloor { account: r.id, balance_minor: r.stored_minor, floor_minor: r.expected_minor });
+        let (balance_minor, floor_minor) = (r.stored_minor, r.expected_minor);
+        v.push(Violation::BelowFloor { account: r.id, currency: r.currency, balance_minor, floor_minor });
     }
     for r in rows::<CurrencyTotals>(
         conn,
@@ -355,12 +376,13 @@ fn run_checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
     }
     for r in rows::<StoredVsExpected>(
         conn,
-        "SELECT e.id, (-COALESCE(m.moved, 0))::bigint AS stored_minor, COALESCE(r.total, 0)::bigint AS expected_minor
+        "SELECT e.id, COALESCE(m.currency, r.currency, '') AS currency,
+                (-COALESCE(m.moved, 0))::bigint AS stored_minor, COALESCE(r.total, 0)::bigint AS expected_minor
          FROM journal_entries e
-         LEFT JOIN (SELECT p.entry_id, SUM(p.amount_minor) AS moved
+         LEFT JOIN (SELECT p.entry_id, min(p.currency) AS currency, SUM(p.amount_minor) AS moved
                     FROM postings p JOIN accounts a ON a.id = p.account_id
                     WHERE a.system_role = 'payouts_in_transit' GROUP BY p.entry_id) m ON m.entry_id = e.id
-         LEFT JOIN (SELECT resolution_entry_id, SUM(amount_minor) AS total FROM payouts
+         LEFT JOIN (SELECT resolution_entry_id, min(currency) AS currency, SUM(amount_minor) AS total FROM payouts
                     WHERE resolution_entry_id IS NOT NULL GROUP BY resolution_entry_id) r
                 ON r.resolution_entry_id = e.id
          -- Every settlement or return entry, and every entry a payout names as its
@@ -371,6 +393,7 @@ fn run_checks(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
     )? {
         v.push(Violation::ResolutionMismatch {
             entry: r.id,
+            currency: r.currency,
             moved_minor: r.stored_minor,
             payouts_minor: r.expected_minor,
         });

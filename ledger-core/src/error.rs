@@ -3,8 +3,9 @@
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
-use crate::ids::{AccountId, WithdrawalId};
+use crate::ids::{AccountId, PayoutId, WithdrawalId};
 pub use crate::input::InvalidInput;
+use crate::money::Currency;
 use crate::sqlstate::{self, SqlState};
 
 /// The most characters of an error or a reason stored on a row (a job's last error, a
@@ -23,8 +24,21 @@ pub fn stored_text(text: &str, max_chars: usize) -> String {
 pub enum LedgerError {
     #[error(transparent)]
     Invalid(#[from] InvalidInput),
-    #[error("insufficient funds in account {account}: balance {balance_minor}, floor {floor_minor}, requested {requested_minor} (minor units)")]
-    InsufficientFunds { account: AccountId, balance_minor: i64, floor_minor: i64, requested_minor: i64 },
+    /// The amounts stay minor units for code; people read them as decimals with the
+    /// currency (this text is also the reason stored on a rejected withdrawal).
+    #[error(
+        "insufficient funds in account {account}: balance {balance} {currency}, floor {floor} {currency}, requested {requested} {currency}",
+        balance = .currency.format_minor(*.balance_minor),
+        floor = .currency.format_minor(*.floor_minor),
+        requested = .currency.format_minor(*.requested_minor)
+    )]
+    InsufficientFunds {
+        account: AccountId,
+        currency: Currency,
+        balance_minor: i64,
+        floor_minor: i64,
+        requested_minor: i64,
+    },
     #[error("unknown account {0}")]
     UnknownAccount(AccountId),
     #[error("account {0} is closed")]
@@ -47,6 +61,13 @@ pub enum LedgerError {
     LinkedChainOpen,
     #[error("unknown withdrawal {0}")]
     UnknownWithdrawal(WithdrawalId),
+    #[error("unknown payout {0}")]
+    UnknownPayout(PayoutId),
+    /// The payout is not in a state that allows the operation (not failed, its last call
+    /// still in flight, sent again meanwhile, a lookup that could not tell). `reason`
+    /// names the payout and says what to do.
+    #[error("{reason}")]
+    PayoutState { payout: PayoutId, reason: String },
     #[error("balance overflow on account {0}")]
     BalanceOverflow(AccountId),
     #[error("lock on {0:?} not acquired before the timeout")]
@@ -172,6 +193,8 @@ impl LedgerError {
             LedgerError::LinkedItemFailed { .. } => "linked_item_failed",
             LedgerError::LinkedChainOpen => "linked_chain_open",
             LedgerError::UnknownWithdrawal(_) => "unknown_withdrawal",
+            LedgerError::UnknownPayout(_) => "unknown_payout",
+            LedgerError::PayoutState { .. } => "payout_state",
             LedgerError::BalanceOverflow(_) => "balance_overflow",
             LedgerError::LockTimeout(_) => "lock_timeout",
             LedgerError::RetriesExhausted { .. } => "retries_exhausted",
@@ -249,6 +272,32 @@ mod tests {
             let got = SqlState::new(code).and_then(Transient::from_sqlstate);
             assert_eq!(got, *expected, "SQLSTATE {code}");
         }
+    }
+
+    #[test]
+    fn insufficient_funds_reads_in_decimals_with_the_currency() {
+        let e = LedgerError::InsufficientFunds {
+            account: AccountId::from_db(88),
+            currency: Currency::EUR,
+            balance_minor: 1_150,
+            floor_minor: 0,
+            requested_minor: 10_000_000,
+        };
+        assert_eq!(
+            e.to_string(),
+            "insufficient funds in account 88: balance 11.50 EUR, floor 0.00 EUR, requested 100000.00 EUR"
+        );
+        let jpy = LedgerError::InsufficientFunds {
+            account: AccountId::from_db(9),
+            currency: Currency::JPY,
+            balance_minor: -5,
+            floor_minor: -100,
+            requested_minor: 200,
+        };
+        assert_eq!(
+            jpy.to_string(),
+            "insufficient funds in account 9: balance -5 JPY, floor -100 JPY, requested 200 JPY"
+        );
     }
 
     #[test]

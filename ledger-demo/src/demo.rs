@@ -16,7 +16,6 @@ use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, Ledger
 use crate::database::Database;
 use ledger_worker::daemon::{WorkerConfig, WorkerPool};
 use ledger_worker::gateway::LogGateway;
-use ledger_worker::metrics::Metrics;
 
 const IBAN: &str = "DE89370400440532013000";
 
@@ -146,15 +145,15 @@ fn unlocked_race(url: &str) -> Result<()> {
     });
     for (amount, r) in amounts.iter().zip(&results) {
         match r {
-            Ok(()) => println!("   worker withdrawing {amount:>6}: balance check passed, paid out"),
-            Err(e) => println!("   worker withdrawing {amount:>6}: {e}"),
+            Ok(()) => println!("   worker withdrawing {amount:>6} EUR: balance check passed, paid out"),
+            Err(e) => println!("   worker withdrawing {amount:>6} EUR: {e}"),
         }
     }
     let paid: i64 = amounts.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(a, _)| eur(a).minor()).sum();
     let stored = accounts::get(&mut conn, account)?.balance_minor;
     let report = audit::run(&mut conn)?;
     println!(
-        "   paid out {} from an account holding 100.00; the stored balance now says {} -> {}",
+        "   paid out {} EUR from an account holding 100.00 EUR; the stored balance now says {} EUR -> {}",
         Currency::EUR.format_minor(paid),
         Currency::EUR.format_minor(stored),
         if report.is_clean() {
@@ -163,7 +162,7 @@ fn unlocked_race(url: &str) -> Result<()> {
             format!("audit: {} violation(s)", report.violations.len())
         }
     );
-    for v in report.violations.iter().take(2) {
+    for v in &report.violations {
         println!("      {v}");
     }
     Ok(())
@@ -201,16 +200,17 @@ fn locked_race(url: &str) -> Result<()> {
     });
     for (amount, r) in amounts.iter().zip(&results) {
         match r {
-            Ok(w) => println!("   worker withdrawing {amount:>6}: {}", w.status),
-            Err(e) => println!("   worker withdrawing {amount:>6}: refused: {e}"),
+            Ok(w) => println!("   worker withdrawing {amount:>6} EUR: {}", w.status),
+            Err(e) => println!("   worker withdrawing {amount:>6} EUR: refused: {e}"),
         }
     }
     let ok = results.iter().filter(|r| r.is_ok()).count();
     let balance = accounts::get(&mut conn, account)?;
     let report = audit::run(&mut conn)?;
     println!(
-        "   {ok} withdrawal went through; balance {}; {}",
+        "   {ok} withdrawal went through; balance {} {}; {}",
         balance.balance_display(),
+        balance.currency,
         if report.is_clean() { "audit clean" } else { "AUDIT FAILED" }
     );
     if ok != 1 || !report.is_clean() {
@@ -224,12 +224,65 @@ fn many_withdrawals(url: &str, opts: &DemoOptions) -> Result<()> {
     let accounts: Vec<AccountId> = (0..opts.accounts)
         .map(|i| open_funded(&mut conn, &format!("customer-{i}"), "500.00"))
         .collect::<Result<_>>()?;
-    // Enqueue everything first (500 requests per commit), then let the daemon's worker
-    // pool drain the queue: the same code `ledger-worker run` runs.
+    // Enqueue everything first, then let the daemon's worker pool drain the queue: the
+    // same code `ledger-worker run` runs.
     let total = opts.withdrawals;
+    enqueue_bulk(&mut conn, &accounts, total)?;
+    let config = WorkerConfig {
+        threads: opts.threads,
+        pool_size: opts.threads as u32 + 2,
+        application_name: "ledger-demo".into(),
+        ..WorkerConfig::default()
+    };
+    let started = Instant::now();
+    let pool = WorkerPool::builder(url, config).gateway(Arc::new(LogGateway)).start()?;
+    let mut reporter = ledger_worker::progress::Progress::new(total);
+    // Every figure below comes from the database, counted over this step's withdrawals
+    // only (the race's payout above is settled by the same pool, and is not one of them).
+    let mut processed_after: Option<Duration> = None;
+    let counts = loop {
+        let (counts, now) = (BulkCounts::read(&mut conn)?, started.elapsed());
+        if counts.pending == 0 && processed_after.is_none() {
+            processed_after = Some(now);
+        }
+        reporter.show(counts.processed() as usize, processed_after.unwrap_or(now));
+        if counts.pending == 0 && counts.open_payouts == 0 {
+            break counts;
+        }
+        if now > Duration::from_secs(600) {
+            bail!("the withdrawals did not finish within 10 minutes");
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let (processed, paid_out) = (processed_after.unwrap_or_default(), started.elapsed());
+    reporter.finish(counts.processed() as usize, processed);
+    pool.shutdown();
+    let report = audit::run(&mut conn)?;
+    println!(
+        "   {} debited ({} payouts settled through the log gateway), {} refused for insufficient funds, {} failed",
+        counts.debited, counts.settled, counts.rejected, counts.failed
+    );
+    println!(
+        "   {:.0} withdrawals/s ({} processed in {:.2} s, all paid out after {:.2} s; {} worker threads, batches of up to {}, fsync on)",
+        counts.processed() as f64 / processed.as_secs_f64(),
+        counts.processed(),
+        processed.as_secs_f64(),
+        paid_out.as_secs_f64(),
+        opts.threads,
+        WorkerConfig::default().batch_size,
+    );
+    println!("   {report}");
+    if !report.is_clean() || counts.processed() != total as i64 || counts.settled != counts.debited {
+        bail!("the run did not end cleanly");
+    }
+    Ok(())
+}
+
+/// Step 3's withdrawals, 500 requests per commit.
+fn enqueue_bulk(conn: &mut PgConnection, accounts: &[AccountId], total: usize) -> Result<()> {
     for chunk_start in (0..total).step_by(500) {
         let chunk: Vec<usize> = (chunk_start..(chunk_start + 500).min(total)).collect();
-        ledger_core::transaction(&mut conn, &TxOptions::default(), |tx| {
+        ledger_core::transaction(conn, &TxOptions::default(), |tx| {
             for &i in &chunk {
                 // Amounts 5.00 .. 24.99, so some accounts run dry and refuse.
                 let amount = Amount::from_minor(500 + (i as i64 * 137) % 2_000).expect("positive");
@@ -239,50 +292,45 @@ fn many_withdrawals(url: &str, opts: &DemoOptions) -> Result<()> {
             Ok::<_, LedgerError>(())
         })?;
     }
-    let config = WorkerConfig {
-        threads: opts.threads,
-        pool_size: opts.threads as u32 + 2,
-        application_name: "ledger-demo".into(),
-        ..WorkerConfig::default()
-    };
-    let started = Instant::now();
-    let pool = WorkerPool::builder(url, config).gateway(Arc::new(LogGateway)).start()?;
-    let metrics = pool.metrics().clone();
-    let mut reporter = ledger_worker::progress::Progress::new(total);
-    loop {
-        let finished = metrics.finished() as usize;
-        reporter.show(finished.min(total), started.elapsed());
-        let paid_out = metrics.payouts_resolved() >= Metrics::get(&metrics.debited);
-        if (finished >= total && paid_out) || pool.is_idle() {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("the withdrawals did not finish within 10 minutes");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    let elapsed = started.elapsed();
-    reporter.finish(metrics.finished() as usize, elapsed);
-    pool.shutdown();
-    let (debited, rejected, failed) =
-        (Metrics::get(&metrics.debited), Metrics::get(&metrics.rejected), Metrics::get(&metrics.failed));
-    let settled = Metrics::get(&metrics.payouts_settled);
-    let report = audit::run(&mut conn)?;
-    println!(
-        "   {debited} debited and paid out ({settled} payouts settled through the log gateway), \
-         {rejected} refused for insufficient funds, {failed} failed"
-    );
-    println!(
-        "   {:.0} withdrawals/s ({} in {:.2} s; {} worker threads, batches of up to {}, fsync on)",
-        total as f64 / elapsed.as_secs_f64(),
-        total,
-        elapsed.as_secs_f64(),
-        opts.threads,
-        WorkerConfig::default().batch_size,
-    );
-    println!("   {report}");
-    if !report.is_clean() || debited + rejected + failed != total as u64 || settled < debited {
-        bail!("the run did not end cleanly");
-    }
     Ok(())
+}
+
+/// Step 3's withdrawals (keys `demo-bulk-*`) by what became of them, and their payouts.
+#[derive(diesel::QueryableByName, Debug)]
+struct BulkCounts {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pending: i64,
+    /// Debited: their money left the account (paying out, completed or returned).
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    debited: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    rejected: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    failed: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    settled: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    open_payouts: i64,
+}
+
+impl BulkCounts {
+    fn read(conn: &mut PgConnection) -> Result<BulkCounts> {
+        Ok(diesel::RunQueryDsl::get_result(
+            diesel::sql_query(
+                "SELECT count(*) FILTER (WHERE w.status = 'pending') AS pending,
+                        count(*) FILTER (WHERE w.status IN ('paying_out', 'completed', 'returned')) AS debited,
+                        count(*) FILTER (WHERE w.status = 'rejected') AS rejected,
+                        count(*) FILTER (WHERE w.status = 'failed') AS failed,
+                        count(p.id) FILTER (WHERE p.status = 'settled') AS settled,
+                        count(p.id) FILTER (WHERE p.status = 'pending') AS open_payouts
+                 FROM withdrawals w LEFT JOIN payouts p ON p.withdrawal_id = w.id
+                 WHERE w.idempotency_key LIKE 'demo-bulk-%'",
+            ),
+            conn,
+        )?)
+    }
+
+    fn processed(&self) -> i64 {
+        self.debited + self.rejected + self.failed
+    }
 }

@@ -332,6 +332,7 @@ pub fn unlocked_withdraw(
         if balance < amount.minor() {
             return Err(LedgerError::InsufficientFunds {
                 account,
+                currency,
                 balance_minor: balance,
                 floor_minor: 0,
                 requested_minor: amount.minor(),

@@ -2,6 +2,12 @@
 //! that leaves the database unchanged.
 
 mod common;
+#[path = "cli/contract.rs"]
+mod contract;
+#[path = "cli/help.rs"]
+mod help;
+#[path = "cli/lists.rs"]
+mod lists;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -19,6 +25,14 @@ fn ok_json(url: &str, args: &[&str]) -> Value {
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Every line of a stream, parsed as JSON (a line that is not JSON fails the test).
+fn json_lines(bytes: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect()
 }
 
 /// Runs a command that must fail: non-zero exit, exactly one line on stderr, database unchanged.
@@ -61,7 +75,7 @@ fn the_documented_commands_work_end_to_end() {
     let wid = w["id"].as_i64().unwrap().to_string();
 
     let mut child = worker_command()
-        .args(["submit"])
+        .args(["--json", "submit"])
         .env("DATABASE_URL", url)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -73,18 +87,27 @@ fn the_documented_commands_work_end_to_end() {
          not json\n\
          {{\"account\": {a_id}, \"to\": \"{IBAN}\", \"amount\": \"5.001\", \"key\": \"s-2\"}}\n\
          \n\
-         {{\"account\": {b_id}, \"to\": \"{IBAN}\", \"amount\": \"1.00\", \"key\": \"s-3\"}}\n"
+         {{\"account\": {b_id}, \"to\": \"{IBAN}\", \"amount\": \"1.00\", \"key\": \"s-3\"}}\n\
+         {{\"account\": {a_id}, \"to\": \"{IBAN}\", \"amount\": \"5.00\", \"key\": \"s-1\"}}\n"
     );
     child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success(), "a refused line makes the exit code non-zero");
-    let results: Vec<Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(results.len(), 4);
-    assert!(results[0]["id"].is_i64() && results[0]["line"] == 1);
-    assert!(results[1]["error"].as_str().unwrap().contains("bad JSON") && results[1]["line"] == 2);
-    assert!(results[2]["error"].as_str().unwrap().contains("more decimals") && results[2]["line"] == 3);
-    assert!(results[3]["id"].is_i64() && results[3]["line"] == 5);
+    assert_eq!(out.status.code(), Some(1), "a refused line makes the exit code 1");
+    let results = json_lines(&out.stdout);
+    let outcomes: Vec<(i64, &str)> =
+        results[..6].iter().map(|r| (r["line"].as_i64().unwrap(), r["outcome"].as_str().unwrap())).collect();
+    let expected = [(1, "enqueued"), (2, "refused"), (3, "refused"), (4, "skipped"), (5, "enqueued"), (6, "replayed")];
+    assert_eq!(outcomes, expected, "{results:?}");
+    assert_eq!(results[0]["id"], results[5]["id"], "a replay answers with the first withdrawal");
+    assert!(results[1]["error"].as_str().unwrap().contains("bad JSON"), "{}", results[1]);
+    assert_eq!((results[2]["kind"].as_str(), results[2]["field"].as_str()), (Some("invalid_input"), Some("amount")));
+    let summary = &results[6];
+    let counts: Vec<i64> =
+        ["lines", "enqueued", "replayed", "refused", "skipped"].iter().map(|k| summary[k].as_i64().unwrap()).collect();
+    assert_eq!((counts, summary["skipped_lines"].clone()), (vec![6, 2, 1, 2, 1], serde_json::json!([4])));
+    assert_eq!(results.len(), 7, "one answer per line and the summary");
+    let error = json_lines(&out.stderr);
+    assert_eq!((error.len(), error[0]["kind"].as_str()), (1, Some("refused")), "{error:?}");
 
     let mut daemon = spawn_daemon(url, &["--exit-when-idle"]);
     assert!(wait_exit(&mut daemon, std::time::Duration::from_secs(60)).success());
@@ -117,7 +140,7 @@ fn bad_input_gets_a_clear_one_line_error_and_changes_nothing() {
         (vec!["account", "open", "--owner", "x", "--currency", "XYZ"], "unknown currency"),
         (vec!["account", "show", "424242"], "unknown account"),
         (vec!["withdrawal", "show", "424242"], "unknown withdrawal"),
-        (vec!["withdrawal", "list", "--status", "done"], "unknown status"),
+        (vec!["withdrawal", "list", "--status", "done"], "possible values: pending, paying_out"),
         (vec!["transfer", "--from", &a, "--to", &a, "--amount", "1.00", "--key", "k"], "two different accounts"),
         (vec!["frobnicate"], "unrecognized subcommand"),
     ];
@@ -126,7 +149,7 @@ fn bad_input_gets_a_clear_one_line_error_and_changes_nothing() {
         assert!(err.contains(expected), "{args:?}: expected {expected:?} in {err:?}");
     }
     let err = refused(&db, &["submit"], Some("{\"account\": 1, \"to\": \"x\"}\n"));
-    assert!(err.contains("1 of 1 line(s) refused"), "{err}");
+    assert!(err.contains("1 line(s): 0 enqueued, 0 replayed, 1 refused"), "{err}");
 }
 
 #[testing::test]

@@ -129,9 +129,12 @@ pub fn renew_instance_id(conn: &mut PgConnection) -> Result<String, LedgerError>
 }
 
 pub fn get(conn: &mut PgConnection, id: PayoutId) -> Result<Payout, LedgerError> {
-    payouts::table.find(id.get()).select(Payout::as_select()).first(conn).optional()?.ok_or_else(|| {
-        LedgerError::Invalid(InvalidInput::BadField { field: "payout", reason: format!("no payout {id}") })
-    })
+    payouts::table
+        .find(id.get())
+        .select(Payout::as_select())
+        .first(conn)
+        .optional()?
+        .ok_or(LedgerError::UnknownPayout(id))
 }
 
 pub fn for_withdrawal(conn: &mut PgConnection, withdrawal: WithdrawalId) -> Result<Option<Payout>, LedgerError> {
@@ -145,6 +148,26 @@ pub fn for_withdrawal(conn: &mut PgConnection, withdrawal: WithdrawalId) -> Resu
 /// Payouts, newest first, optionally by status.
 pub fn list(conn: &mut PgConnection, status: Option<PayoutStatus>, limit: i64) -> Result<Vec<Payout>, LedgerError> {
     let mut query = payouts::table.select(Payout::as_select()).order(payouts::id.desc()).limit(limit).into_boxed();
+    if let Some(s) = status {
+        query = query.filter(payouts::status.eq(s.as_str()));
+    }
+    Ok(query.load(conn)?)
+}
+
+/// One page of payouts in ascending id order, those after `after` (exclusive),
+/// optionally by status; each page found through the primary key.
+pub fn list_after(
+    conn: &mut PgConnection,
+    status: Option<PayoutStatus>,
+    after: Option<PayoutId>,
+    limit: i64,
+) -> Result<Vec<Payout>, LedgerError> {
+    let mut query = payouts::table
+        .select(Payout::as_select())
+        .filter(payouts::id.gt(after.map_or(0, PayoutId::get)))
+        .order(payouts::id.asc())
+        .limit(limit)
+        .into_boxed();
     if let Some(s) = status {
         query = query.filter(payouts::status.eq(s.as_str()));
     }

@@ -108,10 +108,10 @@ pub fn return_failed(
     let lease_running: bool =
         payouts::table.find(id.get()).select(payouts::next_attempt_at.gt(diesel::dsl::now)).first(conn)?;
     if lease_running && matches!(authority, ReturnAuthority::Lookup(_)) && before.possibly_sent {
-        return Err(LedgerError::Invalid(InvalidInput::BadField {
-            field: "payout",
+        return Err(LedgerError::PayoutState {
+            payout: id,
             reason: format!("payout {id}'s last call may still be in flight until its lease ends; try again shortly"),
-        }));
+        });
     }
     // The lookup runs with no transaction open; the decision is re-checked under lock.
     let (paid, forced) = match authority {
@@ -129,13 +129,13 @@ pub fn return_failed(
             LookupOutcome::Rejected { .. } | LookupOutcome::NotFound => (None, None),
             LookupOutcome::Accepted { reference } => (Some(reference), None),
             LookupOutcome::Unknown { error } | LookupOutcome::Unauthorized { error } => {
-                return Err(LedgerError::Invalid(InvalidInput::BadField {
-                    field: "payout",
+                return Err(LedgerError::PayoutState {
+                    payout: id,
                     reason: format!(
                         "payout {id} may have been paid and the gateway's lookup was unclear ({error}); \
                          nothing returned. Retry it, or return it with --force --reason if you know it was not paid"
                     ),
-                }));
+                });
             }
         },
     };
@@ -153,10 +153,10 @@ pub fn return_failed(
         // Claimed again since the lookup (an operator's retry, a dispatcher's call): the
         // lookup no longer speaks for it.
         if (payout.claim_token, payout.attempts) != (before.claim_token, before.attempts) {
-            return Err(LedgerError::Invalid(InvalidInput::BadField {
-                field: "payout",
+            return Err(LedgerError::PayoutState {
+                payout: id,
                 reason: format!("payout {id} was sent again while it was being looked up; nothing returned"),
-            }));
+            });
         }
         match &paid {
             Some(reference) => {
@@ -196,8 +196,8 @@ fn not_failed(conn: &mut PgConnection, id: PayoutId) -> LedgerError {
 }
 
 fn not_failed_err(id: PayoutId, what: &str) -> LedgerError {
-    LedgerError::Invalid(InvalidInput::BadField {
-        field: "payout",
+    LedgerError::PayoutState {
+        payout: id,
         reason: format!("payout {id} {what}; only a failed payout can be retried or returned"),
-    })
+    }
 }

@@ -303,6 +303,31 @@ pub fn list(
     Ok(query.load(conn)?)
 }
 
+/// One page of withdrawals in ascending id order, those after `after` (exclusive),
+/// optionally by status and account. Each page is found through the primary key, so
+/// paging through any number of rows costs the same per page.
+pub fn list_after(
+    conn: &mut PgConnection,
+    status: Option<WithdrawalStatus>,
+    account: Option<AccountId>,
+    after: Option<WithdrawalId>,
+    limit: i64,
+) -> Result<Vec<Withdrawal>, LedgerError> {
+    let mut query = withdrawals::table
+        .select(Withdrawal::as_select())
+        .filter(withdrawals::id.gt(after.map_or(0, WithdrawalId::get)))
+        .order(withdrawals::id.asc())
+        .limit(limit)
+        .into_boxed();
+    if let Some(s) = status {
+        query = query.filter(withdrawals::status.eq(s.as_str()));
+    }
+    if let Some(a) = account {
+        query = query.filter(withdrawals::account_id.eq(a.get()));
+    }
+    Ok(query.load(conn)?)
+}
+
 /// Withdraws synchronously: records the request and processes it in one transaction.
 /// A refusal (insufficient funds, closed account...) is returned as `Err` and leaves the
 /// database unchanged. A replayed key returns the first withdrawal's outcome.

@@ -51,6 +51,7 @@ pub enum Scenario {
     Hot,
     /// Transfers between random pairs, both directions (pgbench reference: scale 10).
     Transfers,
+    /// All three, one after the other.
     All,
 }
 

@@ -9,6 +9,7 @@ use ledger_worker::cmd::{init_logging, Ctx};
 /// The options of `bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// Which scenario to measure.
     #[arg(long, value_enum, default_value_t = crate::bench::Scenario::All)]
     pub scenario: crate::bench::Scenario,
     /// Withdrawals (or transfers) per scenario.
@@ -26,6 +27,7 @@ pub struct BenchArgs {
     /// Also run pgbench's TPC-B-like transaction as the reference.
     #[arg(long)]
     pub pgbench: bool,
+    /// How long pgbench runs.
     #[arg(long, default_value_t = 10)]
     pub pgbench_seconds: u64,
     /// Length of the latency phase (arrivals at half the measured peak).

@@ -11,10 +11,13 @@ use crate::demo::DemoOptions;
 /// The options of `demo`.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
+    /// Customer accounts the withdrawals of step 3 are spread over (500.00 EUR each).
     #[arg(long, default_value_t = 50)]
     pub accounts: usize,
+    /// Withdrawals enqueued in step 3.
     #[arg(long, default_value_t = 3_000)]
     pub withdrawals: usize,
+    /// The daemon's worker threads in step 3.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
 }

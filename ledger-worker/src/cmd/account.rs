@@ -6,6 +6,7 @@ use super::*;
 pub enum AccountCommand {
     /// Open a customer account with a zero balance.
     Open {
+        /// Who holds the account (1 to 200 characters).
         #[arg(long)]
         owner: String,
         /// ISO 4217 code, e.g. EUR.
@@ -14,12 +15,15 @@ pub enum AccountCommand {
         /// How far below zero the balance may go, e.g. 100.00.
         #[arg(long, default_value = "0", allow_hyphen_values = true)]
         overdraft_limit: String,
-        /// Makes opening idempotent.
+        /// Idempotency key: opening again with the same key returns the same account.
         #[arg(long)]
         key: Option<String>,
     },
     /// Show an account's balance, currency and status.
-    Show { id: i64 },
+    Show {
+        /// The account's id (as `account open` printed it).
+        id: i64,
+    },
 }
 
 pub fn run(ctx: Ctx, command: AccountCommand) -> Result<ExitCode> {
@@ -34,7 +38,8 @@ pub fn run(ctx: Ctx, command: AccountCommand) -> Result<ExitCode> {
             let mut conn = connect(ctx.database_url)?;
             let account =
                 accounts::open(&mut conn, &NewAccount::new(owner, currency).with_overdraft(limit), key.as_ref())?;
-            ctx.out.print(account_json(&account), || format!("opened account {} ({})", account.id, account.currency));
+            ctx.out
+                .print(account_json(&account), || format!("opened account {} ({})", account.id, account.currency))?;
         }
         AccountCommand::Show { id } => {
             let id = account_id(id)?;
@@ -49,7 +54,7 @@ pub fn run(ctx: Ctx, command: AccountCommand) -> Result<ExitCode> {
                     account_json(&a)["status"].as_str().unwrap_or(""),
                     a.owner
                 )
-            });
+            })?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,4 +1,4 @@
-//! `ledger-worker audit`: checks the ledger's invariants; exits non-zero on any violation.
+//! `ledger-worker audit`: checks the ledger's invariants; exit 1 on any violation.
 
 use super::*;
 
@@ -10,9 +10,12 @@ pub fn run(ctx: Ctx) -> Result<ExitCode> {
         json!({ "clean": report.is_clean(), "entries": report.entries, "postings": report.postings,
                 "accounts": report.accounts, "violations": violations }),
         || report.to_string(),
-    );
+    )?;
     if !report.is_clean() {
-        return Ok(ExitCode::FAILURE);
+        // The report is the result (stdout); the failure is said once more on stderr,
+        // where scripts look for it.
+        let message = format!("audit failed: {} violation(s)", violations.len());
+        return Err(CliError::Refused { kind: "audit_failed", message }.into());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,11 +5,13 @@ use super::*;
 /// The options of `deposit`.
 #[derive(Args, Debug)]
 pub struct DepositArgs {
+    /// The account to credit (an account id).
     #[arg(long)]
     pub account: i64,
     /// Decimal amount in the account's currency, e.g. 100.00.
     #[arg(long, allow_hyphen_values = true)]
     pub amount: String,
+    /// Idempotency key: the same key with the same request deposits once.
     #[arg(long)]
     pub key: String,
 }
@@ -26,13 +28,13 @@ pub fn run(ctx: Ctx, args: DepositArgs) -> Result<ExitCode> {
                 "balance": balance.balance_display() }),
         || {
             format!(
-                "deposited {} {currency} into account {account} (entry {}{}); balance {}",
+                "deposited {} {currency} into account {account} (entry {}{}); balance {} {currency}",
                 amount.format(currency),
                 receipt.entry,
                 if receipt.replayed { ", replayed" } else { "" },
                 balance.balance_display()
             )
         },
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

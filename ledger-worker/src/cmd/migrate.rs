@@ -60,6 +60,6 @@ pub fn run(ctx: Ctx, args: MigrateArgs) -> Result<ExitCode> {
                 .collect();
             format!("{n} migration(s) applied; {what} {instance}{set}")
         },
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use diesel::pg::PgConnection;
 use diesel_migrations::MigrationHarness;
 use ledger_core::accounts::{self, Account, NewAccount};
@@ -18,7 +18,7 @@ use ledger_core::payouts::{self, Payout, PayoutGateway, PayoutStatus};
 use ledger_core::retry::{Backoff, Jitter, RetryPolicy};
 use ledger_core::transfers::{self, Transfer};
 use ledger_core::withdrawals::{self, Iban, Withdrawal, WithdrawalRequest, WithdrawalStatus};
-use ledger_core::{db, AccountId, Amount, Currency, IdempotencyKey, PayoutId, WithdrawalId};
+use ledger_core::{db, AccountId, Amount, Currency, IdempotencyKey, LedgerError, PayoutId, WithdrawalId};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
@@ -29,6 +29,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod account;
 mod audit;
 mod deposit;
+pub mod failure;
+pub mod help;
 mod migrate;
 mod payout;
 mod run;
@@ -37,10 +39,18 @@ mod transfer;
 mod withdraw;
 mod withdrawal;
 
+pub use failure::{CliError, Failure};
 pub use run::{GatewayKind, RunArgs, EXIT_FORCED};
 
 #[derive(Parser, Debug)]
-#[command(name = "ledger-worker", version, about = "PostgreSQL ledger: withdrawal daemon and CLI")]
+#[command(
+    name = "ledger-worker",
+    version,
+    about = "PostgreSQL ledger: withdrawal daemon and CLI",
+    after_help = "Exit status: 0 ok; 1 refused (a business refusal, a conflict, an unknown id, a failed audit, \
+                  refused submit lines) or another failure; 2 bad command line or bad input (nothing written); \
+                  3 `run` stopped without waiting for every thread; 4 database unreachable."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -56,18 +66,21 @@ pub struct Global {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
 
-    /// Print one JSON object per result.
+    /// One JSON object per line for every result (stdout) and every error (stderr, with
+    /// a stable "kind"); `run` then logs JSON too.
     #[arg(long, global = true)]
     pub json: bool,
 
-    /// Log format for the daemon's logs on stderr.
+    /// Format of the logs on stderr (colours only on a terminal, never with NO_COLOR).
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
+    /// One readable line per event.
     Human,
+    /// One JSON object per line.
     Json,
 }
 
@@ -85,7 +98,10 @@ pub enum Command {
     /// Enqueue a withdrawal to an IBAN; the daemon processes it.
     Withdraw(withdraw::WithdrawArgs),
     /// Enqueue withdrawals read as JSON lines on stdin:
-    /// {"account": 7, "to": "DE89...", "amount": "50.00", "key": "k-1"}
+    /// {"account": 88, "to": "DE89...", "amount": "50.00", "key": "k-1"}
+    ///
+    /// Each line is answered (enqueued, replayed, refused with why, or skipped when
+    /// blank), then a summary counts each; exit status 1 if any line was refused.
     Submit,
     /// Show or list withdrawals.
     #[command(subcommand)]
@@ -99,9 +115,10 @@ pub enum Command {
     /// --shutdown-grace-ms and exits at most about a second after that, whatever the
     /// database or the gateway do; a second signal exits at once. Exit status: 0 after a
     /// clean stop, 3 when it did not wait for every thread (some were still inside a
-    /// database or gateway call; nothing unfinished was committed), 1 on an error.
+    /// database or gateway call; nothing unfinished was committed), 2 on bad options,
+    /// 4 when the database is unreachable at start, 1 on another error.
     Run(run::RunArgs),
-    /// Check the ledger's invariants; exits non-zero on any violation.
+    /// Check the ledger's invariants; exit status 1 on any violation.
     Audit,
 }
 
@@ -152,15 +169,18 @@ pub struct Output {
 }
 
 impl Output {
-    fn print(&self, value: Value, human: impl FnOnce() -> String) {
+    /// Writes one result line. An error (a closed pipe: `| head`) tells a streaming
+    /// command to stop.
+    fn print(&self, value: Value, human: impl FnOnce() -> String) -> std::io::Result<()> {
         let mut stdout = std::io::stdout().lock();
         let line = if self.json { value.to_string() } else { human() };
-        let _ = writeln!(stdout, "{line}");
+        writeln!(stdout, "{line}")
     }
 }
 
 fn require_url(url: Option<String>) -> Result<String> {
-    url.filter(|u| !u.is_empty()).ok_or_else(|| anyhow!("no database: pass --database-url or set DATABASE_URL"))
+    url.filter(|u| !u.is_empty())
+        .ok_or_else(|| failure::usage("database-url", "no database: pass --database-url or set DATABASE_URL"))
 }
 
 fn connect(url: Option<String>) -> Result<PgConnection> {
@@ -168,15 +188,27 @@ fn connect(url: Option<String>) -> Result<PgConnection> {
     let mut conn = db::connect(&url, &db::SessionConfig::default())?;
     let pending = conn.has_pending_migration(db::MIGRATIONS).map_err(|e| anyhow!("checking migrations: {e}"))?;
     if pending {
-        bail!("the database schema is not up to date: run `ledger-worker migrate` first");
+        return Err(CliError::SchemaOutdated.into());
     }
     Ok(conn)
 }
 
+/// Whether the human log format may colour its output: only on a terminal, and never
+/// with `NO_COLOR` set to anything but the empty string (no-color.org).
+pub fn colours_wanted(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 pub fn init_logging(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let ansi = colours_wanted(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),
@@ -238,6 +270,52 @@ fn payout_line(p: &Payout) -> String {
     )
 }
 
+/// A `--status` option's parser: the possible values are the status's stored texts, so
+/// `--help` lists them and anything else is a usage error.
+fn status_parser<T: Copy + Send + Sync + 'static>(
+    all: &'static [T],
+    text: fn(T) -> &'static str,
+) -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(all.iter().map(|s| text(*s)))
+        .map(move |chosen| *all.iter().find(|s| text(**s) == chosen).expect("one of the possible values"))
+}
+
+/// Rows fetched per query by the list commands.
+const PAGE: u64 = 1_000;
+
+/// Streams the rows after `after` (ascending id), at most `limit` of them, a page at a
+/// time by id > cursor, printing each as it comes: memory stays one page whatever the
+/// table holds, and no row is listed twice or skipped. A closed stdout (`| head`) ends
+/// it quietly. Returns how many were printed.
+fn stream_pages<T>(
+    after: Option<i64>,
+    limit: Option<u64>,
+    mut fetch: impl FnMut(Option<i64>, i64) -> Result<Vec<T>>,
+    id: impl Fn(&T) -> i64,
+    mut print: impl FnMut(&T) -> std::io::Result<()>,
+) -> Result<u64> {
+    let (mut cursor, mut printed) = (after, 0_u64);
+    loop {
+        let want = limit.map_or(PAGE, |l| (l - printed).min(PAGE));
+        if want == 0 {
+            return Ok(printed);
+        }
+        let page = fetch(cursor, want as i64)?;
+        for row in &page {
+            match print(row) {
+                Ok(()) => printed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(printed),
+                Err(e) => return Err(anyhow::Error::from(e).context("writing the list")),
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() as u64 == want => cursor = Some(id(last)),
+            _ => return Ok(printed),
+        }
+    }
+}
+
 fn account_id(raw: i64) -> Result<AccountId> {
     Ok(AccountId::new(raw)?)
 }
@@ -248,16 +326,19 @@ fn amount_for(conn: &mut PgConnection, account: AccountId, text: &str) -> Result
     Ok((Amount::parse(text, currency)?, currency))
 }
 
-/// The binary's entry point: parses the command line (a usage error is one line on
-/// stderr and exit status 2), runs the command, and maps its result to an exit code
-/// (an error is one line on stderr).
+/// The binary's entry point: parses the command line, runs the command, and maps its
+/// result to an exit code. A failure is one line on stderr (JSON with `--json`), its
+/// exit code from [`failure`]'s table.
 pub fn main() -> ExitCode {
     main_with(run)
 }
 
 /// [`main`] for any command line: `ledger-demo` parses its own and shares the rest.
 pub fn main_with<C: Parser>(run: impl FnOnce(C) -> Result<ExitCode>) -> ExitCode {
-    let cli = match C::try_parse() {
+    // Known before parsing, so that even a usage error comes out as JSON.
+    let json = std::env::args_os().take_while(|a| a != "--").any(|a| a == "--json");
+    let parsed = help::command::<C>().try_get_matches().and_then(|m| C::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -265,24 +346,11 @@ pub fn main_with<C: Parser>(run: impl FnOnce(C) -> Result<ExitCode>) -> ExitCode
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // One line, as scripts expect; `--help` has the rest.
-            let text = e.to_string();
-            let line: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
-                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
-                .collect();
-            eprintln!("{} (see --help)", line.join(" "));
-            return ExitCode::from(2);
+            return failure::of_clap(&e).report(json);
         }
     };
     match run(cli) {
         Ok(code) => code,
-        Err(e) => {
-            let message = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
+        Err(e) => Failure::of(&e).report(json),
     }
 }

@@ -95,7 +95,8 @@ pub struct RunArgs {
 }
 
 pub fn run(ctx: Ctx, args: RunArgs) -> Result<ExitCode> {
-    init_logging(ctx.log_format, "info");
+    // With --json every line on stderr is JSON, the logs included.
+    init_logging(if ctx.json { LogFormat::Json } else { ctx.log_format }, "info");
     run_daemon(require_url(ctx.database_url)?, &args)
 }
 
@@ -104,11 +105,12 @@ pub fn run(ctx: Ctx, args: RunArgs) -> Result<ExitCode> {
 /// came. Nothing unfinished was committed; see [`WorkerPool::shutdown`].
 pub const EXIT_FORCED: u8 = 3;
 
-fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
-    // Fail fast, with one clear line, on an unreachable or unmigrated database; with the
-    // network timeouts the pool uses, so that a server that does not answer fails too.
-    // (No handler is installed yet: a signal now ends the process at once.)
-    drop(connect(Some(db::with_network_timeouts(&url)))?);
+const NO_GATEWAY: &str = "`run` needs an explicit payout gateway: --gateway webhook --payout-webhook URL \
+     (credentials from LEDGER_PAYOUT_WEBHOOK_TOKEN and LEDGER_PAYOUT_WEBHOOK_SECRET), --gateway log to try it out \
+     (settles every payout WITHOUT paying anyone), or --gateway none to only debit";
+
+/// The daemon's configuration from its options, checked.
+fn worker_config(args: &RunArgs) -> Result<WorkerConfig> {
     let config = WorkerConfig {
         threads: args.threads,
         pool_size: args.pool_size.unwrap_or(args.threads as u32 + 2),
@@ -137,18 +139,22 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         },
     };
     if args.payout_timeout_ms == 0 || args.payout_connect_timeout_ms == 0 {
-        bail!("--payout-timeout-ms and --payout-connect-timeout-ms must be at least 1");
+        let message = "--payout-timeout-ms and --payout-connect-timeout-ms must be at least 1";
+        return Err(failure::usage("payout-timeout-ms", message));
     }
-    config.validate().map_err(|e| anyhow!(e))?;
+    config.validate().map_err(|e| CliError::Usage { field: None, message: e })?;
+    Ok(config)
+}
+
+/// The gateway `--gateway` names, with its options checked.
+fn payout_gateway(args: &RunArgs) -> Result<Option<Arc<dyn PayoutGateway>>> {
     let gateway: Option<Arc<dyn PayoutGateway>> = match (args.gateway, &args.payout_webhook) {
-        (None, _) => bail!(
-            "`run` needs an explicit payout gateway: --gateway webhook --payout-webhook URL (credentials from \
-             LEDGER_PAYOUT_WEBHOOK_TOKEN and LEDGER_PAYOUT_WEBHOOK_SECRET), --gateway log to try it out (settles \
-             every payout WITHOUT paying anyone), or --gateway none to only debit"
-        ),
-        (Some(GatewayKind::Webhook), None) => bail!("--gateway webhook needs --payout-webhook URL"),
+        (None, _) => return Err(failure::usage("gateway", NO_GATEWAY)),
+        (Some(GatewayKind::Webhook), None) => {
+            return Err(failure::usage("payout-webhook", "--gateway webhook needs --payout-webhook URL"))
+        }
         (Some(GatewayKind::Log | GatewayKind::None), Some(_)) => {
-            bail!("--payout-webhook is only used with --gateway webhook")
+            return Err(failure::usage("payout-webhook", "--payout-webhook is only used with --gateway webhook"))
         }
         (Some(GatewayKind::None), None) => None,
         (Some(GatewayKind::Log), None) => {
@@ -163,6 +169,17 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
             })?))
         }
     };
+    Ok(gateway)
+}
+
+fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
+    // Bad options first (exit 2, whatever the database), then fail fast, with one clear
+    // line, on an unreachable or unmigrated database; with the network timeouts the pool
+    // uses, so that a server that does not answer fails too. (No handler is installed
+    // yet: a signal now ends the process at once.)
+    let config = worker_config(args)?;
+    let gateway = payout_gateway(args)?;
+    drop(connect(Some(db::with_network_timeouts(&url)))?);
     let terminate = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         // The first signal starts a graceful stop; a second one exits at once. (The

@@ -5,12 +5,16 @@ use super::*;
 /// The options of `transfer`.
 #[derive(Args, Debug)]
 pub struct TransferArgs {
+    /// The account the money leaves (an account id).
     #[arg(long)]
     pub from: i64,
+    /// The account the money goes to (same currency).
     #[arg(long)]
     pub to: i64,
+    /// Decimal amount in the accounts' currency, e.g. 10.00.
     #[arg(long, allow_hyphen_values = true)]
     pub amount: String,
+    /// Idempotency key: the same key with the same request transfers once.
     #[arg(long)]
     pub key: String,
 }
@@ -28,6 +32,6 @@ pub fn run(ctx: Ctx, args: TransferArgs) -> Result<ExitCode> {
             receipt.entry,
             if receipt.replayed { ", replayed" } else { "" }
         )
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -5,13 +5,17 @@ use super::*;
 /// The options of `withdraw`.
 #[derive(Args, Debug)]
 pub struct WithdrawArgs {
+    /// The account to take the money from (an account id).
     #[arg(long)]
     pub account: i64,
     /// Destination IBAN.
     #[arg(long)]
     pub to: String,
+    /// Decimal amount in the account's currency, e.g. 50.00.
     #[arg(long, allow_hyphen_values = true)]
     pub amount: String,
+    /// Idempotency key: the same key with the same request is answered as a replay, not
+    /// enqueued twice.
     #[arg(long)]
     pub key: String,
 }
@@ -26,6 +30,6 @@ pub fn run(ctx: Ctx, args: WithdrawArgs) -> Result<ExitCode> {
     let w = withdrawals::get(&mut conn, id)?;
     ctx.out.print(json!({ "id": id.get(), "status": w.status.as_str(), "replayed": replayed }), || {
         format!("withdrawal {id}: {}{}", w.status, if replayed { " (replayed)" } else { "" })
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -25,6 +25,8 @@
 //!   (the round an embedding service runs).
 //! - Checks: [`audit`] (the invariants across the database), [`sqlstate`] (errors
 //!   classified by SQLSTATE).
+//! - Watching: [`stats`] (queue depths and the rates of the last minute, read from
+//!   partial indexes).
 //!
 //! ARCHITECTURE.md at the repository root has the stages and the invariants.
 
@@ -49,6 +51,7 @@ pub mod retry;
 #[rustfmt::skip]
 pub mod schema;
 pub mod sqlstate;
+pub mod stats;
 pub mod transfers;
 pub mod tx;
 pub mod withdrawals;

@@ -32,6 +32,7 @@ use serde_json::json;
 
 use crate::database::Database;
 
+mod chart;
 mod data;
 mod latency;
 mod modes;
@@ -107,6 +108,8 @@ pub struct BenchOptions {
     pub json: bool,
     /// Print where the time of the throughput phase went (pg_stat_statements and CPU).
     pub profile: bool,
+    /// Also draw the results as an SVG chart at this path.
+    pub svg: Option<std::path::PathBuf>,
 }
 
 /// The modes measured and the payout settings of the worker under test. `None` leaves a
@@ -197,6 +200,11 @@ pub fn run_with(opts: &BenchOptions, modes: &ModeOptions) -> Result<()> {
     let rows = result?;
     stopped?;
     print_table(&rows, opts.json);
+    if let Some(path) = &opts.svg {
+        let doc = chart::svg(&rows, "ledger bench: ours against pgbench on the same server", &run_caption());
+        std::fs::write(path, doc).with_context(|| format!("writing the chart to {}", path.display()))?;
+        eprintln!("   chart: {}", path.display());
+    }
     let failed: Vec<String> =
         rows.iter().filter_map(|r| r.error.as_ref().map(|e| format!("{} {}: {e}", r.scenario, r.mode))).collect();
     if !failed.is_empty() {
@@ -269,6 +277,41 @@ fn run_all(database: &Database, opts: &BenchOptions, modes: &ModeOptions, flags:
     Ok(rows)
 }
 
+/// Which run a chart came from: the command line (the database URL and the chart's path
+/// left out), the machine's cores and the date.
+fn run_caption() -> String {
+    let mut args = vec![];
+    let mut skip = false;
+    for a in std::env::args().skip(1) {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        if a == "--database-url" || a == "--svg" {
+            skip = true;
+        } else if !a.starts_with("--database-url=") && !a.starts_with("--svg=") {
+            args.push(a);
+        }
+    }
+    let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86_400);
+    let date = days.map(|d| civil_date(d as i64)).unwrap_or_default();
+    format!("ledger-demo {} · {cores} cores · {date} UTC", args.join(" "))
+}
+
+/// Days since 1970-01-01 as YYYY-MM-DD (Howard Hinnant's civil_from_days).
+fn civil_date(days: i64) -> String {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
 fn scenario_name(s: Scenario) -> &'static str {
     match s {
         Scenario::Spread => "spread",
@@ -294,4 +337,14 @@ fn audit_into(conn: &mut PgConnection, row: &mut Row) -> Result<()> {
         eprintln!("{report}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_dates() {
+        assert_eq!(super::civil_date(0), "1970-01-01");
+        assert_eq!(super::civil_date(19_782), "2024-02-29");
+        assert_eq!(super::civil_date(20_819), "2027-01-01");
+    }
 }

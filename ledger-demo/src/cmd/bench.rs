@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// Show where the time goes (pg_stat_statements on the throwaway server, CPU).
     #[arg(long)]
     pub profile: bool,
+    /// Also draw the results as an SVG chart at this path (throughput beside pgbench,
+    /// latency p50/p99), e.g. next to the `--json` output: `--json > r.jsonl --svg r.svg`.
+    #[arg(long, value_name = "PATH")]
+    pub svg: Option<std::path::PathBuf>,
 }
 
 pub fn run(ctx: Ctx, args: BenchArgs) -> Result<ExitCode> {
@@ -63,6 +67,7 @@ pub fn run(ctx: Ctx, args: BenchArgs) -> Result<ExitCode> {
         latency_rate: args.latency_rate,
         json: ctx.json,
         profile: args.profile,
+        svg: args.svg,
     };
     crate::bench::run_with(&options, &mode_options)?;
     Ok(ExitCode::SUCCESS)

@@ -34,6 +34,7 @@ pub mod help;
 mod migrate;
 mod payout;
 mod run;
+mod status;
 mod submit;
 mod transfer;
 mod withdraw;
@@ -120,6 +121,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Check the ledger's invariants; exit status 1 on any violation.
     Audit,
+    /// Queue depths, the oldest pending withdrawal's age and the rates of the last minute.
+    Status(status::StatusArgs),
 }
 
 /// What every command gets besides its own options: the global options, and where its
@@ -160,6 +163,7 @@ pub fn run_command(ctx: Ctx, command: Command) -> Result<ExitCode> {
         Command::Payout(command) => payout::run(ctx, command),
         Command::Run(args) => run::run(ctx, args),
         Command::Audit => audit::run(ctx),
+        Command::Status(args) => status::run(ctx, args),
     }
 }
 

@@ -190,7 +190,9 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
     }
     let metrics = Metrics::new();
     if let Some(addr) = &args.metrics_addr {
-        let bound = metrics::serve(addr, metrics.clone()).with_context(|| format!("serving metrics on {addr}"))?;
+        let gauges = metrics::QueueGauges::start(&url, metrics::GAUGE_INTERVAL).context("starting the gauges")?;
+        let bound = metrics::serve_with_gauges(addr, metrics.clone(), Some(gauges))
+            .with_context(|| format!("serving metrics on {addr}"))?;
         info!(%bound, "serving Prometheus metrics");
     }
     info!(database = %db::redact_url(&url), "starting");

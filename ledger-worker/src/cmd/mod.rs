@@ -113,8 +113,9 @@ pub enum Command {
     /// Run the worker daemon until SIGTERM/SIGINT (or until idle with --exit-when-idle).
     ///
     /// On SIGTERM/SIGINT it stops claiming, finishes what it can within
-    /// --shutdown-grace-ms and exits at most about a second after that, whatever the
-    /// database or the gateway do; a second signal exits at once. Exit status: 0 after a
+    /// --shutdown-grace-ms, logs what the database still holds (withdrawals pending,
+    /// paying out, payouts pending...) and exits at most about 3 s after that, whatever
+    /// the database or the gateway do; a second signal exits at once. Exit status: 0 after a
     /// clean stop, 3 when it did not wait for every thread (some were still inside a
     /// database or gateway call; nothing unfinished was committed), 2 on bad options,
     /// 4 when the database is unreachable at start, 1 on another error.

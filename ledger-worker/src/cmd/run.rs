@@ -1,6 +1,7 @@
 //! `ledger-worker run`: the daemon, until SIGTERM/SIGINT (or idle with --exit-when-idle).
 
 use super::*;
+use crate::daemon::{CountsUnread, ShutdownReport};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GatewayKind {
@@ -43,8 +44,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 30_000)]
     pub max_backoff_ms: u64,
     /// On SIGTERM/SIGINT, how long to keep finishing queued jobs and calls in flight.
-    /// Jobs not started by then stay pending; a second later the process exits (status
-    /// 3 if a thread was still busy, its uncommitted work rolled back by the server).
+    /// Jobs not started by then stay pending; a second later the daemon stops waiting for
+    /// its threads (status 3 if one was still busy, its uncommitted work rolled back by
+    /// the server), reads what is left from the database (at most 2 s) and exits.
     #[arg(long, default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
     /// Exit (0) once no withdrawal is pending.
@@ -180,20 +182,10 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
     let config = worker_config(args)?;
     let gateway = payout_gateway(args)?;
     drop(connect(Some(db::with_network_timeouts(&url)))?);
-    let terminate = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        // The first signal starts a graceful stop; a second one exits at once. (The
-        // conditional exit must be registered first: handlers run in order.)
-        signal_hook::flag::register_conditional_shutdown(signal, i32::from(EXIT_FORCED), terminate.clone())
-            .context("installing signal handlers")?;
-        signal_hook::flag::register(signal, terminate.clone()).context("installing signal handlers")?;
-    }
+    let terminate = install_signal_handlers()?;
     let metrics = Metrics::new();
     if let Some(addr) = &args.metrics_addr {
-        let gauges = metrics::QueueGauges::start(&url, metrics::GAUGE_INTERVAL).context("starting the gauges")?;
-        let bound = metrics::serve_with_gauges(addr, metrics.clone(), Some(gauges))
-            .with_context(|| format!("serving metrics on {addr}"))?;
-        info!(%bound, "serving Prometheus metrics");
+        serve_metrics(&url, addr, &metrics)?;
     }
     info!(database = %db::redact_url(&url), "starting");
     let mut builder = WorkerPool::builder(&url, config).metrics(metrics.clone());
@@ -201,6 +193,46 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         builder = builder.gateway(g);
     }
     let pool = builder.start()?;
+    wait_for_stop(&pool, args, &terminate, &metrics);
+    // Stops the threads, then reads what is left from the database.
+    let report = pool.shutdown();
+    log_stopped(&report, &metrics);
+    let abandoned_read = matches!(report.in_database, Err(CountsUnread::TimedOut(_)));
+    if !report.is_clean() || abandoned_read {
+        // Threads are still inside libpq or the gateway's HTTP client. `_exit` ends the
+        // process without running exit handlers (OpenSSL's cleanup among them) under
+        // their feet; the kernel closes their sockets and the server rolls back.
+        let _ = std::io::stderr().flush();
+        signal_hook::low_level::exit(if report.is_clean() { 0 } else { i32::from(EXIT_FORCED) });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The first SIGTERM/SIGINT sets the returned flag (a graceful stop); a second one
+/// exits at once with [`EXIT_FORCED`].
+fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
+    let terminate = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // The conditional exit must be registered first: handlers run in order.
+        signal_hook::flag::register_conditional_shutdown(signal, i32::from(EXIT_FORCED), terminate.clone())
+            .context("installing signal handlers")?;
+        signal_hook::flag::register(signal, terminate.clone()).context("installing signal handlers")?;
+    }
+    Ok(terminate)
+}
+
+/// Serves Prometheus metrics, the queue-depth gauges included, on `addr`.
+fn serve_metrics(url: &str, addr: &str, metrics: &Arc<Metrics>) -> Result<()> {
+    let gauges = metrics::QueueGauges::start(url, metrics::GAUGE_INTERVAL).context("starting the gauges")?;
+    let bound = metrics::serve_with_gauges(addr, metrics.clone(), Some(gauges))
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    info!(%bound, "serving Prometheus metrics");
+    Ok(())
+}
+
+/// Returns once a signal came or, with `--exit-when-idle`, nothing is left to do;
+/// logs progress every 5 s meanwhile.
+fn wait_for_stop(pool: &WorkerPool, args: &RunArgs, terminate: &AtomicBool, metrics: &Metrics) {
     let mut last_report = Instant::now();
     loop {
         if terminate.load(Ordering::SeqCst) {
@@ -208,11 +240,11 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
                 grace_ms = args.shutdown_grace_ms,
                 "signal received: finishing in-flight jobs (a second signal exits at once)"
             );
-            break;
+            return;
         }
         if args.exit_when_idle && pool.is_idle() {
             info!("no withdrawal pending: exiting");
-            break;
+            return;
         }
         if last_report.elapsed() >= Duration::from_secs(5) {
             last_report = Instant::now();
@@ -229,24 +261,45 @@ fn run_daemon(url: String, args: &RunArgs) -> Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let report = pool.shutdown();
-    info!(
-        debited = Metrics::get(&metrics.debited),
-        rejected = Metrics::get(&metrics.rejected),
-        failed = Metrics::get(&metrics.failed),
-        payouts_settled = Metrics::get(&metrics.payouts_settled),
-        payouts_returned = Metrics::get(&metrics.payouts_returned),
-        left_pending = report.left_pending,
-        elapsed_ms = report.elapsed_ms as u64,
-        clean = report.is_clean(),
-        "stopped"
-    );
-    if !report.is_clean() {
-        // Threads are still inside libpq or the gateway's HTTP client. `_exit` ends the
-        // process without running exit handlers (OpenSSL's cleanup among them) under
-        // their feet; the kernel closes their sockets and the server rolls back.
-        let _ = std::io::stderr().flush();
-        signal_hook::low_level::exit(i32::from(EXIT_FORCED));
+}
+
+/// The last line of a run: what this process did, the jobs it held unfinished, and what
+/// the database says is left (or why that could not be read: never a made-up zero).
+fn log_stopped(report: &ShutdownReport, metrics: &Metrics) {
+    let elapsed_ms = report.elapsed_ms as u64;
+    let (debited, rejected, failed) =
+        (Metrics::get(&metrics.debited), Metrics::get(&metrics.rejected), Metrics::get(&metrics.failed));
+    let (settled, returned) = (Metrics::get(&metrics.payouts_settled), Metrics::get(&metrics.payouts_returned));
+    let unfinished_in_memory = report.unfinished_in_memory;
+    match &report.in_database {
+        Ok(left) => info!(
+            debited,
+            rejected,
+            failed,
+            payouts_settled = settled,
+            payouts_returned = returned,
+            unfinished_in_memory,
+            withdrawals_pending = left.withdrawals_pending,
+            withdrawals_retry_waiting = left.withdrawals_retry_waiting,
+            withdrawals_paying_out = left.withdrawals_paying_out,
+            withdrawals_failed = left.withdrawals_failed,
+            payouts_pending = left.payouts_pending,
+            payouts_failed = left.payouts_failed,
+            elapsed_ms,
+            clean = report.is_clean(),
+            "stopped"
+        ),
+        Err(why) => warn!(
+            debited,
+            rejected,
+            failed,
+            payouts_settled = settled,
+            payouts_returned = returned,
+            unfinished_in_memory,
+            counts_error = %why,
+            elapsed_ms,
+            clean = report.is_clean(),
+            "stopped; the database's counts (withdrawals pending, paying out, payouts pending...) could not be read"
+        ),
     }
-    Ok(ExitCode::SUCCESS)
 }

@@ -63,7 +63,7 @@ mod threads;
 mod worker;
 
 pub use config::WorkerConfig;
-pub use pool::{Builder, ShutdownReport, SubmitError, WorkerPool};
+pub use pool::{Builder, CountsUnread, ShutdownReport, SubmitError, WorkerPool, COUNT_WAIT};
 // The rooms below share these through `use super::*`.
 use {claimer::*, dispatch::*, shutdown::*, threads::*, worker::*};
 

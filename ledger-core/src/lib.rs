@@ -23,6 +23,8 @@
 //! - Payouts: [`outbox`] (phase 1, written with the debit), [`payouts`] (phase 2: what a
 //!   gateway answer means, [`payouts::resolve`], and how it is recorded), [`dispatcher`]
 //!   (the round an embedding service runs).
+//! - Reading: [`history`] (an account's postings with running balances, paged by a
+//!   cursor; its balance at an entry or a moment).
 //! - Checks: [`audit`] (the invariants across the database), [`sqlstate`] (errors
 //!   classified by SQLSTATE).
 //! - Watching: [`stats`] (queue depths and the rates of the last minute, read from
@@ -38,6 +40,7 @@ pub mod db;
 pub mod deposits;
 pub mod dispatcher;
 pub mod error;
+pub mod history;
 pub mod idempotency;
 pub mod ids;
 pub mod input;

@@ -6,6 +6,8 @@ mod common;
 mod contract;
 #[path = "cli/help.rs"]
 mod help;
+#[path = "cli/history.rs"]
+mod history;
 #[path = "cli/lists.rs"]
 mod lists;
 

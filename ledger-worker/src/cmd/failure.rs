@@ -144,6 +144,7 @@ fn id_field(kind: &str) -> &str {
         "WithdrawalId" => "withdrawal",
         "PayoutId" => "payout",
         "EntryId" => "entry",
+        "PostingId" => "posting",
         other => other,
     }
 }

@@ -199,3 +199,42 @@ fn an_unknown_account_is_not_found_and_an_empty_one_has_an_empty_history() {
         assert!(matches!(history::page(conn, empty, None, 0), Err(LedgerError::Invalid(_))));
     });
 }
+
+#[derive(QueryableByName)]
+struct PlanLine {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    #[diesel(column_name = "QUERY PLAN")]
+    line: String,
+}
+
+#[testing::test]
+fn a_page_and_a_balance_read_the_account_index_never_the_table() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let alice = testing::funded_account(&mut conn, "alice", Currency::EUR, "500.00");
+    let bob = testing::funded_account(&mut conn, "bob", Currency::EUR, "20.00");
+    movements(&mut conn, alice, bob, 20);
+    let plan = |conn: &mut PgConnection, sql: &str, params: &[i64]| -> String {
+        ledger_core::transaction(conn, &ledger_core::TxOptions::default(), |t| {
+            ledger_core::tx::with_batch_plans(t, |t| {
+                let query = diesel::sql_query(format!("EXPLAIN {sql}"));
+                let lines: Vec<PlanLine> = match params {
+                    [a, b] => query.bind::<BigInt, _>(a).bind::<BigInt, _>(b).load(t.conn())?,
+                    [a, b, c] => query.bind::<BigInt, _>(a).bind::<BigInt, _>(b).bind::<BigInt, _>(c).load(t.conn())?,
+                    _ => unreachable!(),
+                };
+                Ok::<_, LedgerError>(lines.into_iter().map(|l| l.line).collect::<Vec<_>>().join("\n"))
+            })
+        })
+        .unwrap()
+    };
+    let page = plan(&mut conn, history::PAGE_SQL, &[alice.get(), 3, 100]);
+    let at_entry = plan(&mut conn, history::BALANCE_AT_ENTRY_SQL, &[alice.get(), 5]);
+    let at_time = plan(&mut conn, history::BALANCE_AT_TIME_SQL, &[alice.get(), 1_000_000]);
+    for (name, text) in [("page", &page), ("balance at entry", &at_entry), ("balance at time", &at_time)] {
+        assert!(!text.contains("Seq Scan") && !text.contains("Bitmap"), "{name} scans a table:\n{text}");
+        assert!(text.contains("postings_account_id_id_idx"), "{name} reads the account's postings by index:\n{text}");
+    }
+    // The page reads the postings after the cursor in index order, LIMIT on the scan.
+    assert!(page.contains("Limit"), "{page}");
+}

@@ -9,6 +9,9 @@
 //! its postings up to the cursor. The running balance of the page is that seed plus each
 //! amount, with checked arithmetic, so the pages of one history chain exactly.
 //!
+//! Both run under [`tx::with_batch_plans`], so the plan stays those index probes
+//! whatever the statistics say (`tests/history.rs` checks the page's plan).
+//!
 //! The same statement reads the account row, so an unknown account is
 //! [`LedgerError::UnknownAccount`], even when the page is empty.
 //!
@@ -28,6 +31,7 @@ use crate::ids::{AccountId, EntryId};
 use crate::input::InvalidInput;
 use crate::journal::EntryKind;
 use crate::money::Currency;
+use crate::tx::{self, TxOptions};
 
 /// A posting's id: the history's cursor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -146,11 +150,13 @@ pub fn page(
             InvalidInput::BadField { field: "limit", reason: format!("must be at least 1, got {limit}") }.into()
         );
     }
-    let rows: Vec<PageRow> = diesel::sql_query(PAGE_SQL)
-        .bind::<BigInt, _>(account.get())
-        .bind::<BigInt, _>(after.map_or(0, PostingId::get))
-        .bind::<BigInt, _>(limit)
-        .load(conn)?;
+    let rows: Vec<PageRow> = by_index(conn, |conn| {
+        Ok(diesel::sql_query(PAGE_SQL)
+            .bind::<BigInt, _>(account.get())
+            .bind::<BigInt, _>(after.map_or(0, PostingId::get))
+            .bind::<BigInt, _>(limit)
+            .load(conn)?)
+    })?;
     let Some(first) = rows.first() else { return Err(LedgerError::UnknownAccount(account)) };
     let mut balance = first.seed_minor;
     let mut lines = Vec::with_capacity(rows.len());
@@ -178,14 +184,14 @@ pub fn page(
 
 /// The statement [`balance_at`] runs for [`At::Entry`]: `$1` the account, `$2` the
 /// entry id.
-const BALANCE_AT_ENTRY_SQL: &str = "
+pub const BALANCE_AT_ENTRY_SQL: &str = "
     SELECT a.currency, (SELECT COALESCE(sum(p.amount_minor), 0) FROM postings p
                         WHERE p.account_id = $1 AND p.entry_id <= $2)::int8 AS balance_minor
     FROM accounts a WHERE a.id = $1";
 
 /// The statement [`balance_at`] runs for [`At::Time`]: `$1` the account, `$2` the
 /// moment in microseconds since the Unix epoch.
-const BALANCE_AT_TIME_SQL: &str = "
+pub const BALANCE_AT_TIME_SQL: &str = "
     SELECT a.currency, (SELECT COALESCE(sum(p.amount_minor), 0) FROM postings p
                         WHERE p.account_id = $1
                           AND p.created_at <= timestamptz 'epoch' + $2 * interval '1 microsecond')::int8
@@ -204,17 +210,25 @@ struct BalanceRow {
 /// its first). It reads the account's postings up to there (the `(account_id, id)`
 /// index), so its cost grows with the account's history.
 pub fn balance_at(conn: &mut PgConnection, account: AccountId, at: At) -> Result<BalanceAt, LedgerError> {
-    let query = match at {
-        At::Entry(entry) => {
-            diesel::sql_query(BALANCE_AT_ENTRY_SQL).bind::<BigInt, _>(account.get()).bind::<BigInt, _>(entry.get())
-        }
-        At::Time(time) => diesel::sql_query(BALANCE_AT_TIME_SQL)
-            .bind::<BigInt, _>(account.get())
-            .bind::<BigInt, _>(unix_micros(time)?),
+    let (sql, point) = match at {
+        At::Entry(entry) => (BALANCE_AT_ENTRY_SQL, entry.get()),
+        At::Time(time) => (BALANCE_AT_TIME_SQL, unix_micros(time)?),
     };
-    let row: Option<BalanceRow> = query.load::<BalanceRow>(conn)?.into_iter().next();
+    let rows: Vec<BalanceRow> = by_index(conn, |conn| {
+        Ok(diesel::sql_query(sql).bind::<BigInt, _>(account.get()).bind::<BigInt, _>(point).load(conn)?)
+    })?;
+    let row = rows.into_iter().next();
     let row = row.ok_or(LedgerError::UnknownAccount(account))?;
     Ok(BalanceAt { account, currency: Currency::from_code(&row.currency)?, balance_minor: row.balance_minor })
+}
+
+/// Runs `read` under [`tx::with_batch_plans`]: probes by index whatever the statistics
+/// say (right after a burst of postings they may still say the table is small).
+fn by_index<T>(
+    conn: &mut PgConnection,
+    mut read: impl FnMut(&mut PgConnection) -> Result<T, LedgerError>,
+) -> Result<T, LedgerError> {
+    tx::transaction(conn, &TxOptions::default(), |tx| tx::with_batch_plans(tx, |tx| read(tx.conn())))
 }
 
 fn from_unix_micros(us: i64) -> SystemTime {

@@ -97,8 +97,7 @@ fn two_hundred_concurrent_withdrawals_never_overdraw_or_lose_an_update() {
 fn the_same_race_without_a_row_lock_loses_updates_and_the_test_sees_it() {
     let db = testing::committed();
     let all_checked = Barrier::new(RACERS);
-    let outcome =
-        race(&db, |conn, account| testing::unlocked_withdraw(conn, account, eur("50.00"), Currency::EUR, &all_checked));
+    let outcome = race(&db, |conn, account| testing::unlocked_withdraw(conn, account, eur("50.00"), &all_checked));
     assert!(outcome.other_errors.is_empty(), "{:?}", outcome.other_errors);
     // Far more than two withdrawals of 50.00 "succeeded" out of 100.00 ...
     assert!(outcome.succeeded > 2, "{outcome:?}");
@@ -133,8 +132,7 @@ fn two_thousand_crossing_transfers_never_deadlock_because_locks_are_ordered() {
                         let req = Transfer {
                             from,
                             to,
-                            amount: ledger_core::Amount::from_minor(cents).unwrap(),
-                            currency: Currency::EUR,
+                            amount: ledger_core::Money::from_minor(cents, Currency::EUR).unwrap(),
                             key: testing::key("xfer"),
                         };
                         match transfers::transfer_with(&mut conn, no_retry, &req) {
@@ -258,12 +256,7 @@ fn a_lock_timeout_is_retried_until_the_holder_lets_go() {
         max_attempts: 1_000,
         backoff: ledger_core::retry::Backoff { cap_ms: 5, ..TxOptions::default().backoff },
     };
-    let req = ledger_core::deposits::Deposit {
-        account,
-        amount: eur("1.00"),
-        currency: Currency::EUR,
-        key: testing::key("dep"),
-    };
+    let req = ledger_core::deposits::Deposit { account, amount: eur("1.00"), key: testing::key("dep") };
     let result = thread::scope(|s| {
         s.spawn(|| {
             ledger_core::transaction(&mut holder, &TxOptions::no_retry(), |tx| {
@@ -304,12 +297,7 @@ fn without_retries_a_lock_timeout_reaches_the_caller_and_changes_nothing() {
     let locked = Barrier::new(2);
     let release = Barrier::new(2);
     let opts = TxOptions { lock_timeout_ms: Some(20), ..TxOptions::no_retry() };
-    let req = ledger_core::deposits::Deposit {
-        account,
-        amount: eur("1.00"),
-        currency: Currency::EUR,
-        key: testing::key("dep"),
-    };
+    let req = ledger_core::deposits::Deposit { account, amount: eur("1.00"), key: testing::key("dep") };
     let result = thread::scope(|s| {
         s.spawn(|| {
             ledger_core::transaction(&mut holder, &TxOptions::no_retry(), |tx| {

@@ -203,12 +203,7 @@ fn a_dropped_connection_is_retried_on_a_fresh_pooled_connection() {
         }
         ledger_core::deposits::deposit_tx(
             tx,
-            &ledger_core::deposits::Deposit {
-                account: a,
-                amount: common::eur("3.00"),
-                currency: Currency::EUR,
-                key: key.clone(),
-            },
+            &ledger_core::deposits::Deposit { account: a, amount: common::eur("3.00"), key: key.clone() },
         )
     })
     .unwrap();

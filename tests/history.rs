@@ -58,31 +58,18 @@ fn movements(conn: &mut PgConnection, alice: AccountId, bob: AccountId, n: usize
         let amount = format!("{}.{:02}", 1 + i % 7, (i * 37) % 100);
         match i % 4 {
             0 => {
-                let req =
-                    Deposit { account: alice, amount: eur(&amount), currency: Currency::EUR, key: testing::key("d") };
+                let req = Deposit { account: alice, amount: eur(&amount), key: testing::key("d") };
                 deposits::deposit(conn, &req).unwrap();
             }
             1 => {
-                let t = Transfer {
-                    from: alice,
-                    to: bob,
-                    amount: eur(&amount),
-                    currency: Currency::EUR,
-                    key: testing::key("t"),
-                };
+                let t = Transfer { from: alice, to: bob, amount: eur(&amount), key: testing::key("t") };
                 transfers::transfer(conn, &t).unwrap();
             }
             2 => {
                 withdrawals::withdraw(conn, &withdrawal(alice, &amount, "w")).unwrap();
             }
             _ => {
-                let t = Transfer {
-                    from: bob,
-                    to: alice,
-                    amount: eur("0.50"),
-                    currency: Currency::EUR,
-                    key: testing::key("t"),
-                };
+                let t = Transfer { from: bob, to: alice, amount: eur("0.50"), key: testing::key("t") };
                 transfers::transfer(conn, &t).unwrap();
             }
         }

@@ -16,11 +16,11 @@ use ledger_core::deposits::{self, Deposit};
 use ledger_core::error::InvalidInput;
 use ledger_core::transfers::{self, Transfer};
 use ledger_core::withdrawals::{self, Iban, JobOutcome, WithdrawalStatus};
-use ledger_core::{AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
+use ledger_core::{AccountId, Amount, Currency, IdempotencyKey, LedgerError, Money, TxOptions};
 use ledger_testdb as testing;
 
 fn deposit_req(account: AccountId, amount: &str) -> Deposit {
-    Deposit { account, amount: eur(amount), currency: Currency::EUR, key: testing::key("dep") }
+    Deposit { account, amount: eur(amount), key: testing::key("dep") }
 }
 
 #[testing::test]
@@ -28,11 +28,8 @@ fn deposit_transfer_and_withdraw_move_money_in_balanced_entries() {
     testing::with_rollback(|conn| {
         let alice = testing::funded_account(conn, "alice", Currency::EUR, "100.00");
         let bob = testing::funded_account(conn, "bob", Currency::EUR, "5.00");
-        transfers::transfer(
-            conn,
-            &Transfer { from: alice, to: bob, amount: eur("30.25"), currency: Currency::EUR, key: testing::key("t") },
-        )
-        .unwrap();
+        transfers::transfer(conn, &Transfer { from: alice, to: bob, amount: eur("30.25"), key: testing::key("t") })
+            .unwrap();
         let w = withdrawals::withdraw(conn, &withdrawal(bob, "10.00", "w")).unwrap();
         assert_eq!(w.status, WithdrawalStatus::PayingOut);
         assert_eq!(balance(conn, alice), 6975);
@@ -54,11 +51,7 @@ fn a_statement_shows_each_posting_with_its_running_balance() {
         let a = testing::funded_account(conn, "a", Currency::EUR, "10.00");
         let b = testing::funded_account(conn, "b", Currency::EUR, "0.01");
         deposits::deposit(conn, &deposit_req(a, "2.50")).unwrap();
-        transfers::transfer(
-            conn,
-            &Transfer { from: a, to: b, amount: eur("7.00"), currency: Currency::EUR, key: testing::key("t") },
-        )
-        .unwrap();
+        transfers::transfer(conn, &Transfer { from: a, to: b, amount: eur("7.00"), key: testing::key("t") }).unwrap();
         let lines = ledger_core::journal::statement(conn, a, 100).unwrap();
         use ledger_core::journal::EntryKind;
         let got: Vec<(EntryKind, i64, i64)> =
@@ -188,6 +181,34 @@ fn refused(conn: &mut PgConnection, op: impl FnOnce(&mut PgConnection) -> Result
 }
 
 #[testing::test]
+fn money_parsed_in_yen_is_never_booked_in_euros() {
+    // Issue 12: `Amount::parse("100", JPY)` deposited with `currency: EUR` once added
+    // 1.00 EUR. A request now has one currency, its money's; a EUR account refuses yen.
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let alice = testing::funded_account(&mut conn, "alice", Currency::EUR, "100.00");
+    let bob = testing::funded_account(&mut conn, "bob", Currency::EUR, "0.00");
+    let yen = Money::parse("100", Currency::JPY).unwrap();
+    let e = refused(&mut conn, |c| {
+        deposits::deposit(c, &Deposit { account: alice, amount: yen, key: testing::key("jpy") }).map(drop)
+    });
+    assert!(matches!(&e, LedgerError::CurrencyMismatch { request_currency, .. } if request_currency == "JPY"), "{e}");
+    let transfer = Transfer { from: alice, to: bob, amount: yen, key: testing::key("jpy") };
+    let e = refused(&mut conn, |c| transfers::transfer(c, &transfer).map(drop));
+    assert!(matches!(e, LedgerError::CurrencyMismatch { .. }), "{e}");
+    let before = testing::snapshot(&mut conn);
+    let results = transfers::create_batch(&mut conn, &[transfer.into()]).unwrap();
+    assert!(matches!(results[..], [transfers::TransferResult::Refused(LedgerError::CurrencyMismatch { .. })]));
+    assert_eq!(testing::snapshot(&mut conn), before, "a refused batch item changed the database");
+    let mut request = withdrawal(alice, "1.00", "jpy");
+    request.amount = yen;
+    let e = refused(&mut conn, |c| withdrawals::request(c, &request).map(drop));
+    assert!(matches!(e, LedgerError::CurrencyMismatch { .. }), "{e}");
+    // Arithmetic across currencies is refused too.
+    assert!(eur("1.00").checked_add(yen).is_err());
+}
+
+#[testing::test]
 fn bad_input_gets_a_typed_error_and_changes_nothing() {
     // Values that cannot even be built never reach the database.
     assert!(matches!(Amount::parse("-5.00", Currency::EUR), Err(InvalidInput::NonPositiveAmount(_))));
@@ -208,8 +229,7 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
         &mut conn,
         &Deposit {
             account: rich,
-            amount: Amount::from_minor(i64::MAX - 10).unwrap(),
-            currency: Currency::EUR,
+            amount: Money::from_minor(i64::MAX - 10, Currency::EUR).unwrap(),
             key: testing::key("big"),
         },
     )
@@ -226,17 +246,8 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     let e = refused(&mut conn, |c| deposits::deposit(c, &deposit_req(usd_acct, "1.00")).map(drop));
     assert!(matches!(e, LedgerError::CurrencyMismatch { .. }), "{e}");
     let e = refused(&mut conn, |c| {
-        transfers::transfer(
-            c,
-            &Transfer {
-                from: eur_acct,
-                to: usd_acct,
-                amount: eur("1.00"),
-                currency: Currency::EUR,
-                key: testing::key("t"),
-            },
-        )
-        .map(drop)
+        transfers::transfer(c, &Transfer { from: eur_acct, to: usd_acct, amount: eur("1.00"), key: testing::key("t") })
+            .map(drop)
     });
     assert!(matches!(e, LedgerError::CurrencyMismatch { .. }), "{e}");
     let e = refused(&mut conn, |c| withdrawals::withdraw(c, &withdrawal(eur_acct, "100.01", "w")).map(drop));
@@ -250,17 +261,8 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     let e = refused(&mut conn, |c| deposits::deposit(c, &deposit_req(rich, "1.00")).map(drop));
     assert!(matches!(e, LedgerError::BalanceOverflow(_)), "{e}");
     let e = refused(&mut conn, |c| {
-        transfers::transfer(
-            c,
-            &Transfer {
-                from: eur_acct,
-                to: eur_acct,
-                amount: eur("1.00"),
-                currency: Currency::EUR,
-                key: testing::key("t"),
-            },
-        )
-        .map(drop)
+        transfers::transfer(c, &Transfer { from: eur_acct, to: eur_acct, amount: eur("1.00"), key: testing::key("t") })
+            .map(drop)
     });
     assert!(matches!(e, LedgerError::SameAccount(_)), "{e}");
     let e = refused(&mut conn, |c| accounts::open(c, &NewAccount::new("", Currency::EUR), None).map(drop));

@@ -11,11 +11,11 @@ use common::{assert_audit_clean, balance, eur};
 use diesel::pg::PgConnection;
 use ledger_core::batch::{Item, MAX_BATCH_ITEMS};
 use ledger_core::transfers::{self, Transfer, TransferResult};
-use ledger_core::{AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
+use ledger_core::{AccountId, Currency, IdempotencyKey, LedgerError, Money, TxOptions};
 use ledger_testdb as testing;
 
 fn t(from: AccountId, to: AccountId, amount: &str, key: &IdempotencyKey) -> Transfer {
-    Transfer { from, to, amount: eur(amount), currency: Currency::EUR, key: key.clone() }
+    Transfer { from, to, amount: eur(amount), key: key.clone() }
 }
 
 fn code(r: &TransferResult) -> &'static str {
@@ -123,13 +123,8 @@ fn a_batch_too_large_or_in_another_currency_is_refused_and_changes_nothing() {
         let err = transfers::create_batch(conn, &big).unwrap_err();
         assert_eq!(err.code(), "invalid_input", "{err}");
         // A transfer in a currency neither account holds is refused on its own.
-        let yen = Transfer {
-            from: a,
-            to: b,
-            amount: Amount::parse("100", Currency::JPY).unwrap(),
-            currency: Currency::JPY,
-            key: testing::key("jpy"),
-        };
+        let yen =
+            Transfer { from: a, to: b, amount: Money::parse("100", Currency::JPY).unwrap(), key: testing::key("jpy") };
         let results = transfers::create_batch(conn, &[Item::single(yen)]).unwrap();
         assert_eq!(code(&results[0]), "currency_mismatch");
         assert_eq!(testing::snapshot(conn), before, "nothing was written");
@@ -163,9 +158,9 @@ fn concurrent_batches_over_shared_accounts_and_keys_never_deadlock_or_lose_money
                             while to == from {
                                 to = accounts[rng.usize(..accounts.len())];
                             }
-                            let amount = Amount::from_minor(rng.i64(1..=2_000)).unwrap();
+                            let amount = Money::from_minor(rng.i64(1..=2_000), Currency::EUR).unwrap();
                             let key = IdempotencyKey::new(format!("cb-{pair}-{round}-{i}")).unwrap();
-                            let transfer = Transfer { from, to, amount, currency: Currency::EUR, key };
+                            let transfer = Transfer { from, to, amount, key };
                             if i % 10 == 9 {
                                 Item::linked(transfer)
                             } else {

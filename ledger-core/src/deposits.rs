@@ -7,14 +7,14 @@ use crate::error::LedgerError;
 use crate::idempotency::{self, Begun};
 use crate::ids::{AccountId, EntryId, IdempotencyKey};
 use crate::journal::{self, EntryKind, Leg};
-use crate::money::{Amount, Currency};
+use crate::money::Money;
 use crate::tx::{self, Tx, TxOptions};
 
 #[derive(Clone, Debug)]
 pub struct Deposit {
     pub account: AccountId,
-    pub amount: Amount,
-    pub currency: Currency,
+    /// How much, in which currency; the accounts must hold that currency.
+    pub amount: Money,
     pub key: IdempotencyKey,
 }
 
@@ -27,7 +27,7 @@ pub struct Receipt {
 
 impl Deposit {
     fn fingerprint(&self) -> String {
-        format!("account={}|amount={}|currency={}", self.account, self.amount.minor(), self.currency)
+        format!("account={}|amount={}|currency={}", self.account, self.amount.minor(), self.amount.currency())
     }
 }
 
@@ -40,15 +40,15 @@ pub fn deposit_tx(tx: &mut Tx<'_>, req: &Deposit) -> Result<Receipt, LedgerError
         return Ok(Receipt { entry: EntryId::from_db(id), replayed: true });
     }
     let account = accounts::lock(tx, req.account)?;
-    account.expect_currency(req.currency)?;
-    let after = account.balance_after_credit(req.amount)?;
-    let funding = accounts::system_account(tx.conn(), SystemRole::ExternalFunding, req.currency)?;
+    account.expect_currency(req.amount.currency())?;
+    let after = account.balance_after_credit(req.amount.amount())?;
+    let funding = accounts::system_account(tx.conn(), SystemRole::ExternalFunding, req.amount.currency())?;
     let reference = format!("deposit:{}", req.key);
     let entry = journal::post(
         tx,
         EntryKind::Deposit,
         Some(&reference),
-        req.currency,
+        req.amount.currency(),
         &[
             Leg { account: funding, amount_minor: -req.amount.minor(), balance_after_minor: None },
             Leg { account: account.id(), amount_minor: req.amount.minor(), balance_after_minor: Some(after) },

@@ -61,6 +61,6 @@ pub mod withdrawals;
 
 pub use error::{InvalidInput, LedgerError};
 pub use ids::{AccountId, EntryId, IdempotencyKey, PayoutId, WithdrawalId};
-pub use money::{Amount, Currency};
+pub use money::{Amount, Currency, Money};
 pub use sqlstate::SqlState;
 pub use tx::{transaction, LockSet, Tx, TxOptions};

@@ -1,5 +1,11 @@
-//! Money as integers in minor units: `Currency` (ISO 4217 code and scale) and `Amount`
-//! (a positive number of minor units). Both can only be built valid.
+//! Money as integers in minor units: `Currency` (ISO 4217 code and scale), `Amount`
+//! (a positive number of minor units) and `Money` (an amount that knows its currency).
+//! All three can only be built valid.
+//!
+//! Requests (deposits, transfers, withdrawals) take a [`Money`], so a request has one
+//! currency, the one its amount was parsed in: `Money::parse("100", Currency::JPY)`
+//! cannot be booked as 1.00 EUR. An account of another currency refuses it
+//! (`LedgerError::CurrencyMismatch`), and so does arithmetic across currencies.
 
 use std::fmt;
 use std::str::FromStr;
@@ -189,6 +195,98 @@ impl Amount {
     }
 }
 
+/// A strictly positive amount in one currency: what every request carries. The amount's
+/// scale is the currency's, so the two cannot disagree.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Money {
+    amount: Amount,
+    currency: Currency,
+}
+
+/// Two amounts of different currencies were combined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cannot combine {left} with {right}: different currencies")]
+pub struct CurrencyMix {
+    pub left: Currency,
+    pub right: Currency,
+}
+
+impl Money {
+    /// `amount` in `currency`.
+    pub fn new(amount: Amount, currency: Currency) -> Money {
+        Money { amount, currency }
+    }
+
+    /// Minor units in `currency`; zero and negative values are refused.
+    pub fn from_minor(minor: i64, currency: Currency) -> Result<Money, InvalidInput> {
+        Ok(Money { amount: Amount::from_minor(minor)?, currency })
+    }
+
+    /// A decimal string in `currency`'s scale, exactly as [`Amount::parse`] reads it.
+    pub fn parse(text: &str, currency: Currency) -> Result<Money, InvalidInput> {
+        Ok(Money { amount: Amount::parse(text, currency)?, currency })
+    }
+
+    /// A decimal string with an optional currency code after it (`"12.50"` or
+    /// `"12.50 EUR"`), for input where the currency is known from elsewhere (the
+    /// account): a code that names another currency is refused, never converted.
+    pub fn parse_for(text: &str, expected: Currency) -> Result<Money, InvalidInput> {
+        let (number, code) = match text.split_once(' ') {
+            Some((number, code)) => (number, Some(code)),
+            None => (text, None),
+        };
+        if let Some(code) = code {
+            let named = Currency::from_code(code)?;
+            if named != expected {
+                return Err(InvalidInput::BadField {
+                    field: "amount",
+                    reason: format!("{text:?} is in {named}, but the account holds {expected}"),
+                });
+            }
+        }
+        Money::parse(number, expected)
+    }
+
+    pub fn amount(self) -> Amount {
+        self.amount
+    }
+
+    pub fn currency(self) -> Currency {
+        self.currency
+    }
+
+    pub fn minor(self) -> i64 {
+        self.amount.minor()
+    }
+
+    /// The sum, refused across currencies and on overflow (`Ok(None)`).
+    pub fn checked_add(self, other: Money) -> Result<Option<Money>, CurrencyMix> {
+        self.same_currency(other)?;
+        Ok(self.amount.checked_add(other.amount).map(|amount| Money { amount, currency: self.currency }))
+    }
+
+    /// The difference while still positive (`Ok(None)` otherwise), refused across
+    /// currencies.
+    pub fn checked_sub(self, other: Money) -> Result<Option<Money>, CurrencyMix> {
+        self.same_currency(other)?;
+        Ok(self.amount.checked_sub(other.amount).map(|amount| Money { amount, currency: self.currency }))
+    }
+
+    fn same_currency(self, other: Money) -> Result<(), CurrencyMix> {
+        if self.currency != other.currency {
+            return Err(CurrencyMix { left: self.currency, right: other.currency });
+        }
+        Ok(())
+    }
+}
+
+/// `12.50 EUR`.
+impl fmt::Display for Money {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.amount.format(self.currency), self.currency)
+    }
+}
+
 /// Applies a signed change to a balance, refusing overflow instead of wrapping.
 pub fn checked_balance(balance_minor: i64, delta_minor: i64) -> Result<i64, InvalidInput> {
     balance_minor
@@ -289,5 +387,37 @@ mod tests {
         for c in [Currency::EUR, Currency::USD, Currency::GBP, Currency::JPY, Currency::KWD] {
             assert_eq!(Currency::from_code(c.code()).unwrap(), c);
         }
+    }
+    #[test]
+    fn money_keeps_the_currency_it_was_parsed_in() {
+        let yen = Money::parse("100", Currency::JPY).unwrap();
+        assert_eq!((yen.minor(), yen.currency()), (100, Currency::JPY));
+        assert_eq!(yen.to_string(), "100 JPY");
+        assert_eq!(Money::parse("1.5", Currency::EUR).unwrap().to_string(), "1.50 EUR");
+        assert!(Money::from_minor(0, Currency::EUR).is_err());
+    }
+
+    #[test]
+    fn money_of_two_currencies_does_not_add_or_subtract() {
+        let eur = Money::from_minor(100, Currency::EUR).unwrap();
+        let jpy = Money::from_minor(100, Currency::JPY).unwrap();
+        assert_eq!(eur.checked_add(jpy), Err(CurrencyMix { left: Currency::EUR, right: Currency::JPY }));
+        assert!(eur.checked_sub(jpy).is_err());
+        assert_eq!(eur.checked_add(eur).unwrap().map(Money::minor), Some(200));
+        assert_eq!(eur.checked_sub(eur).unwrap(), None);
+        let max = Money::from_minor(i64::MAX, Currency::EUR).unwrap();
+        assert_eq!(max.checked_add(eur).unwrap(), None);
+    }
+
+    #[test]
+    fn an_amount_naming_another_currency_than_the_accounts_is_refused() {
+        assert_eq!(Money::parse_for("12.50", Currency::EUR).unwrap().minor(), 1250);
+        assert_eq!(Money::parse_for("12.50 EUR", Currency::EUR).unwrap().minor(), 1250);
+        assert!(matches!(
+            Money::parse_for("100 JPY", Currency::EUR),
+            Err(InvalidInput::BadField { field: "amount", .. })
+        ));
+        assert!(matches!(Money::parse_for("100 XYZ", Currency::EUR), Err(InvalidInput::UnknownCurrency(_))));
+        assert!(matches!(Money::parse_for("1.5 JPY", Currency::JPY), Err(InvalidInput::OverPreciseAmount { .. })));
     }
 }

@@ -11,7 +11,7 @@ use diesel::pg::PgConnection;
 use ledger_core::accounts::{self, NewAccount};
 use ledger_core::deposits::{self, Deposit};
 use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
-use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
+use ledger_core::{audit, db, AccountId, Currency, IdempotencyKey, LedgerError, Money, TxOptions};
 
 use crate::database::Database;
 use ledger_worker::daemon::{WorkerConfig, WorkerPool};
@@ -33,8 +33,8 @@ impl Default for DemoOptions {
     }
 }
 
-fn eur(text: &str) -> Amount {
-    Amount::parse(text, Currency::EUR).expect("demo amounts are valid")
+fn eur(text: &str) -> Money {
+    Money::parse(text, Currency::EUR).expect("demo amounts are valid")
 }
 
 fn key(text: String) -> IdempotencyKey {
@@ -45,12 +45,7 @@ fn open_funded(conn: &mut PgConnection, owner: &str, amount: &str) -> Result<Acc
     let account = accounts::open(conn, &NewAccount::new(owner, Currency::EUR), None)?;
     deposits::deposit(
         conn,
-        &Deposit {
-            account: account.id,
-            amount: eur(amount),
-            currency: Currency::EUR,
-            key: key(format!("demo-fund-{}", account.id)),
-        },
+        &Deposit { account: account.id, amount: eur(amount), key: key(format!("demo-fund-{}", account.id)) },
     )?;
     Ok(account.id)
 }
@@ -137,7 +132,7 @@ fn unlocked_race(url: &str) -> Result<()> {
                 let both_checked = &both_checked;
                 s.spawn(move || -> Result<()> {
                     let mut conn = db::connect(url, &db::SessionConfig::default())?;
-                    Ok(ledger_testdb::unlocked_withdraw(&mut conn, account, eur(amount), Currency::EUR, both_checked)?)
+                    Ok(ledger_testdb::unlocked_withdraw(&mut conn, account, eur(amount), both_checked)?)
                 })
             })
             .collect();
@@ -168,11 +163,10 @@ fn unlocked_race(url: &str) -> Result<()> {
     Ok(())
 }
 
-fn request(account: AccountId, amount: Amount, key_text: String) -> WithdrawalRequest {
+fn request(account: AccountId, amount: Money, key_text: String) -> WithdrawalRequest {
     WithdrawalRequest {
         account,
         amount,
-        currency: Currency::EUR,
         destination: Iban::parse(IBAN).expect("demo IBAN is valid"),
         key: key(key_text),
     }
@@ -285,7 +279,7 @@ fn enqueue_bulk(conn: &mut PgConnection, accounts: &[AccountId], total: usize) -
         ledger_core::transaction(conn, &TxOptions::default(), |tx| {
             for &i in &chunk {
                 // Amounts 5.00 .. 24.99, so some accounts run dry and refuse.
-                let amount = Amount::from_minor(500 + (i as i64 * 137) % 2_000).expect("positive");
+                let amount = Money::from_minor(500 + (i as i64 * 137) % 2_000, Currency::EUR).expect("positive");
                 let account = accounts[fastrand::usize(..accounts.len())];
                 withdrawals::request_tx(tx, &request(account, amount, format!("demo-bulk-{i}")))?;
             }

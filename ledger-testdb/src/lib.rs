@@ -39,7 +39,7 @@ pub use guard::{LockGuard, LockViolation};
 pub use ledger_test_macros::test;
 
 use ledger_core::db::{self, Pool, PoolConfig, SessionConfig};
-use ledger_core::{AccountId, Amount, Currency, IdempotencyKey, LedgerError};
+use ledger_core::{AccountId, Currency, IdempotencyKey, LedgerError};
 
 struct Server {
     _cluster: Option<TempCluster>,
@@ -300,10 +300,10 @@ pub fn key(prefix: &str) -> IdempotencyKey {
 pub fn funded_account(conn: &mut PgConnection, owner: &str, currency: Currency, amount: &str) -> AccountId {
     let account = ledger_core::accounts::open(conn, &ledger_core::accounts::NewAccount::new(owner, currency), None)
         .expect("opening a test account");
-    if let Ok(amount) = Amount::parse(amount, currency) {
+    if let Ok(amount) = ledger_core::Money::parse(amount, currency) {
         ledger_core::deposits::deposit(
             conn,
-            &ledger_core::deposits::Deposit { account: account.id, amount, currency, key: key("fund") },
+            &ledger_core::deposits::Deposit { account: account.id, amount, key: key("fund") },
         )
         .expect("funding a test account");
     }
@@ -318,10 +318,10 @@ pub fn funded_account(conn: &mut PgConnection, owner: &str, currency: Currency, 
 pub fn unlocked_withdraw(
     conn: &mut PgConnection,
     account: AccountId,
-    amount: Amount,
-    currency: Currency,
+    amount: ledger_core::Money,
     all_checked: &std::sync::Barrier,
 ) -> Result<(), LedgerError> {
+    let currency = amount.currency();
     use ledger_core::accounts::{self, SystemRole};
     use ledger_core::journal::{self, EntryKind, Leg};
     use ledger_core::schema::accounts as a;

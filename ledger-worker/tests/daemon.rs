@@ -225,8 +225,7 @@ fn an_embedding_service_feeds_jobs_it_committed_itself_through_the_channel() {
     let pool = WorkerPool::start(db.url(), WorkerConfig { claim: false, ..quick_config() }).unwrap();
     let request = |key: &str| withdrawals::WithdrawalRequest {
         account: accounts_[0],
-        amount: ledger_core::Amount::parse("10.00", ledger_core::Currency::EUR).unwrap(),
-        currency: ledger_core::Currency::EUR,
+        amount: ledger_core::Money::parse("10.00", ledger_core::Currency::EUR).unwrap(),
         destination: withdrawals::Iban::parse(IBAN).unwrap(),
         key: ledger_core::IdempotencyKey::new(key).unwrap(),
     };
@@ -260,8 +259,7 @@ fn a_new_job_wakes_an_idle_daemon_through_notify_not_the_poll() {
         &mut conn,
         &withdrawals::WithdrawalRequest {
             account: accounts_[0],
-            amount: ledger_core::Amount::parse("1.00", ledger_core::Currency::EUR).unwrap(),
-            currency: ledger_core::Currency::EUR,
+            amount: ledger_core::Money::parse("1.00", ledger_core::Currency::EUR).unwrap(),
             destination: withdrawals::Iban::parse(IBAN).unwrap(),
             key: testing::key("notify"),
         },

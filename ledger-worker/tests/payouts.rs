@@ -3,6 +3,7 @@
 
 mod common;
 
+use ledger_core::Money;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use ledger_core::payouts::{LookupOutcome, PayoutGateway, PayoutRequest, SendOutcome};
 use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
-use ledger_core::{Amount, Currency, TxOptions};
+use ledger_core::{Currency, TxOptions};
 use ledger_testbank::{Bank, BankConfig, Faults, Replay};
 use ledger_testdb as testing;
 use ledger_worker::daemon::{WorkerConfig, WorkerPool};
@@ -33,8 +34,7 @@ fn seed_payouts(conn: &mut diesel::pg::PgConnection) {
                 tx,
                 &WithdrawalRequest {
                     account: accounts[i % accounts.len()],
-                    amount: Amount::from_minor(100 + (i as i64 * 37) % 2_900).unwrap(),
-                    currency: Currency::EUR,
+                    amount: Money::from_minor(100 + (i as i64 * 37) % 2_900, Currency::EUR).unwrap(),
                     destination: Iban::parse(to).unwrap(),
                     key: testing::key("pay"),
                 },
@@ -282,8 +282,7 @@ fn no_database_transaction_is_open_while_a_gateway_call_is_in_flight() {
     for i in 0..20 {
         let req = WithdrawalRequest {
             account: a,
-            amount: Amount::parse("1.00", Currency::EUR).unwrap(),
-            currency: Currency::EUR,
+            amount: Money::parse("1.00", Currency::EUR).unwrap(),
             destination: Iban::parse(IBAN).unwrap(),
             key: testing::key(&format!("notx{i}")),
         };

@@ -3,21 +3,21 @@
 
 mod common;
 
+use ledger_core::Money;
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
-use ledger_core::{AccountId, Amount, Currency};
+use ledger_core::{AccountId, Currency};
 use ledger_testdb as testing;
 use serde_json::{json, Value};
 
 fn request(account: AccountId, amount: &str) -> WithdrawalRequest {
     WithdrawalRequest {
         account,
-        amount: Amount::parse(amount, Currency::EUR).unwrap(),
-        currency: Currency::EUR,
+        amount: Money::parse(amount, Currency::EUR).unwrap(),
         destination: Iban::parse(IBAN).unwrap(),
         key: testing::key("st"),
     }

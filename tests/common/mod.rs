@@ -3,20 +3,19 @@
 
 use diesel::pg::PgConnection;
 use ledger_core::withdrawals::{Iban, WithdrawalRequest};
-use ledger_core::{AccountId, Amount, Currency};
+use ledger_core::{AccountId, Currency, Money};
 use ledger_testdb as testing;
 
 pub const IBAN: &str = "DE89370400440532013000";
 
-pub fn eur(text: &str) -> Amount {
-    Amount::parse(text, Currency::EUR).unwrap()
+pub fn eur(text: &str) -> Money {
+    Money::parse(text, Currency::EUR).unwrap()
 }
 
 pub fn withdrawal(account: AccountId, amount: &str, key_prefix: &str) -> WithdrawalRequest {
     WithdrawalRequest {
         account,
         amount: eur(amount),
-        currency: Currency::EUR,
         destination: Iban::parse(IBAN).unwrap(),
         key: testing::key(key_prefix),
     }

@@ -240,7 +240,7 @@ impl Columns {
         self.fingerprints.push(t.fingerprint());
         self.from.push(t.from.get());
         self.to.push(t.to.get());
-        self.currency.push(t.currency.code().to_string());
+        self.currency.push(t.amount.currency().code().to_string());
         self.amount.push(t.amount.minor());
         self.from_after.push(from_after);
         self.to_after.push(to_after);

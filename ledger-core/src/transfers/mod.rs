@@ -12,7 +12,7 @@ use crate::error::LedgerError;
 use crate::idempotency::{self, Begun};
 use crate::ids::{AccountId, EntryId, IdempotencyKey};
 use crate::journal::{self, EntryKind, Leg};
-use crate::money::{Amount, Currency};
+use crate::money::Money;
 use crate::tx::{self, LockSet, Tx, TxOptions};
 
 mod batch;
@@ -24,8 +24,8 @@ pub use batch::{create_batch, create_batch_tx, create_batch_with, TransferResult
 pub struct Transfer {
     pub from: AccountId,
     pub to: AccountId,
-    pub amount: Amount,
-    pub currency: Currency,
+    /// How much, in which currency; the accounts must hold that currency.
+    pub amount: Money,
     pub key: IdempotencyKey,
 }
 
@@ -33,7 +33,7 @@ impl Transfer {
     /// The request as its idempotency key remembers it: the same key with another
     /// fingerprint is a conflict.
     pub(crate) fn fingerprint(&self) -> String {
-        format!("from={}|to={}|amount={}|currency={}", self.from, self.to, self.amount.minor(), self.currency)
+        format!("from={}|to={}|amount={}|currency={}", self.from, self.to, self.amount.minor(), self.amount.currency())
     }
 }
 
@@ -58,16 +58,16 @@ pub fn transfer_tx(tx: &mut Tx<'_>, req: &Transfer) -> Result<Receipt, LedgerErr
     let locked = accounts::lock_many(tx, &LockSet::new().with(req.from).with(req.to))?;
     let by_id = |id: AccountId| locked.iter().find(|a| a.id() == id).expect("lock_many returns every id");
     let (source, dest) = (by_id(req.from), by_id(req.to));
-    source.expect_currency(req.currency)?;
-    dest.expect_currency(req.currency)?;
-    let source_after = source.balance_after_debit(req.amount)?;
-    let dest_after = dest.balance_after_credit(req.amount)?;
+    source.expect_currency(req.amount.currency())?;
+    dest.expect_currency(req.amount.currency())?;
+    let source_after = source.balance_after_debit(req.amount.amount())?;
+    let dest_after = dest.balance_after_credit(req.amount.amount())?;
     let reference = format!("transfer:{}", req.key);
     let entry = journal::post(
         tx,
         EntryKind::Transfer,
         Some(&reference),
-        req.currency,
+        req.amount.currency(),
         &[
             Leg { account: source.id(), amount_minor: -req.amount.minor(), balance_after_minor: Some(source_after) },
             Leg { account: dest.id(), amount_minor: req.amount.minor(), balance_after_minor: Some(dest_after) },

@@ -140,13 +140,13 @@ impl State<'_> {
         }
         let from_after_minor = {
             let from = self.locked(t.from)?;
-            from.expect_currency(t.currency)?;
-            from.balance_after_debit(t.amount)?
+            from.expect_currency(t.amount.currency())?;
+            from.balance_after_debit(t.amount.amount())?
         };
         let to_after_minor = {
             let to = self.locked(t.to)?;
-            to.expect_currency(t.currency)?;
-            to.balance_after_credit(t.amount)?
+            to.expect_currency(t.amount.currency())?;
+            to.balance_after_credit(t.amount.amount())?
         };
         self.set_balance(t.from, from_after_minor);
         self.set_balance(t.to, to_after_minor);

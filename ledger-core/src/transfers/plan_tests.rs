@@ -4,7 +4,7 @@
 use super::*;
 use crate::accounts::{Account, AccountKind, AccountStatus};
 use crate::ids::IdempotencyKey;
-use crate::money::{Amount, Currency};
+use crate::money::{Currency, Money};
 
 /// Accounts 1..=3 (EUR, 100.00 each; 3 may overdraw by 50.00), 4 (JPY), 5 closed.
 fn accounts() -> HashMap<AccountId, Result<LockedAccount, LedgerError>> {
@@ -42,8 +42,7 @@ fn items(rows: &[Row]) -> Vec<Item<Transfer>> {
             request: Transfer {
                 from: AccountId::from_db(from),
                 to: AccountId::from_db(to),
-                amount: Amount::from_minor(amount).unwrap(),
-                currency: Currency::EUR,
+                amount: Money::from_minor(amount, Currency::EUR).unwrap(),
                 key: IdempotencyKey::new(key).unwrap(),
             },
             linked,

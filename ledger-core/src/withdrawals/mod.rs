@@ -14,7 +14,7 @@ use crate::error::{InvalidInput, LedgerError, RetryClass};
 use crate::idempotency::{self, Begun};
 use crate::ids::{AccountId, EntryId, IdempotencyKey, PayoutId, WithdrawalId};
 use crate::journal::{self, EntryKind, Leg};
-use crate::money::{Amount, Currency};
+use crate::money::{Amount, Currency, Money};
 use crate::outbox;
 use crate::schema::withdrawals;
 use crate::tx::{self, Tx, TxOptions};
@@ -77,8 +77,8 @@ impl Iban {
 #[derive(Clone, Debug)]
 pub struct WithdrawalRequest {
     pub account: AccountId,
-    pub amount: Amount,
-    pub currency: Currency,
+    /// How much, in which currency; the accounts must hold that currency.
+    pub amount: Money,
     pub destination: Iban,
     pub key: IdempotencyKey,
 }
@@ -89,7 +89,7 @@ impl WithdrawalRequest {
             "account={}|amount={}|currency={}|to={}",
             self.account,
             self.amount.minor(),
-            self.currency,
+            self.amount.currency(),
             self.destination.as_str()
         )
     }
@@ -153,17 +153,11 @@ pub fn request_tx(tx: &mut Tx<'_>, req: &WithdrawalRequest) -> Result<(Withdrawa
     if account.status == AccountStatus::Closed {
         return Err(LedgerError::AccountClosed(account.id));
     }
-    if account.currency != req.currency {
-        return Err(LedgerError::CurrencyMismatch {
-            account: account.id,
-            account_currency: account.currency.code().to_string(),
-            request_currency: req.currency.code().to_string(),
-        });
-    }
+    account.expect_currency(req.amount.currency())?;
     let id: i64 = diesel::insert_into(withdrawals::table)
         .values((
             withdrawals::account_id.eq(req.account.get()),
-            withdrawals::currency.eq(req.currency.code()),
+            withdrawals::currency.eq(req.amount.currency().code()),
             withdrawals::amount_minor.eq(req.amount.minor()),
             withdrawals::destination.eq(req.destination.as_str()),
             withdrawals::idempotency_key.eq(req.key.as_str()),

@@ -28,8 +28,7 @@ pub(super) fn fund(conn: &mut PgConnection, accounts: &[AccountId], jobs: usize,
                     tx,
                     &ledger_core::deposits::Deposit {
                         account: *a,
-                        amount: Amount::from_minor(per_account_minor)?,
-                        currency: Currency::EUR,
+                        amount: Money::from_minor(per_account_minor, Currency::EUR)?,
                         key: IdempotencyKey::new(format!("bench-{tag}-{}", a.get()))?,
                     },
                 )?;

@@ -26,7 +26,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Double, Nullable};
 use ledger_core::accounts::{self, NewAccount};
 use ledger_core::transfers::{self, Transfer};
-use ledger_core::{audit, db, AccountId, Amount, Currency, IdempotencyKey, LedgerError, TxOptions};
+use ledger_core::{audit, db, AccountId, Currency, IdempotencyKey, LedgerError, Money, TxOptions};
 use ledger_testbank::{Bank, BankConfig, BankStats};
 use serde_json::json;
 

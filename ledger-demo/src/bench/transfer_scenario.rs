@@ -102,8 +102,7 @@ fn random_transfer(accounts: &[AccountId], i: usize) -> Result<Transfer> {
     Ok(Transfer {
         from,
         to,
-        amount: Amount::from_minor(fastrand::i64(100..=1_000))?,
-        currency: Currency::EUR,
+        amount: Money::from_minor(fastrand::i64(100..=1_000), Currency::EUR)?,
         key: IdempotencyKey::new(format!("bench-t-{i}"))?,
     })
 }

@@ -20,19 +20,19 @@ pub fn run(ctx: Ctx, args: DepositArgs) -> Result<ExitCode> {
     let DepositArgs { account, amount, key } = args;
     let (account, key) = (account_id(account)?, IdempotencyKey::new(key)?);
     let mut conn = connect(ctx.database_url)?;
-    let (amount, currency) = amount_for(&mut conn, account, &amount)?;
-    let receipt = deposits::deposit(&mut conn, &Deposit { account, amount, currency, key })?;
+    let amount = amount_for(&mut conn, account, &amount)?;
+    let receipt = deposits::deposit(&mut conn, &Deposit { account, amount, key })?;
     let balance = accounts::get(&mut conn, account)?;
     ctx.out.print(
         json!({ "entry": receipt.entry.get(), "replayed": receipt.replayed, "account": account.get(),
                 "balance": balance.balance_display() }),
         || {
             format!(
-                "deposited {} {currency} into account {account} (entry {}{}); balance {} {currency}",
-                amount.format(currency),
+                "deposited {amount} into account {account} (entry {}{}); balance {} {}",
                 receipt.entry,
                 if receipt.replayed { ", replayed" } else { "" },
-                balance.balance_display()
+                balance.balance_display(),
+                balance.currency
             )
         },
     )?;

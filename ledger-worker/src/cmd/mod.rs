@@ -18,7 +18,7 @@ use ledger_core::payouts::{self, Payout, PayoutGateway, PayoutStatus};
 use ledger_core::retry::{Backoff, Jitter, RetryPolicy};
 use ledger_core::transfers::{self, Transfer};
 use ledger_core::withdrawals::{self, Iban, Withdrawal, WithdrawalRequest, WithdrawalStatus};
-use ledger_core::{db, AccountId, Amount, Currency, IdempotencyKey, LedgerError, PayoutId, WithdrawalId};
+use ledger_core::{db, AccountId, Amount, Currency, IdempotencyKey, LedgerError, Money, PayoutId, WithdrawalId};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
@@ -325,10 +325,12 @@ fn account_id(raw: i64) -> Result<AccountId> {
     Ok(AccountId::new(raw)?)
 }
 
-/// Parses an amount in the account's currency (looked up, so it must exist).
-fn amount_for(conn: &mut PgConnection, account: AccountId, text: &str) -> Result<(Amount, Currency)> {
+/// Parses an amount in the account's currency (looked up, so it must exist). The text
+/// may name its currency (`12.50 EUR`); another currency than the account's is refused
+/// before anything is written.
+fn amount_for(conn: &mut PgConnection, account: AccountId, text: &str) -> Result<Money> {
     let currency = accounts::get(conn, account)?.currency;
-    Ok((Amount::parse(text, currency)?, currency))
+    Ok(Money::parse_for(text, currency)?)
 }
 
 /// The binary's entry point: parses the command line, runs the command, and maps its

@@ -134,6 +134,6 @@ fn submit_line(
             c
         }
     };
-    let amount = Amount::parse(&amount, currency)?;
-    Ok(withdrawals::request(conn, &WithdrawalRequest { account, amount, currency, destination, key })?)
+    let amount = Money::parse_for(&amount, currency)?;
+    Ok(withdrawals::request(conn, &WithdrawalRequest { account, amount, destination, key })?)
 }

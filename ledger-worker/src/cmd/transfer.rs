@@ -23,12 +23,11 @@ pub fn run(ctx: Ctx, args: TransferArgs) -> Result<ExitCode> {
     let TransferArgs { from, to, amount, key } = args;
     let (from, to, key) = (account_id(from)?, account_id(to)?, IdempotencyKey::new(key)?);
     let mut conn = connect(ctx.database_url)?;
-    let (amount, currency) = amount_for(&mut conn, from, &amount)?;
-    let receipt = transfers::transfer(&mut conn, &Transfer { from, to, amount, currency, key })?;
+    let amount = amount_for(&mut conn, from, &amount)?;
+    let receipt = transfers::transfer(&mut conn, &Transfer { from, to, amount, key })?;
     ctx.out.print(json!({ "entry": receipt.entry.get(), "replayed": receipt.replayed }), || {
         format!(
-            "transferred {} {currency} from {from} to {to} (entry {}{})",
-            amount.format(currency),
+            "transferred {amount} from {from} to {to} (entry {}{})",
             receipt.entry,
             if receipt.replayed { ", replayed" } else { "" }
         )

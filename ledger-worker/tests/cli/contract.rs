@@ -54,6 +54,13 @@ fn every_failure_is_one_json_line_with_a_kind_and_a_documented_exit_code() {
             Some("account"),
             None,
         ),
+        (
+            vec!["deposit", "--account", &a_s, "--amount", "100 JPY", "--key", "k"],
+            2,
+            "invalid_input",
+            Some("amount"),
+            None,
+        ),
         (vec!["deposit", "--account", &a_s, "--amount", "1.00"], 2, "usage", None, None),
         (vec!["withdrawal", "list", "--status", "done"], 2, "usage", Some("status"), None),
         (vec!["account", "show", "x"], 2, "usage", Some("id"), None),

@@ -6,7 +6,7 @@ use super::*;
 use diesel::sql_types::BigInt;
 use diesel::RunQueryDsl;
 use ledger_core::deposits::{self, Deposit};
-use ledger_core::{Amount, Currency, TxOptions};
+use ledger_core::{Currency, Money, TxOptions};
 
 /// `account history` as JSON lines.
 fn history(url: &str, args: &[&str]) -> Vec<Value> {
@@ -32,8 +32,8 @@ fn account_history_streams_every_posting_with_its_balance_and_pages_by_cursor() 
     // 2,300 more postings, in one transaction: past the command's 1,000-row pages.
     ledger_core::transaction(&mut conn, &TxOptions::default(), |tx| {
         for i in 0..2_300_i64 {
-            let amount = Amount::from_minor(1 + i % 997).unwrap();
-            let req = Deposit { account: a, amount, currency: Currency::EUR, key: testing::key("h") };
+            let amount = Money::from_minor(1 + i % 997, Currency::EUR).unwrap();
+            let req = Deposit { account: a, amount, key: testing::key("h") };
             deposits::deposit_tx(tx, &req)?;
         }
         Ok::<_, ledger_core::LedgerError>(())

@@ -8,7 +8,7 @@ use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use ledger_core::withdrawals::{self, Iban, WithdrawalRequest};
-use ledger_core::{AccountId, Amount, Currency, LedgerError, TxOptions, WithdrawalId};
+use ledger_core::{AccountId, Currency, LedgerError, Money, TxOptions, WithdrawalId};
 use ledger_testdb as testing;
 
 pub const IBAN: &str = "DE89370400440532013000";
@@ -30,8 +30,7 @@ pub fn seed(conn: &mut PgConnection, accounts: usize, funds: &str, jobs: usize) 
                 .map(|&i| {
                     let req = WithdrawalRequest {
                         account: ids[i % ids.len()],
-                        amount: Amount::from_minor(100 + (i as i64 * 7_919) % 2_900).unwrap(),
-                        currency: Currency::EUR,
+                        amount: Money::from_minor(100 + (i as i64 * 7_919) % 2_900, Currency::EUR).unwrap(),
                         destination: Iban::parse(IBAN).unwrap(),
                         key: testing::key("job"),
                     };

@@ -181,6 +181,28 @@ fn refused(conn: &mut PgConnection, op: impl FnOnce(&mut PgConnection) -> Result
 }
 
 #[testing::test]
+fn every_write_answers_with_the_balances_right_after_it_also_when_replayed() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let alice = testing::funded_account(&mut conn, "alice", Currency::EUR, "100.00");
+    let bob = testing::funded_account(&mut conn, "bob", Currency::EUR, "5.00");
+    let dep = deposit_req(alice, "1.00");
+    let receipt = deposits::deposit(&mut conn, &dep).unwrap();
+    assert_eq!(receipt.balances, vec![deposits::Balance { account: alice, balance_minor: 10_100 }]);
+    let t = Transfer { from: alice, to: bob, amount: eur("30.25"), key: testing::key("t") };
+    let first = transfers::transfer(&mut conn, &t).unwrap();
+    assert_eq!((first.balance_of(alice), first.balance_of(bob), first.replayed), (Some(7_075), Some(3_525), false));
+    // Later movements do not change what the first call answered.
+    transfers::transfer(&mut conn, &Transfer { key: testing::key("t2"), ..t.clone() }).unwrap();
+    let again = transfers::transfer(&mut conn, &t).unwrap();
+    assert!(again.replayed);
+    assert_eq!((again.entry, &again.balances), (first.entry, &first.balances));
+    let replayed_deposit = deposits::deposit(&mut conn, &dep).unwrap();
+    assert_eq!((replayed_deposit.replayed, replayed_deposit.balances), (true, receipt.balances));
+    assert_eq!(accounts::get(&mut conn, alice).unwrap().balance_minor, 4_050);
+}
+
+#[testing::test]
 fn money_parsed_in_yen_is_never_booked_in_euros() {
     // Issue 12: `Amount::parse("100", JPY)` deposited with `currency: EUR` once added
     // 1.00 EUR. A request now has one currency, its money's; a EUR account refuses yen.

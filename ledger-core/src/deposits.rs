@@ -18,12 +18,7 @@ pub struct Deposit {
     pub key: IdempotencyKey,
 }
 
-/// The result of a write: the journal entry, and whether this call replayed an earlier one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Receipt {
-    pub entry: EntryId,
-    pub replayed: bool,
-}
+pub use crate::journal::{Balance, Receipt};
 
 impl Deposit {
     fn fingerprint(&self) -> String {
@@ -37,7 +32,7 @@ pub fn deposit(conn: &mut PgConnection, req: &Deposit) -> Result<Receipt, Ledger
 
 pub fn deposit_tx(tx: &mut Tx<'_>, req: &Deposit) -> Result<Receipt, LedgerError> {
     if let Begun::Replay(id) = idempotency::begin(tx, &req.key, "deposit", &req.fingerprint())? {
-        return Ok(Receipt { entry: EntryId::from_db(id), replayed: true });
+        return Receipt::replayed(tx.conn(), EntryId::from_db(id));
     }
     let account = accounts::lock(tx, req.account)?;
     account.expect_currency(req.amount.currency())?;
@@ -56,5 +51,5 @@ pub fn deposit_tx(tx: &mut Tx<'_>, req: &Deposit) -> Result<Receipt, LedgerError
     )?;
     accounts::set_balance(tx, &account, after)?;
     idempotency::finish(tx, &req.key, entry.get())?;
-    Ok(Receipt { entry, replayed: false })
+    Ok(Receipt::created(entry, vec![Balance { account: account.id(), balance_minor: after }]))
 }

@@ -72,6 +72,57 @@ pub fn post(
     Ok(EntryId::from_db(entry_id))
 }
 
+/// A customer account's balance right after an entry (minor units of the entry's
+/// currency): every write answers with these for the accounts it touched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Balance {
+    pub account: AccountId,
+    pub balance_minor: i64,
+}
+
+/// The answer to a single write: its journal entry, whether this call replayed an
+/// earlier one, and the balances of the customer accounts it touched right after that
+/// entry (for a replay, after the first call's entry: the same answer again).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub entry: EntryId,
+    pub replayed: bool,
+    pub balances: Vec<Balance>,
+}
+
+impl Receipt {
+    /// A write just made, with the balances it wrote.
+    pub(crate) fn created(entry: EntryId, balances: Vec<Balance>) -> Receipt {
+        Receipt { entry, replayed: false, balances }
+    }
+
+    /// An earlier write, read back ([`balances_after`]).
+    pub(crate) fn replayed(conn: &mut PgConnection, entry: EntryId) -> Result<Receipt, LedgerError> {
+        Ok(Receipt { entry, replayed: true, balances: balances_after(conn, entry)? })
+    }
+
+    /// The balance of `account` right after the entry, if the write touched it.
+    pub fn balance_of(&self, account: AccountId) -> Option<i64> {
+        self.balances.iter().find(|b| b.account == account).map(|b| b.balance_minor)
+    }
+}
+
+/// The balances of the customer accounts an entry touched, right after it, by account
+/// id (its customer postings carry them). For any entry: a withdrawal's debit
+/// (`Withdrawal::entry_id`) as well as a deposit or a transfer.
+pub fn balances_after(conn: &mut PgConnection, entry: EntryId) -> Result<Vec<Balance>, LedgerError> {
+    let rows: Vec<(i64, Option<i64>)> = postings::table
+        .filter(postings::entry_id.eq(entry.get()))
+        .filter(postings::balance_after_minor.is_not_null())
+        .order(postings::account_id)
+        .select((postings::account_id, postings::balance_after_minor))
+        .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(account, after)| Some(Balance { account: AccountId::from_db(account), balance_minor: after? }))
+        .collect())
+}
+
 /// One line of an account statement.
 #[derive(Clone, Debug, PartialEq, Eq, Queryable)]
 pub struct StatementLine {

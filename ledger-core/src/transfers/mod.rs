@@ -7,11 +7,11 @@
 use diesel::pg::PgConnection;
 
 use crate::accounts;
-use crate::deposits::Receipt;
 use crate::error::LedgerError;
 use crate::idempotency::{self, Begun};
 use crate::ids::{AccountId, EntryId, IdempotencyKey};
 use crate::journal::{self, EntryKind, Leg};
+use crate::journal::{Balance, Receipt};
 use crate::money::Money;
 use crate::tx::{self, LockSet, Tx, TxOptions};
 
@@ -53,7 +53,7 @@ pub fn transfer_tx(tx: &mut Tx<'_>, req: &Transfer) -> Result<Receipt, LedgerErr
         return Err(LedgerError::SameAccount(req.from));
     }
     if let Begun::Replay(id) = idempotency::begin(tx, &req.key, "transfer", &req.fingerprint())? {
-        return Ok(Receipt { entry: EntryId::from_db(id), replayed: true });
+        return Receipt::replayed(tx.conn(), EntryId::from_db(id));
     }
     let locked = accounts::lock_many(tx, &LockSet::new().with(req.from).with(req.to))?;
     let by_id = |id: AccountId| locked.iter().find(|a| a.id() == id).expect("lock_many returns every id");
@@ -76,5 +76,10 @@ pub fn transfer_tx(tx: &mut Tx<'_>, req: &Transfer) -> Result<Receipt, LedgerErr
     accounts::set_balance(tx, source, source_after)?;
     accounts::set_balance(tx, dest, dest_after)?;
     idempotency::finish(tx, &req.key, entry.get())?;
-    Ok(Receipt { entry, replayed: false })
+    let mut balances = vec![
+        Balance { account: source.id(), balance_minor: source_after },
+        Balance { account: dest.id(), balance_minor: dest_after },
+    ];
+    balances.sort_by_key(|b| b.account);
+    Ok(Receipt::created(entry, balances))
 }

@@ -25,7 +25,7 @@ pub fn run(ctx: Ctx, args: DepositArgs) -> Result<ExitCode> {
     let balance = accounts::get(&mut conn, account)?;
     ctx.out.print(
         json!({ "entry": receipt.entry.get(), "replayed": receipt.replayed, "account": account.get(),
-                "balance": balance.balance_display() }),
+                "balance": balance.balance_display(), "balances": balances_json(&receipt, amount.currency()) }),
         || {
             format!(
                 "deposited {amount} into account {account} (entry {}{}); balance {} {}",

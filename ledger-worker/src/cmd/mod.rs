@@ -333,6 +333,15 @@ fn amount_for(conn: &mut PgConnection, account: AccountId, text: &str) -> Result
     Ok(Money::parse_for(text, currency)?)
 }
 
+/// A receipt's balances (right after its entry) as JSON, decimals in `currency`.
+fn balances_json(receipt: &deposits::Receipt, currency: Currency) -> Value {
+    receipt
+        .balances
+        .iter()
+        .map(|b| json!({ "account": b.account.get(), "balance": currency.format_minor(b.balance_minor) }))
+        .collect()
+}
+
 /// The binary's entry point: parses the command line, runs the command, and maps its
 /// result to an exit code. A failure is one line on stderr (JSON with `--json`), its
 /// exit code from [`failure`]'s table.

@@ -25,12 +25,20 @@ pub fn run(ctx: Ctx, args: TransferArgs) -> Result<ExitCode> {
     let mut conn = connect(ctx.database_url)?;
     let amount = amount_for(&mut conn, from, &amount)?;
     let receipt = transfers::transfer(&mut conn, &Transfer { from, to, amount, key })?;
-    ctx.out.print(json!({ "entry": receipt.entry.get(), "replayed": receipt.replayed }), || {
-        format!(
-            "transferred {amount} from {from} to {to} (entry {}{})",
-            receipt.entry,
-            if receipt.replayed { ", replayed" } else { "" }
-        )
-    })?;
+    let currency = amount.currency();
+    let after = |id| receipt.balance_of(id).map_or_else(|| "?".to_string(), |m| currency.format_minor(m));
+    ctx.out.print(
+        json!({ "entry": receipt.entry.get(), "replayed": receipt.replayed,
+                "balances": balances_json(&receipt, currency) }),
+        || {
+            format!(
+                "transferred {amount} from {from} to {to} (entry {}{}); balances after it: {from} {} {currency}, {to} {} {currency}",
+                receipt.entry,
+                if receipt.replayed { ", replayed" } else { "" },
+                after(from),
+                after(to)
+            )
+        },
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -134,6 +134,7 @@ fn two_thousand_crossing_transfers_never_deadlock_because_locks_are_ordered() {
                             to,
                             amount: ledger_core::Money::from_minor(cents, Currency::EUR).unwrap(),
                             key: testing::key("xfer"),
+                            metadata: None,
                         };
                         match transfers::transfer_with(&mut conn, no_retry, &req) {
                             Ok(_) => net += if from == a { cents } else { -cents },

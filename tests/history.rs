@@ -62,14 +62,14 @@ fn movements(conn: &mut PgConnection, alice: AccountId, bob: AccountId, n: usize
                 deposits::deposit(conn, &req).unwrap();
             }
             1 => {
-                let t = Transfer { from: alice, to: bob, amount: eur(&amount), key: testing::key("t") };
+                let t = Transfer { from: alice, to: bob, amount: eur(&amount), key: testing::key("t"), metadata: None };
                 transfers::transfer(conn, &t).unwrap();
             }
             2 => {
                 withdrawals::withdraw(conn, &withdrawal(alice, &amount, "w")).unwrap();
             }
             _ => {
-                let t = Transfer { from: bob, to: alice, amount: eur("0.50"), key: testing::key("t") };
+                let t = Transfer { from: bob, to: alice, amount: eur("0.50"), key: testing::key("t"), metadata: None };
                 transfers::transfer(conn, &t).unwrap();
             }
         }

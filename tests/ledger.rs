@@ -28,8 +28,11 @@ fn deposit_transfer_and_withdraw_move_money_in_balanced_entries() {
     testing::with_rollback(|conn| {
         let alice = testing::funded_account(conn, "alice", Currency::EUR, "100.00");
         let bob = testing::funded_account(conn, "bob", Currency::EUR, "5.00");
-        transfers::transfer(conn, &Transfer { from: alice, to: bob, amount: eur("30.25"), key: testing::key("t") })
-            .unwrap();
+        transfers::transfer(
+            conn,
+            &Transfer { from: alice, to: bob, amount: eur("30.25"), key: testing::key("t"), metadata: None },
+        )
+        .unwrap();
         let w = withdrawals::withdraw(conn, &withdrawal(bob, "10.00", "w")).unwrap();
         assert_eq!(w.status, WithdrawalStatus::PayingOut);
         assert_eq!(balance(conn, alice), 6975);
@@ -51,7 +54,11 @@ fn a_statement_shows_each_posting_with_its_running_balance() {
         let a = testing::funded_account(conn, "a", Currency::EUR, "10.00");
         let b = testing::funded_account(conn, "b", Currency::EUR, "0.01");
         deposits::deposit(conn, &deposit_req(a, "2.50")).unwrap();
-        transfers::transfer(conn, &Transfer { from: a, to: b, amount: eur("7.00"), key: testing::key("t") }).unwrap();
+        transfers::transfer(
+            conn,
+            &Transfer { from: a, to: b, amount: eur("7.00"), key: testing::key("t"), metadata: None },
+        )
+        .unwrap();
         let lines = ledger_core::journal::statement(conn, a, 100).unwrap();
         use ledger_core::journal::EntryKind;
         let got: Vec<(EntryKind, i64, i64)> =
@@ -189,7 +196,7 @@ fn every_write_answers_with_the_balances_right_after_it_also_when_replayed() {
     let dep = deposit_req(alice, "1.00");
     let receipt = deposits::deposit(&mut conn, &dep).unwrap();
     assert_eq!(receipt.balances, vec![deposits::Balance { account: alice, balance_minor: 10_100 }]);
-    let t = Transfer { from: alice, to: bob, amount: eur("30.25"), key: testing::key("t") };
+    let t = Transfer { from: alice, to: bob, amount: eur("30.25"), key: testing::key("t"), metadata: None };
     let first = transfers::transfer(&mut conn, &t).unwrap();
     assert_eq!((first.balance_of(alice), first.balance_of(bob), first.replayed), (Some(7_075), Some(3_525), false));
     // Later movements do not change what the first call answered.
@@ -215,7 +222,7 @@ fn money_parsed_in_yen_is_never_booked_in_euros() {
         deposits::deposit(c, &Deposit { account: alice, amount: yen, key: testing::key("jpy") }).map(drop)
     });
     assert!(matches!(&e, LedgerError::CurrencyMismatch { request_currency, .. } if request_currency == "JPY"), "{e}");
-    let transfer = Transfer { from: alice, to: bob, amount: yen, key: testing::key("jpy") };
+    let transfer = Transfer { from: alice, to: bob, amount: yen, key: testing::key("jpy"), metadata: None };
     let e = refused(&mut conn, |c| transfers::transfer(c, &transfer).map(drop));
     assert!(matches!(e, LedgerError::CurrencyMismatch { .. }), "{e}");
     let before = testing::snapshot(&mut conn);
@@ -268,8 +275,11 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     let e = refused(&mut conn, |c| deposits::deposit(c, &deposit_req(usd_acct, "1.00")).map(drop));
     assert!(matches!(e, LedgerError::CurrencyMismatch { .. }), "{e}");
     let e = refused(&mut conn, |c| {
-        transfers::transfer(c, &Transfer { from: eur_acct, to: usd_acct, amount: eur("1.00"), key: testing::key("t") })
-            .map(drop)
+        transfers::transfer(
+            c,
+            &Transfer { from: eur_acct, to: usd_acct, amount: eur("1.00"), key: testing::key("t"), metadata: None },
+        )
+        .map(drop)
     });
     assert!(matches!(e, LedgerError::CurrencyMismatch { .. }), "{e}");
     let e = refused(&mut conn, |c| withdrawals::withdraw(c, &withdrawal(eur_acct, "100.01", "w")).map(drop));
@@ -283,8 +293,11 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     let e = refused(&mut conn, |c| deposits::deposit(c, &deposit_req(rich, "1.00")).map(drop));
     assert!(matches!(e, LedgerError::BalanceOverflow(_)), "{e}");
     let e = refused(&mut conn, |c| {
-        transfers::transfer(c, &Transfer { from: eur_acct, to: eur_acct, amount: eur("1.00"), key: testing::key("t") })
-            .map(drop)
+        transfers::transfer(
+            c,
+            &Transfer { from: eur_acct, to: eur_acct, amount: eur("1.00"), key: testing::key("t"), metadata: None },
+        )
+        .map(drop)
     });
     assert!(matches!(e, LedgerError::SameAccount(_)), "{e}");
     let e = refused(&mut conn, |c| accounts::open(c, &NewAccount::new("", Currency::EUR), None).map(drop));

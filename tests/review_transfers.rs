@@ -15,7 +15,7 @@ use ledger_core::{AccountId, Currency, IdempotencyKey, LedgerError, TxOptions};
 use ledger_testdb as testing;
 
 fn t(from: AccountId, to: AccountId, amount: &str, key: &IdempotencyKey) -> Transfer {
-    Transfer { from, to, amount: eur(amount), key: key.clone() }
+    Transfer { from, to, amount: eur(amount), key: key.clone(), metadata: None }
 }
 
 fn code(r: &TransferResult) -> &'static str {

@@ -15,7 +15,7 @@ use ledger_core::{AccountId, Currency, IdempotencyKey, LedgerError, Money, TxOpt
 use ledger_testdb as testing;
 
 fn t(from: AccountId, to: AccountId, amount: &str, key: &IdempotencyKey) -> Transfer {
-    Transfer { from, to, amount: eur(amount), key: key.clone() }
+    Transfer { from, to, amount: eur(amount), key: key.clone(), metadata: None }
 }
 
 fn code(r: &TransferResult) -> &'static str {
@@ -123,8 +123,13 @@ fn a_batch_too_large_or_in_another_currency_is_refused_and_changes_nothing() {
         let err = transfers::create_batch(conn, &big).unwrap_err();
         assert_eq!(err.code(), "invalid_input", "{err}");
         // A transfer in a currency neither account holds is refused on its own.
-        let yen =
-            Transfer { from: a, to: b, amount: Money::parse("100", Currency::JPY).unwrap(), key: testing::key("jpy") };
+        let yen = Transfer {
+            from: a,
+            to: b,
+            amount: Money::parse("100", Currency::JPY).unwrap(),
+            key: testing::key("jpy"),
+            metadata: None,
+        };
         let results = transfers::create_batch(conn, &[Item::single(yen)]).unwrap();
         assert_eq!(code(&results[0]), "currency_mismatch");
         assert_eq!(testing::snapshot(conn), before, "nothing was written");
@@ -160,7 +165,7 @@ fn concurrent_batches_over_shared_accounts_and_keys_never_deadlock_or_lose_money
                             }
                             let amount = Money::from_minor(rng.i64(1..=2_000), Currency::EUR).unwrap();
                             let key = IdempotencyKey::new(format!("cb-{pair}-{round}-{i}")).unwrap();
-                            let transfer = Transfer { from, to, amount, key };
+                            let transfer = Transfer { from, to, amount, key, metadata: None };
                             if i % 10 == 9 {
                                 Item::linked(transfer)
                             } else {
@@ -234,4 +239,63 @@ fn concurrent_batches_over_shared_accounts_and_keys_never_deadlock_or_lose_money
         assert!(expected[a] >= 0, "no account went below its floor");
     }
     assert_audit_clean(&mut setup);
+}
+
+#[testing::test]
+fn metadata_is_stored_with_a_transfer_and_returned_with_it() {
+    use ledger_core::history;
+    use ledger_core::metadata::Metadata;
+    testing::with_rollback(|conn| {
+        let a = testing::funded_account(conn, "a", Currency::EUR, "100.00");
+        let b = testing::funded_account(conn, "b", Currency::EUR, "0.00");
+        let meta = Metadata::parse(r#"{"order": 7, "note": "rent"}"#).unwrap();
+        let single_key = testing::key("m");
+        let single = t(a, b, "1.00", &single_key).with_metadata(meta.clone());
+        let receipt = transfers::transfer(conn, &single).unwrap();
+        let batch_key = testing::key("mb");
+        let batched = t(a, b, "2.00", &batch_key).with_metadata(Metadata::parse(r#"{"order": 8}"#).unwrap());
+        let results =
+            transfers::create_batch(conn, &[batched.into(), t(a, b, "3.00", &testing::key("plain")).into()]).unwrap();
+        let (batch_entry, plain_entry) = (results[0].entry().unwrap(), results[1].entry().unwrap());
+
+        let got = transfers::get(conn, receipt.entry).unwrap();
+        assert_eq!((got.from, got.to, got.amount, got.metadata.as_ref()), (a, b, eur("1.00"), Some(&meta)));
+        assert_eq!(got.key, single_key.as_str());
+        assert_eq!(transfers::get(conn, batch_entry).unwrap().metadata.unwrap().to_value()["order"], 8);
+        assert_eq!(transfers::get(conn, plain_entry).unwrap().metadata, None);
+        let lines = history::page(conn, b, None, 10).unwrap();
+        let metas: Vec<Option<String>> = lines.iter().map(|l| l.metadata.as_ref().map(|m| m.to_string())).collect();
+        assert_eq!(metas, vec![Some(r#"{"note":"rent","order":7}"#.into()), Some(r#"{"order":8}"#.into()), None]);
+
+        // The same object in another key order is the same request: a replay.
+        let reordered =
+            t(a, b, "1.00", &single_key).with_metadata(Metadata::parse(r#"{"note":"rent","order":7}"#).unwrap());
+        let again = transfers::transfer(conn, &reordered).unwrap();
+        assert!(again.replayed && again.entry == receipt.entry);
+        // Other metadata under the same key is another request: a conflict, nothing written.
+        let other = t(a, b, "1.00", &single_key).with_metadata(Metadata::parse(r#"{"order": 9}"#).unwrap());
+        assert!(matches!(transfers::transfer(conn, &other), Err(LedgerError::IdempotencyConflict { .. })));
+        let without = t(a, b, "1.00", &single_key);
+        assert!(matches!(transfers::transfer(conn, &without), Err(LedgerError::IdempotencyConflict { .. })));
+        // A deposit's entry is not a transfer.
+        let deposit_entry = history::page(conn, a, None, 1).unwrap()[0].entry_id;
+        assert!(matches!(transfers::get(conn, deposit_entry), Err(LedgerError::UnknownTransfer(_))));
+        assert_eq!(balance(conn, b), 600);
+    });
+}
+
+#[testing::test]
+fn the_database_refuses_metadata_that_is_not_a_small_json_object() {
+    use diesel::connection::SimpleConnection;
+    testing::with_rollback(|conn| {
+        for bad in ["'[1]'", "'7'", "'not json'", &format!("'{{\"a\":\"{}\"}}'", "x".repeat(5000))] {
+            let sql = format!("SAVEPOINT m; INSERT INTO journal_entries (kind, metadata) VALUES ('transfer', {bad})");
+            let e = conn.batch_execute(&sql).expect_err(bad);
+            assert!(
+                e.to_string().contains("journal_entries_metadata_object") || e.to_string().contains("json"),
+                "{bad}: {e}"
+            );
+            conn.batch_execute("ROLLBACK TO SAVEPOINT m").unwrap();
+        }
+    });
 }

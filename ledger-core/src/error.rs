@@ -3,7 +3,7 @@
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
-use crate::ids::{AccountId, PayoutId, WithdrawalId};
+use crate::ids::{AccountId, EntryId, PayoutId, WithdrawalId};
 pub use crate::input::InvalidInput;
 use crate::money::Currency;
 use crate::sqlstate::{self, SqlState};
@@ -61,6 +61,9 @@ pub enum LedgerError {
     LinkedChainOpen,
     #[error("unknown withdrawal {0}")]
     UnknownWithdrawal(WithdrawalId),
+    /// No transfer was written under this journal entry.
+    #[error("no transfer has entry {0}")]
+    UnknownTransfer(EntryId),
     #[error("unknown payout {0}")]
     UnknownPayout(PayoutId),
     /// The payout is not in a state that allows the operation (not failed, its last call
@@ -193,6 +196,7 @@ impl LedgerError {
             LedgerError::LinkedItemFailed { .. } => "linked_item_failed",
             LedgerError::LinkedChainOpen => "linked_chain_open",
             LedgerError::UnknownWithdrawal(_) => "unknown_withdrawal",
+            LedgerError::UnknownTransfer(_) => "unknown_transfer",
             LedgerError::UnknownPayout(_) => "unknown_payout",
             LedgerError::PayoutState { .. } => "payout_state",
             LedgerError::BalanceOverflow(_) => "balance_overflow",

@@ -30,6 +30,7 @@ use crate::error::LedgerError;
 use crate::ids::{AccountId, EntryId};
 use crate::input::InvalidInput;
 use crate::journal::EntryKind;
+use crate::metadata::Metadata;
 use crate::money::Currency;
 use crate::tx::{self, TxOptions};
 
@@ -68,6 +69,8 @@ pub struct HistoryLine {
     pub kind: EntryKind,
     /// The entry's reference as stored (what it was for), if any.
     pub reference: Option<String>,
+    /// The caller's metadata on the entry (a transfer's), if any.
+    pub metadata: Option<Metadata>,
     pub currency: Currency,
     /// Signed: positive raised the balance.
     pub amount_minor: i64,
@@ -100,7 +103,7 @@ pub struct BalanceAt {
 pub const PAGE_SQL: &str = "
     SELECT s.minor AS seed_minor,
            p.id AS posting_id, p.entry_id, p.currency, p.amount_minor,
-           e.kind, e.reference,
+           e.kind, e.reference, e.metadata,
            (EXTRACT(EPOCH FROM e.created_at) * 1000000)::int8 AS created_us
     FROM accounts a
     CROSS JOIN (SELECT COALESCE(
@@ -131,6 +134,8 @@ struct PageRow {
     kind: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
     reference: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    metadata: Option<String>,
     #[diesel(sql_type = Nullable<BigInt>)]
     created_us: Option<i64>,
 }
@@ -174,6 +179,7 @@ pub fn page(
             kind: EntryKind::parse(&kind)
                 .ok_or_else(|| LedgerError::Inconsistent(format!("unknown entry kind {kind:?}")))?,
             reference: row.reference,
+            metadata: row.metadata.map(Metadata::from_stored).transpose()?,
             currency: Currency::from_code(&currency)?,
             amount_minor,
             balance_after_minor: balance,
@@ -231,7 +237,7 @@ fn by_index<T>(
     tx::transaction(conn, &TxOptions::default(), |tx| tx::with_batch_plans(tx, |tx| read(tx.conn())))
 }
 
-fn from_unix_micros(us: i64) -> SystemTime {
+pub(crate) fn from_unix_micros(us: i64) -> SystemTime {
     let magnitude = Duration::from_micros(us.unsigned_abs());
     if us >= 0 {
         UNIX_EPOCH + magnitude

@@ -5,6 +5,7 @@ use diesel::prelude::*;
 
 use crate::error::LedgerError;
 use crate::ids::{AccountId, EntryId};
+use crate::metadata::Metadata;
 use crate::money::Currency;
 use crate::schema::{journal_entries, postings};
 use crate::tx::Tx;
@@ -45,6 +46,18 @@ pub fn post(
     currency: Currency,
     legs: &[Leg],
 ) -> Result<EntryId, LedgerError> {
+    post_with(tx, kind, reference, None, currency, legs)
+}
+
+/// [`post`], with the caller's metadata on the entry.
+pub fn post_with(
+    tx: &mut Tx<'_>,
+    kind: EntryKind,
+    reference: Option<&str>,
+    metadata: Option<&Metadata>,
+    currency: Currency,
+    legs: &[Leg],
+) -> Result<EntryId, LedgerError> {
     // Programmer errors, not operating errors: callers build legs from checked amounts.
     assert!(legs.len() >= 2, "an entry needs at least two legs");
     assert!(legs.iter().all(|l| l.amount_minor != 0), "zero legs are meaningless");
@@ -52,7 +65,11 @@ pub fn post(
     assert_eq!(total, Some(0), "entry legs must sum to zero: {legs:?}");
 
     let entry_id: i64 = diesel::insert_into(journal_entries::table)
-        .values((journal_entries::kind.eq(kind.as_str()), journal_entries::reference.eq(reference)))
+        .values((
+            journal_entries::kind.eq(kind.as_str()),
+            journal_entries::reference.eq(reference),
+            journal_entries::metadata.eq(metadata.map(Metadata::as_str)),
+        ))
         .returning(journal_entries::id)
         .get_result(tx.conn())?;
     let rows: Vec<_> = legs

@@ -12,7 +12,7 @@
 //! # Layout
 //!
 //! - Values: [`money`] (amounts, currencies), [`ids`], [`input`] (bad input, refused
-//!   before the database is touched).
+//!   before the database is touched), [`metadata`] (a caller's JSON object on a transfer).
 //! - Storage primitives: [`db`] (pools, sessions), [`tx`] (transactions, savepoints,
 //!   ordered lock sets, batch plans), [`columns`] (how ids, currencies and status enums
 //!   are stored), `prepared` (statements kept prepared), [`accounts`], [`journal`],
@@ -46,6 +46,7 @@ pub mod ids;
 pub mod input;
 pub mod journal;
 pub mod locks;
+pub mod metadata;
 pub mod money;
 pub mod outbox;
 pub mod payouts;

@@ -38,6 +38,7 @@ diesel::table! {
         kind -> Text,
         reference -> Nullable<Text>,
         created_at -> Timestamptz,
+        metadata -> Nullable<Text>,
     }
 }
 

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Text};
+use diesel::sql_types::{Array, BigInt, Nullable, Text};
 
 use crate::accounts;
 use crate::batch::{self, Item};
@@ -210,6 +210,7 @@ fn write(
         .bind::<Array<BigInt>, _>(&balance_ids)
         .bind::<Array<BigInt>, _>(&balance_values)
         .bind::<Array<Text>, _>(unused_keys)
+        .bind::<Array<Nullable<Text>>, _>(&cols.metadata)
         .get_result(tx.conn())?;
     // Pair what was written with what was planned (assertions, not hopes).
     let created = cols.keys.len();
@@ -232,6 +233,7 @@ struct Columns {
     amount: Vec<i64>,
     from_after: Vec<i64>,
     to_after: Vec<i64>,
+    metadata: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -244,5 +246,6 @@ impl Columns {
         self.amount.push(t.amount.minor());
         self.from_after.push(from_after);
         self.to_after.push(to_after);
+        self.metadata.push(t.metadata.as_ref().map(|m| m.as_str().to_string()));
     }
 }

@@ -12,7 +12,9 @@ use crate::idempotency::{self, Begun};
 use crate::ids::{AccountId, EntryId, IdempotencyKey};
 use crate::journal::{self, EntryKind, Leg};
 use crate::journal::{Balance, Receipt};
+use crate::metadata::Metadata;
 use crate::money::Money;
+use crate::schema::{journal_entries, postings};
 use crate::tx::{self, LockSet, Tx, TxOptions};
 
 mod batch;
@@ -27,14 +29,86 @@ pub struct Transfer {
     /// How much, in which currency; the accounts must hold that currency.
     pub amount: Money,
     pub key: IdempotencyKey,
+    /// The caller's JSON object, stored on the transfer's entry and returned with it.
+    pub metadata: Option<Metadata>,
 }
 
 impl Transfer {
-    /// The request as its idempotency key remembers it: the same key with another
-    /// fingerprint is a conflict.
-    pub(crate) fn fingerprint(&self) -> String {
-        format!("from={}|to={}|amount={}|currency={}", self.from, self.to, self.amount.minor(), self.amount.currency())
+    /// A transfer without metadata.
+    pub fn new(from: AccountId, to: AccountId, amount: Money, key: IdempotencyKey) -> Transfer {
+        Transfer { from, to, amount, key, metadata: None }
     }
+
+    /// The same transfer with `metadata` on its entry.
+    pub fn with_metadata(mut self, metadata: Metadata) -> Transfer {
+        self.metadata = Some(metadata);
+        self
+    }
+
+    /// The request as its idempotency key remembers it: the same key with another
+    /// fingerprint is a conflict. Metadata is part of the request; without it the
+    /// fingerprint is what it was before metadata existed, so keys used then still match.
+    pub(crate) fn fingerprint(&self) -> String {
+        let mut text = format!(
+            "from={}|to={}|amount={}|currency={}",
+            self.from,
+            self.to,
+            self.amount.minor(),
+            self.amount.currency()
+        );
+        if let Some(m) = &self.metadata {
+            text.push_str("|metadata=");
+            text.push_str(m.as_str());
+        }
+        text
+    }
+}
+
+/// A transfer as written, read back by its entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferRecord {
+    pub entry: EntryId,
+    pub from: AccountId,
+    pub to: AccountId,
+    pub amount: Money,
+    /// The caller's idempotency key, as the entry's reference remembers it.
+    pub key: String,
+    pub metadata: Option<Metadata>,
+    /// When the entry was written (its transaction's start).
+    pub created_at: std::time::SystemTime,
+}
+
+/// The transfer written under `entry` (from a [`Receipt`] or a [`TransferResult`]), with
+/// its metadata. Another kind of entry, or none, is [`LedgerError::UnknownTransfer`].
+pub fn get(conn: &mut PgConnection, entry: EntryId) -> Result<TransferRecord, LedgerError> {
+    use diesel::prelude::*;
+    let unknown = || LedgerError::UnknownTransfer(entry);
+    let created_us = diesel::dsl::sql::<diesel::sql_types::BigInt>("(EXTRACT(EPOCH FROM created_at) * 1000000)::int8");
+    let (reference, metadata, created_us): (Option<String>, Option<String>, i64) = journal_entries::table
+        .filter(journal_entries::id.eq(entry.get()))
+        .filter(journal_entries::kind.eq(EntryKind::Transfer.as_str()))
+        .select((journal_entries::reference, journal_entries::metadata, created_us))
+        .first(conn)
+        .optional()?
+        .ok_or_else(unknown)?;
+    let legs: Vec<(i64, String, i64)> = postings::table
+        .filter(postings::entry_id.eq(entry.get()))
+        .select((postings::account_id, postings::currency, postings::amount_minor))
+        .load(conn)?;
+    let inconsistent = || LedgerError::Inconsistent(format!("transfer entry {entry} has not one debit and one credit"));
+    let [(a, currency, a_minor), (b, _, b_minor)] = <[_; 2]>::try_from(legs).map_err(|_| inconsistent())?;
+    let ((from, _), (to, to_minor)) =
+        if a_minor < 0 { ((a, a_minor), (b, b_minor)) } else { ((b, b_minor), (a, a_minor)) };
+    let currency = crate::money::Currency::from_code(&currency)?;
+    Ok(TransferRecord {
+        entry,
+        from: AccountId::from_db(from),
+        to: AccountId::from_db(to),
+        amount: Money::from_minor(to_minor, currency).map_err(|_| inconsistent())?,
+        key: reference.as_deref().and_then(|r| r.strip_prefix("transfer:")).unwrap_or_default().to_string(),
+        metadata: metadata.map(Metadata::from_stored).transpose()?,
+        created_at: crate::history::from_unix_micros(created_us),
+    })
 }
 
 pub fn transfer(conn: &mut PgConnection, req: &Transfer) -> Result<Receipt, LedgerError> {
@@ -63,10 +137,11 @@ pub fn transfer_tx(tx: &mut Tx<'_>, req: &Transfer) -> Result<Receipt, LedgerErr
     let source_after = source.balance_after_debit(req.amount.amount())?;
     let dest_after = dest.balance_after_credit(req.amount.amount())?;
     let reference = format!("transfer:{}", req.key);
-    let entry = journal::post(
+    let entry = journal::post_with(
         tx,
         EntryKind::Transfer,
         Some(&reference),
+        req.metadata.as_ref(),
         req.amount.currency(),
         &[
             Leg { account: source.id(), amount_minor: -req.amount.minor(), balance_after_minor: Some(source_after) },

@@ -44,6 +44,7 @@ fn items(rows: &[Row]) -> Vec<Item<Transfer>> {
                 to: AccountId::from_db(to),
                 amount: Money::from_minor(amount, Currency::EUR).unwrap(),
                 key: IdempotencyKey::new(key).unwrap(),
+                metadata: None,
             },
             linked,
         })

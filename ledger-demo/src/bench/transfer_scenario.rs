@@ -104,5 +104,6 @@ fn random_transfer(accounts: &[AccountId], i: usize) -> Result<Transfer> {
         to,
         amount: Money::from_minor(fastrand::i64(100..=1_000), Currency::EUR)?,
         key: IdempotencyKey::new(format!("bench-t-{i}"))?,
+        metadata: None,
     })
 }

@@ -129,6 +129,7 @@ fn history_json(l: &HistoryLine) -> Value {
         "created_at": history::format_rfc3339(l.created_at),
         "kind": l.kind.as_str(),
         "reference": l.reference,
+        "metadata": l.metadata.as_ref().map(|m| m.to_value()),
         "amount": l.currency.format_minor(l.amount_minor),
         "balance_after": l.currency.format_minor(l.balance_after_minor),
         "currency": l.currency.code(),

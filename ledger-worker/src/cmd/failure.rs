@@ -162,6 +162,7 @@ fn of_ledger(e: &LedgerError) -> Failure {
         }
         LedgerError::UnknownAccount(id) => Failure::new("not_found", EXIT_REFUSED).id(id.get()).field("account"),
         LedgerError::UnknownWithdrawal(id) => Failure::new("not_found", EXIT_REFUSED).id(id.get()).field("withdrawal"),
+        LedgerError::UnknownTransfer(id) => Failure::new("not_found", EXIT_REFUSED).id(id.get()).field("transfer"),
         LedgerError::UnknownPayout(id) => Failure::new("not_found", EXIT_REFUSED).id(id.get()).field("payout"),
         LedgerError::AccountClosed(id)
         | LedgerError::SystemAccount(id)

@@ -24,7 +24,7 @@ pub fn run(ctx: Ctx, args: TransferArgs) -> Result<ExitCode> {
     let (from, to, key) = (account_id(from)?, account_id(to)?, IdempotencyKey::new(key)?);
     let mut conn = connect(ctx.database_url)?;
     let amount = amount_for(&mut conn, from, &amount)?;
-    let receipt = transfers::transfer(&mut conn, &Transfer { from, to, amount, key })?;
+    let receipt = transfers::transfer(&mut conn, &Transfer { from, to, amount, key, metadata: None })?;
     let currency = amount.currency();
     let after = |id| receipt.balance_of(id).map_or_else(|| "?".to_string(), |m| currency.format_minor(m));
     ctx.out.print(

@@ -237,9 +237,8 @@ fn money_parsed_in_yen_is_never_booked_in_euros() {
     assert!(eur("1.00").checked_add(yen).is_err());
 }
 
-#[testing::test]
-fn bad_input_gets_a_typed_error_and_changes_nothing() {
-    // Values that cannot even be built never reach the database.
+/// Values that cannot even be built never reach the database.
+fn assert_unbuildable_inputs_are_refused() {
     assert!(matches!(Amount::parse("-5.00", Currency::EUR), Err(InvalidInput::NonPositiveAmount(_))));
     assert!(matches!(Amount::parse("0", Currency::EUR), Err(InvalidInput::NonPositiveAmount(_))));
     assert!(matches!(Amount::parse("50.001", Currency::EUR), Err(InvalidInput::OverPreciseAmount { .. })));
@@ -247,15 +246,13 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     assert!(matches!(Amount::parse("99999999999999999999.00", Currency::EUR), Err(InvalidInput::AmountOverflow(_))));
     assert!(Iban::parse("DE00370400440532013000").is_err());
     assert!(IdempotencyKey::new("").is_err());
+}
 
-    let db = testing::committed();
-    let mut conn = db.conn();
-    let eur_acct = testing::funded_account(&mut conn, "eur", Currency::EUR, "100.00");
-    let usd_acct = testing::funded_account(&mut conn, "usd", Currency::USD, "100.00");
-    let rich = accounts::open(&mut conn, &NewAccount::new("rich", Currency::EUR), None).unwrap().id;
-    // A balance near i64::MAX, so one more deposit would overflow.
+/// An EUR account with a balance near i64::MAX, so one more deposit would overflow.
+fn nearly_overflowing_account(conn: &mut PgConnection) -> AccountId {
+    let rich = accounts::open(conn, &NewAccount::new("rich", Currency::EUR), None).unwrap().id;
     deposits::deposit(
-        &mut conn,
+        conn,
         &Deposit {
             account: rich,
             amount: Money::from_minor(i64::MAX - 10, Currency::EUR).unwrap(),
@@ -263,6 +260,37 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
         },
     )
     .unwrap();
+    rich
+}
+
+/// 1.00 EUR from `from` to `to`, under a fresh key.
+fn one_eur_transfer(from: AccountId, to: AccountId) -> Transfer {
+    Transfer::new(from, to, eur("1.00"), testing::key("t"))
+}
+
+/// A key reused for a different request: conflict, and the first result stands.
+fn assert_a_reused_key_conflicts(conn: &mut PgConnection, account: AccountId) {
+    let mut req = deposit_req(account, "1.00");
+    deposits::deposit(conn, &req).unwrap();
+    req.amount = eur("2.00");
+    let e = refused(conn, |c| deposits::deposit(c, &req).map(drop));
+    assert!(matches!(e, LedgerError::IdempotencyConflict { .. }), "{e}");
+    let w = withdrawal(account, "1.00", "w");
+    let mut other = w.clone();
+    other.key = req.key.clone();
+    let e = refused(conn, |c| withdrawals::withdraw(c, &other).map(drop));
+    assert!(matches!(e, LedgerError::IdempotencyConflict { .. }), "{e}");
+}
+
+#[testing::test]
+fn bad_input_gets_a_typed_error_and_changes_nothing() {
+    assert_unbuildable_inputs_are_refused();
+
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let eur_acct = testing::funded_account(&mut conn, "eur", Currency::EUR, "100.00");
+    let usd_acct = testing::funded_account(&mut conn, "usd", Currency::USD, "100.00");
+    let rich = nearly_overflowing_account(&mut conn);
     let unknown = AccountId::new(999_999).unwrap();
     let closed = accounts::open(&mut conn, &NewAccount::new("gone", Currency::EUR), None).unwrap().id;
     accounts::close(&mut conn, closed).unwrap();
@@ -274,13 +302,7 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     assert!(matches!(e, LedgerError::UnknownAccount(_)));
     let e = refused(&mut conn, |c| deposits::deposit(c, &deposit_req(usd_acct, "1.00")).map(drop));
     assert!(matches!(e, LedgerError::CurrencyMismatch { .. }), "{e}");
-    let e = refused(&mut conn, |c| {
-        transfers::transfer(
-            c,
-            &Transfer { from: eur_acct, to: usd_acct, amount: eur("1.00"), key: testing::key("t"), metadata: None },
-        )
-        .map(drop)
-    });
+    let e = refused(&mut conn, |c| transfers::transfer(c, &one_eur_transfer(eur_acct, usd_acct)).map(drop));
     assert!(matches!(e, LedgerError::CurrencyMismatch { .. }), "{e}");
     let e = refused(&mut conn, |c| withdrawals::withdraw(c, &withdrawal(eur_acct, "100.01", "w")).map(drop));
     assert!(matches!(e, LedgerError::InsufficientFunds { balance_minor: 10000, requested_minor: 10001, .. }), "{e}");
@@ -292,13 +314,7 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     assert!(matches!(e, LedgerError::SystemAccount(_)), "{e}");
     let e = refused(&mut conn, |c| deposits::deposit(c, &deposit_req(rich, "1.00")).map(drop));
     assert!(matches!(e, LedgerError::BalanceOverflow(_)), "{e}");
-    let e = refused(&mut conn, |c| {
-        transfers::transfer(
-            c,
-            &Transfer { from: eur_acct, to: eur_acct, amount: eur("1.00"), key: testing::key("t"), metadata: None },
-        )
-        .map(drop)
-    });
+    let e = refused(&mut conn, |c| transfers::transfer(c, &one_eur_transfer(eur_acct, eur_acct)).map(drop));
     assert!(matches!(e, LedgerError::SameAccount(_)), "{e}");
     let e = refused(&mut conn, |c| accounts::open(c, &NewAccount::new("", Currency::EUR), None).map(drop));
     assert!(matches!(e, LedgerError::Invalid(InvalidInput::BadField { field: "owner", .. })), "{e}");
@@ -307,17 +323,7 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     });
     assert!(matches!(e, LedgerError::Invalid(_)), "{e}");
 
-    // A key reused for a different request: conflict, and the first result stands.
-    let mut req = deposit_req(eur_acct, "1.00");
-    deposits::deposit(&mut conn, &req).unwrap();
-    req.amount = eur("2.00");
-    let e = refused(&mut conn, |c| deposits::deposit(c, &req).map(drop));
-    assert!(matches!(e, LedgerError::IdempotencyConflict { .. }), "{e}");
-    let w = withdrawal(eur_acct, "1.00", "w");
-    let mut other = w.clone();
-    other.key = req.key.clone();
-    let e = refused(&mut conn, |c| withdrawals::withdraw(c, &other).map(drop));
-    assert!(matches!(e, LedgerError::IdempotencyConflict { .. }), "{e}");
+    assert_a_reused_key_conflicts(&mut conn, eur_acct);
     assert_audit_clean(&mut conn);
 }
 

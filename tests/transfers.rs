@@ -136,27 +136,20 @@ fn a_batch_too_large_or_in_another_currency_is_refused_and_changes_nothing() {
     });
 }
 
-/// Threads send batches over the same few accounts at once, in opposite orders and
-/// sharing keys, each on its own connection with real commits. Account locks (sorted)
-/// and key claims (sorted) keep them from deadlocking; the row locks keep every
-/// balance exact.
-#[testing::test]
-fn concurrent_batches_over_shared_accounts_and_keys_never_deadlock_or_lose_money() {
-    const THREADS: usize = 4;
-    const ROUNDS: usize = 15;
-    const PER_BATCH: usize = 100;
-    let db = testing::committed();
-    let mut setup = db.conn();
-    let accounts: Vec<AccountId> =
-        (0..8).map(|i| testing::funded_account(&mut setup, &format!("acct{i}"), Currency::EUR, "50.00")).collect();
-    // Keys shared by thread pairs: thread 2k and 2k+1 send the same transfers, one
-    // forward and one in reverse order, so each waits on keys the other claimed.
-    let plans: Vec<Vec<Vec<Item<Transfer>>>> = (0..THREADS / 2)
+/// Per thread pair, `rounds` batches of `per_batch` random transfers between
+/// `accounts`, every tenth linked to the next, keyed by pair, round and place.
+fn shared_key_plans(
+    accounts: &[AccountId],
+    pairs: usize,
+    rounds: usize,
+    per_batch: usize,
+) -> Vec<Vec<Vec<Item<Transfer>>>> {
+    (0..pairs)
         .map(|pair| {
             let mut rng = fastrand::Rng::with_seed(pair as u64);
-            (0..ROUNDS)
+            (0..rounds)
                 .map(|round| {
-                    (0..PER_BATCH)
+                    (0..per_batch)
                         .map(|i| {
                             let from = accounts[rng.usize(..accounts.len())];
                             let mut to = accounts[rng.usize(..accounts.len())];
@@ -176,38 +169,35 @@ fn concurrent_batches_over_shared_accounts_and_keys_never_deadlock_or_lose_money
                 })
                 .collect()
         })
-        .collect();
-    let start = Barrier::new(THREADS);
-    let results: Vec<Vec<(Transfer, TransferResult)>> = thread::scope(|s| {
-        let handles: Vec<_> = (0..THREADS)
-            .map(|n| {
-                let (start, plan, db) = (&start, &plans[n / 2], &db);
-                s.spawn(move || {
-                    let mut conn = db.conn();
-                    start.wait();
-                    let mut out = Vec::new();
-                    for batch in plan {
-                        let mut batch = batch.clone();
-                        if n % 2 == 1 {
-                            // Reversed, the chains are re-linked the other way round.
-                            batch.reverse();
-                            let links: Vec<bool> = batch.iter().map(|i| i.linked).collect();
-                            for (i, item) in batch.iter_mut().enumerate() {
-                                item.linked = i + 1 < links.len() && links[i + 1];
-                            }
-                        }
-                        // No retries: a deadlock would fail the batch, and the test.
-                        let results = transfers::create_batch_with(&mut conn, &TxOptions::no_retry(), &batch)
-                            .unwrap_or_else(|e| panic!("thread {n}: a batch failed as a whole: {e}"));
-                        out.extend(batch.into_iter().map(|i| i.request).zip(results));
-                    }
-                    out
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("a batch thread panicked")).collect()
-    });
-    // Every key was created exactly once; its twin either replayed it or was refused.
+        .collect()
+}
+
+/// Thread `n`'s batches, in turn with no retries (a deadlock would fail the batch, and
+/// the test); an odd thread sends each batch reversed, its chains re-linked the other
+/// way round. Every request with its result.
+fn send_batches(conn: &mut PgConnection, n: usize, plan: &[Vec<Item<Transfer>>]) -> Vec<(Transfer, TransferResult)> {
+    let mut out = Vec::new();
+    for batch in plan {
+        let mut batch = batch.clone();
+        if n % 2 == 1 {
+            batch.reverse();
+            let links: Vec<bool> = batch.iter().map(|i| i.linked).collect();
+            for (i, item) in batch.iter_mut().enumerate() {
+                item.linked = i + 1 < links.len() && links[i + 1];
+            }
+        }
+        let results = transfers::create_batch_with(conn, &TxOptions::no_retry(), &batch)
+            .unwrap_or_else(|e| panic!("thread {n}: a batch failed as a whole: {e}"));
+        out.extend(batch.into_iter().map(|i| i.request).zip(results));
+    }
+    out
+}
+
+/// Asserts every key was created exactly once and its twin either replayed it (naming
+/// the created entry) or was refused; returns the created transfers by key.
+fn created_once_and_replayed(
+    results: &[Vec<(Transfer, TransferResult)>],
+) -> HashMap<String, (Transfer, ledger_core::EntryId)> {
     let mut created: HashMap<String, (Transfer, ledger_core::EntryId)> = HashMap::new();
     for (transfer, result) in results.iter().flatten() {
         match result {
@@ -227,6 +217,40 @@ fn concurrent_batches_over_shared_accounts_and_keys_never_deadlock_or_lose_money
             );
         }
     }
+    created
+}
+
+/// Threads send batches over the same few accounts at once, in opposite orders and
+/// sharing keys, each on its own connection with real commits. Account locks (sorted)
+/// and key claims (sorted) keep them from deadlocking; the row locks keep every
+/// balance exact.
+#[testing::test]
+fn concurrent_batches_over_shared_accounts_and_keys_never_deadlock_or_lose_money() {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 15;
+    const PER_BATCH: usize = 100;
+    let db = testing::committed();
+    let mut setup = db.conn();
+    let accounts: Vec<AccountId> =
+        (0..8).map(|i| testing::funded_account(&mut setup, &format!("acct{i}"), Currency::EUR, "50.00")).collect();
+    // Keys shared by thread pairs: thread 2k and 2k+1 send the same transfers, one
+    // forward and one in reverse order, so each waits on keys the other claimed.
+    let plans = shared_key_plans(&accounts, THREADS / 2, ROUNDS, PER_BATCH);
+    let start = Barrier::new(THREADS);
+    let results: Vec<Vec<(Transfer, TransferResult)>> = thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|n| {
+                let (start, plan, db) = (&start, &plans[n / 2], &db);
+                s.spawn(move || {
+                    let mut conn = db.conn();
+                    start.wait();
+                    send_batches(&mut conn, n, plan)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a batch thread panicked")).collect()
+    });
+    let created = created_once_and_replayed(&results);
     assert!(created.len() > THREADS * ROUNDS, "the test moved money: {} transfers", created.len());
     // Each balance is its deposit plus what the created transfers moved.
     let mut expected: HashMap<AccountId, i64> = accounts.iter().map(|a| (*a, 5_000)).collect();

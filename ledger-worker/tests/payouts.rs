@@ -88,11 +88,9 @@ fn spawn_paying_daemon(url: &str, bank: &Bank, token: &str, secret: &str, extra:
     )
 }
 
-#[testing::test]
-fn a_flaky_bank_and_two_daemons_killed_again_and_again_pay_each_payout_exactly_once() {
-    let db = testing::committed();
-    let mut conn = db.conn();
-    seed_payouts(&mut conn);
+/// A bank that drops, fails, redirects, cuts short, pads and delays calls, answers a
+/// replay of a paid key with 409, and refuses REFUSED_IBAN.
+fn nasty_bank_config() -> BankConfig {
     let nasty = Faults {
         drop_before_pct: 8,
         server_error_pct: 12,
@@ -104,21 +102,30 @@ fn a_flaky_bank_and_two_daemons_killed_again_and_again_pay_each_payout_exactly_o
         slow_pct: 4,
         slow_delay: Duration::from_millis(600),
     };
-    let config = BankConfig {
+    BankConfig {
         faults: nasty,
         // A replay of a key already paid is answered 409: only a lookup tells the truth.
         replay: Replay::Status(409),
         refused_destinations: [REFUSED_IBAN.to_string()].into_iter().collect(),
         seed: 42,
         ..BankConfig::default()
-    };
-    let (token, secret) = (config.token.clone(), config.secret.clone());
-    let bank = Bank::start(config).expect("starting the test bank");
+    }
+}
+
+/// Four rounds of two paying daemons killed with kill -9 after a random while; returns
+/// in how many rounds work was still left when they died.
+fn kill_two_daemons_again_and_again(
+    conn: &mut diesel::pg::PgConnection,
+    url: &str,
+    bank: &Bank,
+    token: &str,
+    secret: &str,
+) -> usize {
     let mut rng = fastrand::Rng::with_seed(42);
     let mut kills_mid_run = 0;
     for _ in 0..4 {
-        let mut a = spawn_paying_daemon(db.url(), &bank, &token, &secret, &[]);
-        let mut b = spawn_paying_daemon(db.url(), &bank, &token, &secret, &[]);
+        let mut a = spawn_paying_daemon(url, bank, token, secret, &[]);
+        let mut b = spawn_paying_daemon(url, bank, token, secret, &[]);
         // Let them run a random while, then kill -9 both at whatever they are doing.
         thread::sleep(Duration::from_millis(rng.u64(150..500)));
         for d in [&mut a, &mut b] {
@@ -126,39 +133,29 @@ fn a_flaky_bank_and_two_daemons_killed_again_and_again_pay_each_payout_exactly_o
             d.wait().unwrap();
         }
         let unfinished = count(
-            &mut conn,
+            conn,
             "SELECT (SELECT count(*) FROM withdrawals WHERE status IN ('pending', 'paying_out'))
                   + (SELECT count(*) FROM payouts WHERE status = 'pending') AS n",
         );
         kills_mid_run += usize::from(unfinished > 0);
     }
-    assert!(kills_mid_run >= 2, "the kills must land while work remains ({kills_mid_run})");
-    // The bank calms down; two daemons finish the rest.
-    bank.set_faults(Faults { server_error_pct: 10, pay_then_drop_pct: 5, ..Faults::none() }).unwrap();
-    let mut a = spawn_paying_daemon(db.url(), &bank, &token, &secret, &["--exit-when-idle"]);
-    let mut b = spawn_paying_daemon(db.url(), &bank, &token, &secret, &[]);
-    let status = wait_exit(&mut a, Duration::from_secs(120));
-    assert!(status.success(), "{status}: {}", stderr_of(&mut a));
-    wait_for(Duration::from_secs(60), "every payout to be final", || {
-        count(&mut conn, "SELECT count(*) AS n FROM payouts WHERE status = 'pending'") == 0
-    });
-    let _ = std::process::Command::new("kill").args(["-TERM", &b.id().to_string()]).status();
-    assert!(wait_exit(&mut b, Duration::from_secs(30)).success(), "{}", stderr_of(&mut b));
-    assert!(bank.wait_idle(Duration::from_secs(10)), "the bank still has calls in flight");
+    kills_mid_run
+}
 
+/// The ledger and the bank agree: no key paid twice, every withdrawal ended, settled in
+/// the ledger exactly when paid by the bank (the same amount), returned only when
+/// refused and never paid, and each balance its funds minus what was paid out.
+fn assert_the_ledger_and_the_bank_agree(conn: &mut diesel::pg::PgConnection, bank: &Bank) {
     assert_eq!(bank.violations(), vec![], "no key paid twice, no two calls for one key at once");
     assert_eq!(bank.auth_failures(), 0, "every request carried a valid token and signature");
     // Every withdrawal ended: paid out, returned, or refused for insufficient funds.
     assert_eq!(
-        count(
-            &mut conn,
-            "SELECT count(*) AS n FROM withdrawals WHERE status NOT IN ('completed', 'returned', 'rejected')"
-        ),
+        count(conn, "SELECT count(*) AS n FROM withdrawals WHERE status NOT IN ('completed', 'returned', 'rejected')"),
         0,
         "{}",
-        statuses(&mut conn)
+        statuses(conn)
     );
-    let payouts = stored_payouts(&mut conn);
+    let payouts = stored_payouts(conn);
     let paid = bank.paid();
     let settled: HashSet<&str> = payouts.iter().filter(|p| p.status == "settled").map(|p| p.key.as_str()).collect();
     let paid_keys: HashSet<&str> = paid.keys().map(String::as_str).collect();
@@ -177,12 +174,12 @@ fn a_flaky_bank_and_two_daemons_killed_again_and_again_pay_each_payout_exactly_o
     assert!(returned > 0 && !settled.is_empty());
     // Returned money is back: each balance is its funds minus what the bank paid out.
     let bad_balances = count(
-        &mut conn,
+        conn,
         "SELECT count(*) AS n FROM accounts a WHERE a.kind = 'customer' AND a.balance_minor <> 40000 - COALESCE(
              (SELECT sum(p.amount_minor) FROM payouts p WHERE p.account_id = a.id AND p.status = 'settled'), 0)",
     );
     assert_eq!(bad_balances, 0);
-    assert_exactly_once(&mut conn);
+    assert_exactly_once(conn);
     eprintln!(
         "bank saw {} requests ({} replays) for {} payouts ({} paid, {returned} refused)",
         bank.requests(),
@@ -190,6 +187,31 @@ fn a_flaky_bank_and_two_daemons_killed_again_and_again_pay_each_payout_exactly_o
         payouts.len(),
         settled.len()
     );
+}
+
+#[testing::test]
+fn a_flaky_bank_and_two_daemons_killed_again_and_again_pay_each_payout_exactly_once() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    seed_payouts(&mut conn);
+    let config = nasty_bank_config();
+    let (token, secret) = (config.token.clone(), config.secret.clone());
+    let bank = Bank::start(config).expect("starting the test bank");
+    let kills_mid_run = kill_two_daemons_again_and_again(&mut conn, db.url(), &bank, &token, &secret);
+    assert!(kills_mid_run >= 2, "the kills must land while work remains ({kills_mid_run})");
+    // The bank calms down; two daemons finish the rest.
+    bank.set_faults(Faults { server_error_pct: 10, pay_then_drop_pct: 5, ..Faults::none() }).unwrap();
+    let mut a = spawn_paying_daemon(db.url(), &bank, &token, &secret, &["--exit-when-idle"]);
+    let mut b = spawn_paying_daemon(db.url(), &bank, &token, &secret, &[]);
+    let status = wait_exit(&mut a, Duration::from_secs(120));
+    assert!(status.success(), "{status}: {}", stderr_of(&mut a));
+    wait_for(Duration::from_secs(60), "every payout to be final", || {
+        count(&mut conn, "SELECT count(*) AS n FROM payouts WHERE status = 'pending'") == 0
+    });
+    let _ = std::process::Command::new("kill").args(["-TERM", &b.id().to_string()]).status();
+    assert!(wait_exit(&mut b, Duration::from_secs(30)).success(), "{}", stderr_of(&mut b));
+    assert!(bank.wait_idle(Duration::from_secs(10)), "the bank still has calls in flight");
+    assert_the_ledger_and_the_bank_agree(&mut conn, &bank);
 }
 
 #[testing::test]

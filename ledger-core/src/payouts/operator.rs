@@ -114,7 +114,26 @@ pub fn return_failed(
         });
     }
     // The lookup runs with no transaction open; the decision is re-checked under lock.
-    let (paid, forced) = match authority {
+    let allowed = allowed_resolution(id, &before, authority)?;
+    tx::transaction(conn, &TxOptions::default(), |tx| resolve_locked(tx, id, &before, &allowed, reason))
+}
+
+/// What an operator's return may do, as decided before the payout is locked.
+enum AllowedResolution {
+    /// The lookup said the gateway accepted it: settle, with its reference if it gave one.
+    Settle(Option<String>),
+    /// Return the funds, recorded as forced with this reason when it was.
+    Return { forced: Option<String> },
+}
+
+/// What `authority` allows for `before`: a forced return needs a reason; a lookup is
+/// made only when a call may have reached the gateway, and an unclear one allows nothing.
+fn allowed_resolution(
+    id: PayoutId,
+    before: &Payout,
+    authority: ReturnAuthority<'_>,
+) -> Result<AllowedResolution, LedgerError> {
+    Ok(match authority {
         ReturnAuthority::Force { reason: why } => {
             if why.trim().is_empty() {
                 return Err(LedgerError::Invalid(InvalidInput::BadField {
@@ -122,12 +141,12 @@ pub fn return_failed(
                     reason: "a forced return needs a reason".into(),
                 }));
             }
-            (None, Some(why.to_string()))
+            AllowedResolution::Return { forced: Some(why.to_string()) }
         }
-        ReturnAuthority::Lookup(_) if !before.possibly_sent => (None, None),
-        ReturnAuthority::Lookup(gateway) => match gateway.lookup(&request_of(&before)?) {
-            LookupOutcome::Rejected { .. } | LookupOutcome::NotFound => (None, None),
-            LookupOutcome::Accepted { reference } => (Some(reference), None),
+        ReturnAuthority::Lookup(_) if !before.possibly_sent => AllowedResolution::Return { forced: None },
+        ReturnAuthority::Lookup(gateway) => match gateway.lookup(&request_of(before)?) {
+            LookupOutcome::Rejected { .. } | LookupOutcome::NotFound => AllowedResolution::Return { forced: None },
+            LookupOutcome::Accepted { reference } => AllowedResolution::Settle(reference),
             LookupOutcome::Unknown { error } | LookupOutcome::Unauthorized { error } => {
                 return Err(LedgerError::PayoutState {
                     payout: id,
@@ -138,37 +157,46 @@ pub fn return_failed(
                 });
             }
         },
-    };
-    tx::transaction(conn, &TxOptions::default(), |tx| {
-        let payout: Payout = payouts::table
-            .find(id.get())
-            .select(Payout::as_select())
-            .for_no_key_update()
-            .first(tx.conn())
-            .optional()?
-            .ok_or_else(|| not_failed_err(id, "does not exist"))?;
-        if payout.status != PayoutStatus::Failed {
-            return Err(not_failed_err(id, &format!("is {}", payout.status)));
-        }
-        // Claimed again since the lookup (an operator's retry, a dispatcher's call): the
-        // lookup no longer speaks for it.
-        if (payout.claim_token, payout.attempts) != (before.claim_token, before.attempts) {
-            return Err(LedgerError::PayoutState {
-                payout: id,
-                reason: format!("payout {id} was sent again while it was being looked up; nothing returned"),
-            });
-        }
-        match &paid {
-            Some(reference) => {
-                settle_all(tx, &[(0, &payout, reference.as_deref())])?;
-                Ok(ReturnResult::SettledInstead(get(tx.conn(), id)?))
-            }
-            None => {
-                return_tx(tx, &payout, reason, forced.as_deref())?;
-                Ok(ReturnResult::Returned(get(tx.conn(), id)?))
-            }
-        }
     })
+}
+
+/// Under the payout's lock: still failed and not claimed again since `before` was read
+/// (else the lookup no longer speaks for it), then settled or returned as allowed.
+fn resolve_locked(
+    tx: &mut Tx<'_>,
+    id: PayoutId,
+    before: &Payout,
+    allowed: &AllowedResolution,
+    reason: &str,
+) -> Result<ReturnResult, LedgerError> {
+    let payout: Payout = payouts::table
+        .find(id.get())
+        .select(Payout::as_select())
+        .for_no_key_update()
+        .first(tx.conn())
+        .optional()?
+        .ok_or_else(|| not_failed_err(id, "does not exist"))?;
+    if payout.status != PayoutStatus::Failed {
+        return Err(not_failed_err(id, &format!("is {}", payout.status)));
+    }
+    // Claimed again since the lookup (an operator's retry, a dispatcher's call): the
+    // lookup no longer speaks for it.
+    if (payout.claim_token, payout.attempts) != (before.claim_token, before.attempts) {
+        return Err(LedgerError::PayoutState {
+            payout: id,
+            reason: format!("payout {id} was sent again while it was being looked up; nothing returned"),
+        });
+    }
+    match allowed {
+        AllowedResolution::Settle(reference) => {
+            settle_all(tx, &[(0, &payout, reference.as_deref())])?;
+            Ok(ReturnResult::SettledInstead(get(tx.conn(), id)?))
+        }
+        AllowedResolution::Return { forced } => {
+            return_tx(tx, &payout, reason, forced.as_deref())?;
+            Ok(ReturnResult::Returned(get(tx.conn(), id)?))
+        }
+    }
 }
 
 /// The request a stored payout stands for (for a lookup outside a claim).

@@ -185,13 +185,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_payout_protocol_pays_on_yes_refunds_on_a_confirmed_no_and_asks_otherwise() {
+    /// (possibly sent before, send answers, lookup answers, calls allowed, verdict, calls made)
+    type Row = (bool, Vec<SendOutcome>, Vec<LookupOutcome>, usize, V, Vec<&'static str>);
+
+    /// What the protocol must do for each mix of earlier sends, answers and lease room.
+    fn protocol_table() -> Vec<Row> {
         let unauthorized = || SendOutcome::Unauthorized { error: "HTTP 401".into() };
-        // (possibly sent before, send answers, lookup answers, calls allowed, verdict, calls made)
-        #[rustfmt::skip]
-        type Row = (bool, Vec<SendOutcome>, Vec<LookupOutcome>, usize, V, Vec<&'static str>);
-        let table: Vec<Row> = vec![
+        vec![
             // A first call: its answer is the verdict; a 4xx is final.
             (false, vec![accepted()], vec![], 9, V::Paid, vec!["send"]),
             (false, vec![rejected()], vec![], 9, V::Refused, vec!["send"]),
@@ -242,8 +242,12 @@ mod tests {
             (false, vec![], vec![], 0, V::NotSent, vec![]),
             (true, vec![], vec![], 0, V::NotSent, vec![]),
             (true, vec![], vec![LookupOutcome::NotFound], 1, V::NotSent, vec!["lookup"]),
-        ];
-        for (i, (possibly_sent, sends, lookups, allowed, expected, calls)) in table.into_iter().enumerate() {
+        ]
+    }
+
+    #[test]
+    fn the_payout_protocol_pays_on_yes_refunds_on_a_confirmed_no_and_asks_otherwise() {
+        for (i, (possibly_sent, sends, lookups, allowed, expected, calls)) in protocol_table().into_iter().enumerate() {
             let gateway =
                 Scripted { sends: Mutex::new(sends), lookups: Mutex::new(lookups), calls: Mutex::new(Vec::new()) };
             let left = std::cell::Cell::new(allowed);

@@ -2,8 +2,14 @@
 //! each ([`decide`]), and carry the decisions out in one set-based statement
 //! (`write_plan.sql`); after an unexpected error, one savepoint per job.
 
+use std::collections::HashMap;
+
 use super::*;
-use crate::prepared::{Prepared, StaticSql};
+use crate::prepared::StaticSql;
+
+mod write;
+
+use write::write_plan;
 
 /// One batch's decisions carried out in one statement (`write_plan.sql`), kept
 /// prepared on each connection.
@@ -95,7 +101,7 @@ fn process_batch_planned(
     guarded: bool,
     claim_lease_ms: Option<u64>,
 ) -> Result<(Vec<BatchItem>, Option<outbox::Claim>), LedgerError> {
-    use std::collections::{HashMap, HashSet};
+    use std::collections::HashSet;
     if ids.is_empty() {
         return Ok((vec![], None));
     }
@@ -161,9 +167,9 @@ enum Planned {
 /// account's balance as earlier jobs of the batch debit it.
 fn plan_batch(
     jobs: &[LockedJob],
-    locked: &std::collections::HashMap<AccountId, Result<accounts::LockedAccount, LedgerError>>,
+    locked: &HashMap<AccountId, Result<accounts::LockedAccount, LedgerError>>,
 ) -> Vec<Planned> {
-    let mut balances: std::collections::HashMap<AccountId, accounts::LockedAccount> =
+    let mut balances: HashMap<AccountId, accounts::LockedAccount> =
         locked.iter().filter_map(|(id, a)| a.as_ref().ok().map(|a| (*id, a.clone()))).collect();
     jobs.iter()
         .map(|(job, _, in_transit)| {
@@ -183,153 +189,12 @@ fn plan_batch(
         .collect()
 }
 
-/// Writes a planned batch in one statement: data-modifying CTEs insert the entries,
-/// their postings, the payouts, and update the balances and job statuses. One round
-/// trip per batch instead of several per job; the postings trigger checks every entry
-/// is balanced and the foreign keys are checked as usual at the end of the statement.
-fn write_plan(
-    tx: &mut Tx<'_>,
-    jobs: &[LockedJob],
-    plan: &[Planned],
-    claim_lease_ms: Option<u64>,
-) -> Result<(Vec<BatchItem>, Option<outbox::Claim>), LedgerError> {
-    use diesel::sql_types::{Array, BigInt, Nullable, Text};
-    use std::collections::HashMap;
-
-    #[derive(QueryableByName)]
-    struct Written {
-        #[diesel(sql_type = BigInt)]
-        postings: i64,
-        #[diesel(sql_type = BigInt)]
-        balances: i64,
-        #[diesel(sql_type = BigInt)]
-        jobs: i64,
-        #[diesel(sql_type = Array<BigInt>)]
-        debited: Vec<i64>,
-        #[diesel(sql_type = Array<BigInt>)]
-        entries: Vec<i64>,
-        #[diesel(sql_type = Array<BigInt>)]
-        payouts: Vec<i64>,
-        /// Per payout (same order): its claim token when claimed here, else NULL.
-        #[diesel(sql_type = Array<Nullable<BigInt>>)]
-        tokens: Vec<Option<i64>>,
-        #[diesel(sql_type = Array<Text>)]
-        keys: Vec<String>,
-        /// What was left of the claims' lease while the statement ran (server clock).
-        #[diesel(sql_type = diesel::sql_types::Double)]
-        lease_left_ms: f64,
-    }
-
-    let mut d_wid = vec![];
-    let mut d_account = vec![];
-    let mut d_currency = vec![];
-    let mut d_amount = vec![];
-    let mut d_after = vec![];
-    let mut d_transit = vec![];
-    let mut d_destination = vec![];
-    let mut last_balance: HashMap<i64, i64> = HashMap::new();
-    let mut rejected_ids = Vec::new();
-    let mut rejected_reasons = Vec::new();
-    for ((job, _, _), decision) in jobs.iter().zip(plan) {
-        match decision {
-            Planned::Debit { after_minor, in_transit } => {
-                d_wid.push(job.id.get());
-                d_account.push(job.account_id.get());
-                d_currency.push(job.currency.code());
-                d_amount.push(job.amount_minor);
-                d_after.push(*after_minor);
-                d_transit.push(*in_transit);
-                d_destination.push(job.destination.clone());
-                last_balance.insert(job.account_id.get(), *after_minor); // jobs are in id order
-            }
-            Planned::Reject { reason, .. } => {
-                rejected_ids.push(job.id.get());
-                rejected_reasons.push(reason.clone());
-            }
-        }
-    }
-    let (balance_ids, balances): (Vec<i64>, Vec<i64>) = last_balance.into_iter().unzip();
-    // Before the statement is sent: the server's clock_timestamp() is later still.
-    let sent_at = std::time::Instant::now();
-    let written: Written = Prepared::<WritePlan>::new()
-        .bind::<Array<BigInt>, _>(&d_wid)
-        .bind::<Array<BigInt>, _>(&d_account)
-        .bind::<Array<Text>, _>(&d_currency)
-        .bind::<Array<BigInt>, _>(&d_amount)
-        .bind::<Array<BigInt>, _>(&d_after)
-        .bind::<Array<BigInt>, _>(&d_transit)
-        .bind::<Array<Text>, _>(&d_destination)
-        .bind::<Array<BigInt>, _>(&balance_ids)
-        .bind::<Array<BigInt>, _>(&balances)
-        .bind::<Array<BigInt>, _>(&rejected_ids)
-        .bind::<Array<Text>, _>(&rejected_reasons)
-        .bind::<Nullable<BigInt>, _>(claim_lease_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX)))
-        .get_result(tx.conn())?;
-    // Pair the statement's counts with what was planned (assertions, not hopes).
-    assert_eq!(written.postings as usize, d_wid.len() * 2, "two postings per debit");
-    assert_eq!(written.balances as usize, balance_ids.len(), "one balance per debited account");
-    assert_eq!(written.jobs as usize, jobs.len(), "the batch holds every job's row lock");
-    assert_eq!(
-        written.debited,
-        d_wid.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>()
-    );
-    assert_eq!((written.entries.len(), written.payouts.len()), (d_wid.len(), d_wid.len()));
-    assert_eq!((written.tokens.len(), written.keys.len()), (d_wid.len(), d_wid.len()));
-    assert!(
-        written.tokens.iter().all(|t| t.is_some() == claim_lease_ms.is_some()),
-        "every payout is claimed exactly when a lease was asked for"
-    );
-    let entry_of: HashMap<i64, i64> = written.debited.iter().copied().zip(written.entries.iter().copied()).collect();
-    let payout_of: HashMap<i64, i64> = written.debited.iter().copied().zip(written.payouts.iter().copied()).collect();
-    let mut claimed = None;
-    if claim_lease_ms.is_some() {
-        let left = std::time::Duration::from_millis(written.lease_left_ms.max(0.0).floor() as u64);
-        let claim = claimed.insert(outbox::Claim { requests: vec![], lease_until: sent_at + left });
-        let job_of: HashMap<i64, &Withdrawal> = jobs.iter().map(|(j, _, _)| (j.id.get(), j)).collect();
-        for ((wid, payout), (token, key)) in
-            written.debited.iter().zip(&written.payouts).zip(written.tokens.iter().zip(written.keys))
-        {
-            let job = job_of[wid];
-            let currency = job.currency;
-            claim.requests.push(outbox::PayoutRequest {
-                payout: PayoutId::from_db(*payout),
-                withdrawal: WithdrawalId::from_db(*wid),
-                amount_minor: job.amount_minor,
-                amount: currency.format_minor(job.amount_minor),
-                currency: job.currency.code().to_string(),
-                destination: job.destination.clone(),
-                idempotency_key: key,
-                attempt: 1,
-                token: token.expect("claimed above"),
-                possibly_sent: false,
-            });
-        }
-    }
-
-    let items = jobs
-        .iter()
-        .zip(plan)
-        .map(|((job, enqueued_at_us, _), d)| BatchItem {
-            id: job.id,
-            outcome: match d {
-                Planned::Debit { .. } => JobOutcome::Debited {
-                    entry: EntryId::from_db(entry_of[&job.id.get()]),
-                    payout: PayoutId::from_db(payout_of[&job.id.get()]),
-                },
-                Planned::Reject { code, reason } => JobOutcome::Rejected { code, reason: reason.clone() },
-            },
-            enqueued_at_us: Some(*enqueued_at_us),
-        })
-        .collect();
-    Ok((items, claimed))
-}
-
 /// The careful path: one savepoint per job, so a job that fails for an unexpected reason
 /// is rolled back alone and reported, and the others still commit.
 fn process_one_by_one(
     tx: &mut Tx<'_>,
     jobs: &[LockedJob],
-    mut locked: std::collections::HashMap<AccountId, Result<accounts::LockedAccount, LedgerError>>,
+    mut locked: HashMap<AccountId, Result<accounts::LockedAccount, LedgerError>>,
 ) -> Result<Vec<BatchItem>, LedgerError> {
     let mut items: Vec<BatchItem> = Vec::with_capacity(jobs.len());
     for (job, enqueued_at_us, in_transit) in jobs {

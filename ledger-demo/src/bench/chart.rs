@@ -77,8 +77,14 @@ pub(super) fn svg(rows: &[Row], title: &str, caption: &str) -> String {
     s.text(16.0, s.y, "title", "start", title);
     s.y += 20.0;
     s.text(16.0, s.y, "caption", "start", caption);
+    throughput_section(&mut s, rows);
+    latency_section(&mut s, rows);
+    document(&s)
+}
 
-    // Throughput: one group per scenario, a bar per mode and pgbench's below.
+/// Throughput: one group per scenario (in the order they first appear), a bar per mode
+/// and pgbench's below, all on one scale.
+fn throughput_section(s: &mut Svg, rows: &[Row]) {
     s.heading("Throughput (operations per second; grey: pgbench TPC-B-like at the same concurrency)");
     let max_ops = rows
         .iter()
@@ -95,20 +101,7 @@ pub(super) fn svg(rows: &[Row], title: &str, caption: &str) -> String {
     for scenario in &scenarios {
         let these: Vec<&Row> = rows.iter().filter(|r| r.scenario == *scenario).collect();
         for r in &these {
-            let label = format!("{} · {}", r.scenario, r.mode);
-            s.text(LABEL_W - 8.0, s.y + 12.5, "label", "end", &label);
-            if let Some(e) = &r.error {
-                s.text(LABEL_W + 4.0, s.y + 12.5, "failed", "start", &format!("FAILED: {}", first_words(e)));
-            } else {
-                let w = scaled(r.ops_per_sec, max_ops);
-                let mut value = format!("{:.0}/s", r.ops_per_sec);
-                if let Some(p) = r.pgbench_tps.filter(|p| *p > 0.0) {
-                    value.push_str(&format!("  {:.2}x pgbench", r.ops_per_sec / p));
-                }
-                s.bar(s.y, w, mode_color(r.mode), 1.0, &format!("{label}: {value}"));
-                s.text(LABEL_W + w + 6.0, s.y + 12.5, "value", "start", &value);
-            }
-            s.y += ROW_H;
+            throughput_bar(s, r, max_ops);
         }
         if let Some(tps) = these.iter().find_map(|r| r.pgbench_tps) {
             let label = format!("{scenario} · pgbench (s{}, c{})", these[0].pgbench_scale, these[0].threads);
@@ -120,8 +113,29 @@ pub(super) fn svg(rows: &[Row], title: &str, caption: &str) -> String {
         }
         s.rule();
     }
+}
 
-    // Latency: p99 (light) under p50 (dark), per scenario and mode.
+/// One mode's throughput bar (with its ratio to pgbench), or why it failed.
+fn throughput_bar(s: &mut Svg, r: &Row, max_ops: f64) {
+    let label = format!("{} · {}", r.scenario, r.mode);
+    s.text(LABEL_W - 8.0, s.y + 12.5, "label", "end", &label);
+    if let Some(e) = &r.error {
+        s.text(LABEL_W + 4.0, s.y + 12.5, "failed", "start", &format!("FAILED: {}", first_words(e)));
+    } else {
+        let w = scaled(r.ops_per_sec, max_ops);
+        let mut value = format!("{:.0}/s", r.ops_per_sec);
+        if let Some(p) = r.pgbench_tps.filter(|p| *p > 0.0) {
+            value.push_str(&format!("  {:.2}x pgbench", r.ops_per_sec / p));
+        }
+        s.bar(s.y, w, mode_color(r.mode), 1.0, &format!("{label}: {value}"));
+        s.text(LABEL_W + w + 6.0, s.y + 12.5, "value", "start", &value);
+    }
+    s.y += ROW_H;
+}
+
+/// Latency: p99 (light) under p50 (dark), per scenario and mode; the rows without a
+/// latency phase named below.
+fn latency_section(s: &mut Svg, rows: &[Row]) {
     s.heading("Latency, enqueue to done (ms; dark: p50, light: p99)");
     let measured: Vec<&Row> = rows.iter().filter(|r| r.error.is_none() && r.latency_rate > 0.0).collect();
     let max_ms = measured.iter().map(|r| r.p99_ms.max(r.p50_ms)).fold(0.0_f64, f64::max);
@@ -150,7 +164,10 @@ pub(super) fn svg(rows: &[Row], title: &str, caption: &str) -> String {
         s.text(LABEL_W, s.y + 12.5, "caption", "start", &format!("no latency phase: {}", without.join(", ")));
         s.y += ROW_H;
     }
+}
 
+/// The whole SVG document around what was drawn, as tall as it.
+fn document(s: &Svg) -> String {
     let height = s.y + 16.0;
     format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
@@ -188,30 +205,9 @@ mod tests {
         let mut stack: Vec<String> = vec![];
         let mut root = None;
         let mut texts = vec![];
-        let entities = |t: &str| -> Result<(), String> {
-            let mut parts = t.split('&');
-            parts.next();
-            for p in parts {
-                let name = &p[..p.find(';').ok_or(format!("unterminated entity in {t:?}"))?];
-                if !["amp", "lt", "gt", "quot", "apos"].contains(&name) && !name.starts_with('#') {
-                    return Err(format!("unknown entity &{name};"));
-                }
-            }
-            Ok(())
-        };
         while !rest.is_empty() {
             let lt = rest.find('<').unwrap_or(rest.len());
-            let text = &rest[..lt];
-            if text.contains('>') {
-                return Err(format!("stray '>' in text {text:?}"));
-            }
-            entities(text)?;
-            if !text.trim().is_empty() {
-                if stack.is_empty() {
-                    return Err(format!("text outside the root: {text:?}"));
-                }
-                texts.push(text.to_string());
-            }
+            check_text(&rest[..lt], &stack, &mut texts)?;
             rest = &rest[lt..];
             if rest.is_empty() {
                 break;
@@ -226,44 +222,84 @@ mod tests {
                 }
                 continue;
             }
-            let self_closing = tag.ends_with('/');
-            let tag = tag.trim_end_matches('/');
-            let name_end = tag.find(char::is_whitespace).unwrap_or(tag.len());
-            let name = &tag[..name_end];
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == ':') {
-                return Err(format!("bad element name {name:?}"));
-            }
-            // Attributes: name="value" pairs.
-            let mut attrs = tag[name_end..].trim();
-            while !attrs.is_empty() {
-                let eq = attrs.find('=').ok_or(format!("attribute without value in <{name}>"))?;
-                let key = attrs[..eq].trim();
-                if key.is_empty() || key.contains(char::is_whitespace) {
-                    return Err(format!("bad attribute name {key:?} in <{name}>"));
-                }
-                let value = attrs[eq + 1..].strip_prefix('"').ok_or(format!("unquoted {key} in <{name}>"))?;
-                let close = value.find('"').ok_or(format!("unterminated {key} in <{name}>"))?;
-                let v = &value[..close];
-                if v.contains('<') {
-                    return Err(format!("'<' in {key}"));
-                }
-                entities(v)?;
-                attrs = value[close + 1..].trim_start();
-            }
+            let (name, self_closing) = check_open_tag(tag)?;
             if stack.is_empty() {
                 if root.is_some() {
                     return Err("two root elements".into());
                 }
-                root = Some(name.to_string());
+                root = Some(name.clone());
             }
             if !self_closing {
-                stack.push(name.to_string());
+                stack.push(name);
             }
         }
         if !stack.is_empty() {
             return Err(format!("unclosed {stack:?}"));
         }
         Ok((root.ok_or("no root element")?, texts))
+    }
+
+    /// Text between two tags (`stack`: the elements open around it): kept in `texts`
+    /// unless blank; none outside the root.
+    fn check_text(text: &str, stack: &[String], texts: &mut Vec<String>) -> Result<(), String> {
+        if text.contains('>') {
+            return Err(format!("stray '>' in text {text:?}"));
+        }
+        check_entities(text)?;
+        if !text.trim().is_empty() {
+            if stack.is_empty() {
+                return Err(format!("text outside the root: {text:?}"));
+            }
+            texts.push(text.to_string());
+        }
+        Ok(())
+    }
+
+    /// An opening or self-closing tag's inside (between `<` and `>`): its element's
+    /// name, and whether it closes itself.
+    fn check_open_tag(tag: &str) -> Result<(String, bool), String> {
+        let self_closing = tag.ends_with('/');
+        let tag = tag.trim_end_matches('/');
+        let name_end = tag.find(char::is_whitespace).unwrap_or(tag.len());
+        let name = &tag[..name_end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == ':') {
+            return Err(format!("bad element name {name:?}"));
+        }
+        check_attributes(name, tag[name_end..].trim())?;
+        Ok((name.to_string(), self_closing))
+    }
+
+    /// Attributes: name="value" pairs.
+    fn check_attributes(name: &str, mut attrs: &str) -> Result<(), String> {
+        while !attrs.is_empty() {
+            let eq = attrs.find('=').ok_or(format!("attribute without value in <{name}>"))?;
+            let key = attrs[..eq].trim();
+            if key.is_empty() || key.contains(char::is_whitespace) {
+                return Err(format!("bad attribute name {key:?} in <{name}>"));
+            }
+            let value = attrs[eq + 1..].strip_prefix('"').ok_or(format!("unquoted {key} in <{name}>"))?;
+            let close = value.find('"').ok_or(format!("unterminated {key} in <{name}>"))?;
+            let v = &value[..close];
+            if v.contains('<') {
+                return Err(format!("'<' in {key}"));
+            }
+            check_entities(v)?;
+            attrs = value[close + 1..].trim_start();
+        }
+        Ok(())
+    }
+
+    /// Every `&` starts a known entity (or a character reference) ended by `;`.
+    fn check_entities(t: &str) -> Result<(), String> {
+        let mut parts = t.split('&');
+        parts.next();
+        for p in parts {
+            let name = &p[..p.find(';').ok_or(format!("unterminated entity in {t:?}"))?];
+            if !["amp", "lt", "gt", "quot", "apos"].contains(&name) && !name.starts_with('#') {
+                return Err(format!("unknown entity &{name};"));
+            }
+        }
+        Ok(())
     }
 
     fn rows() -> Vec<Row> {

@@ -29,42 +29,8 @@ pub(super) fn latency_phase(
     let cpu_before = cpu_seconds(worker.pid()).unwrap_or(0.0);
     let server_before = if profiling { server_cpu_seconds(conn) } else { None };
     let phase_started = Instant::now();
-    let stop = AtomicBool::new(false);
-    let url = spec.url;
-    let produced = thread::scope(|s| -> Result<usize> {
-        let producer = s.spawn(|| -> Result<usize> {
-            let mut producer = db::connect(url, &db::SessionConfig::default())?;
-            let started = Instant::now();
-            let mut sent = 0_usize;
-            let tick = Duration::from_millis(5);
-            let deadline = Duration::from_secs(opts.latency_seconds);
-            while started.elapsed() < deadline && !stop.load(Ordering::Relaxed) {
-                let due = (started.elapsed().as_secs_f64() * rate) as usize;
-                if due > sent {
-                    insert_jobs(&mut producer, accounts, due - sent, "lat")?;
-                    sent = due;
-                }
-                thread::sleep(tick);
-            }
-            Ok(sent)
-        });
-        let r = producer.join().map_err(|_| anyhow!("producer panicked"))?;
-        stop.store(true, Ordering::Relaxed);
-        r
-    })?;
-    let mut stall = Stall::new();
-    loop {
-        let left = outstanding(conn, spec.mode)?;
-        if left == 0 {
-            break;
-        }
-        if let Some(status) = worker.try_wait()? {
-            bail!("the latency-phase worker exited ({status}) with {left} withdrawal(s) not final");
-        }
-        check_bank(bank)?;
-        stall.check(left)?;
-        thread::sleep(Duration::from_millis(20));
-    }
+    let produced = produce_arrivals(spec.url, accounts, rate, Duration::from_secs(opts.latency_seconds))?;
+    wait_until_final(conn, spec.mode, &mut worker, bank)?;
     let cpu_after = cpu_seconds(worker.pid()).unwrap_or(cpu_before);
     let server_used = server_before.and_then(|b| Some(server_cpu_seconds(conn)? - b));
     let status = worker.stop()?;
@@ -74,33 +40,7 @@ pub(super) fn latency_phase(
     if profiling {
         print_profile(conn, "latency", produced, phase_started.elapsed(), cpu_after - cpu_before, server_used)?;
     }
-    #[derive(QueryableByName)]
-    struct Lat {
-        #[diesel(sql_type = Nullable<Double>)]
-        p50: Option<f64>,
-        #[diesel(sql_type = Nullable<Double>)]
-        p99: Option<f64>,
-        #[diesel(sql_type = Nullable<Double>)]
-        max: Option<f64>,
-        #[diesel(sql_type = BigInt)]
-        open: i64,
-    }
-    let done_at = if spec.mode.end_to_end() {
-        "CASE WHEN w.status IN ('rejected', 'failed') THEN w.finished_at
-              WHEN p.status IN ('settled', 'returned') THEN p.updated_at END"
-    } else {
-        "w.finished_at"
-    };
-    let lat: Lat = diesel::sql_query(format!(
-        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
-                percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
-                max(ms) AS max, count(*) FILTER (WHERE ms IS NULL) AS open
-         FROM (SELECT (EXTRACT(EPOCH FROM ({done_at}) - w.created_at) * 1000)::float8 AS ms
-               FROM withdrawals w LEFT JOIN payouts p ON p.withdrawal_id = w.id
-               WHERE w.id > $1) l"
-    ))
-    .bind::<BigInt, _>(first_id)
-    .get_result(conn)?;
+    let lat = latency_since(conn, spec.mode, first_id)?;
     if lat.open > 0 {
         bail!("latency phase: {} withdrawal(s) without a completion time", lat.open);
     }
@@ -118,6 +58,84 @@ pub(super) fn latency_phase(
         stage_split(conn, first_id)?;
     }
     Ok(())
+}
+
+/// Open-loop arrivals: a producer thread on a connection of its own inserts what is
+/// due at `rate` per second (checked every 5 ms) for `duration`, however the worker
+/// keeps up. Returns how many it inserted.
+fn produce_arrivals(url: &str, accounts: &[AccountId], rate: f64, duration: Duration) -> Result<usize> {
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| -> Result<usize> {
+        let producer = s.spawn(|| -> Result<usize> {
+            let mut producer = db::connect(url, &db::SessionConfig::default())?;
+            let started = Instant::now();
+            let mut sent = 0_usize;
+            let tick = Duration::from_millis(5);
+            while started.elapsed() < duration && !stop.load(Ordering::Relaxed) {
+                let due = (started.elapsed().as_secs_f64() * rate) as usize;
+                if due > sent {
+                    insert_jobs(&mut producer, accounts, due - sent, "lat")?;
+                    sent = due;
+                }
+                thread::sleep(tick);
+            }
+            Ok(sent)
+        });
+        let r = producer.join().map_err(|_| anyhow!("producer panicked"))?;
+        stop.store(true, Ordering::Relaxed);
+        r
+    })
+}
+
+/// Waits (checking every 20 ms) until every withdrawal is final for `mode`; fails if
+/// the worker exits first, the bank refuses a call, or nothing progresses for a minute.
+fn wait_until_final(conn: &mut PgConnection, mode: Mode, worker: &mut Worker, bank: Option<&Bank>) -> Result<()> {
+    let mut stall = Stall::new();
+    loop {
+        let left = outstanding(conn, mode)?;
+        if left == 0 {
+            return Ok(());
+        }
+        if let Some(status) = worker.try_wait()? {
+            bail!("the latency-phase worker exited ({status}) with {left} withdrawal(s) not final");
+        }
+        check_bank(bank)?;
+        stall.check(left)?;
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Enqueue to done of the phase's withdrawals, in ms; `open` counts those not done.
+#[derive(QueryableByName)]
+struct Latency {
+    #[diesel(sql_type = Nullable<Double>)]
+    p50: Option<f64>,
+    #[diesel(sql_type = Nullable<Double>)]
+    p99: Option<f64>,
+    #[diesel(sql_type = Nullable<Double>)]
+    max: Option<f64>,
+    #[diesel(sql_type = BigInt)]
+    open: i64,
+}
+
+/// The latency of every withdrawal after `first_id`, to done as `mode` counts it.
+fn latency_since(conn: &mut PgConnection, mode: Mode, first_id: i64) -> Result<Latency> {
+    let done_at = if mode.end_to_end() {
+        "CASE WHEN w.status IN ('rejected', 'failed') THEN w.finished_at
+              WHEN p.status IN ('settled', 'returned') THEN p.updated_at END"
+    } else {
+        "w.finished_at"
+    };
+    Ok(diesel::sql_query(format!(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
+                max(ms) AS max, count(*) FILTER (WHERE ms IS NULL) AS open
+         FROM (SELECT (EXTRACT(EPOCH FROM ({done_at}) - w.created_at) * 1000)::float8 AS ms
+               FROM withdrawals w LEFT JOIN payouts p ON p.withdrawal_id = w.id
+               WHERE w.id > $1) l"
+    ))
+    .bind::<BigInt, _>(first_id)
+    .get_result(conn)?)
 }
 
 /// Where an end-to-end withdrawal's time went: enqueue to debited, and debited to its

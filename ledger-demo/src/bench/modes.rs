@@ -44,72 +44,107 @@ pub(super) fn run_mode(
         let args = row.payout_args.join(" ");
         eprintln!("   payout settings: {}", if args.is_empty() { "the worker's defaults" } else { &args });
     }
-    let measured = (|| -> Result<()> {
-        enqueue_bulk(&mut conn, &accounts, n)?;
-        let profiling = opts.profile && start_profile(&mut conn);
-        let server_before = if profiling { server_cpu_seconds(&mut conn) } else { None };
-        let started = Instant::now();
-        let mut worker = Worker::spawn(&spec, true)?;
-        let pid = worker.pid();
-        let (mut rss, mut cpu) = (0.0_f64, 0.0_f64);
-        let mut progress = ledger_worker::progress::Progress::new(n);
-        let mut shown = None::<Instant>;
-        let mut stall = Stall::new();
-        let elapsed = loop {
-            rss = rss.max(rss_mb(pid).unwrap_or(0.0));
-            cpu = cpu_seconds(pid).unwrap_or(cpu);
-            let left = outstanding(&mut conn, mode)?;
-            if left == 0 {
+    measure(&mut conn, &spec, &accounts, opts, bank.as_ref(), row)?;
+    audit_into(&mut conn, row)
+}
+
+/// The mode's measurements on its set-up database: the throughput of `row.ops` queued
+/// withdrawals, then the latency phase, each ending with every withdrawal final; then
+/// what the bank paid against what the ledger settled.
+fn measure(
+    conn: &mut PgConnection,
+    spec: &WorkerSpec<'_>,
+    accounts: &[AccountId],
+    opts: &BenchOptions,
+    bank: Option<&Bank>,
+    row: &mut Row,
+) -> Result<()> {
+    let n = row.ops;
+    enqueue_bulk(conn, accounts, n)?;
+    let profiling = opts.profile && start_profile(conn);
+    let server_before = if profiling { server_cpu_seconds(conn) } else { None };
+    let started = Instant::now();
+    let mut worker = Worker::spawn(spec, true)?;
+    let watched = watch_until_final(conn, spec.mode, &mut worker, bank, n, started)?;
+    let status = worker.wait(Duration::from_secs(30))?;
+    if !status.success() {
+        bail!("the worker exited with {status}");
+    }
+    row.ops_per_sec = n as f64 / watched.elapsed.as_secs_f64();
+    row.rss_mb = watched.peak_rss_mb;
+    if profiling {
+        let server_used = server_before.and_then(|b| Some(server_cpu_seconds(conn)? - b));
+        print_profile(conn, "throughput", n, watched.elapsed, watched.cpu_seconds, server_used)?;
+    }
+    check_final(conn, spec.mode)?;
+    latency_phase(spec, conn, accounts, opts, bank, row)?;
+    check_final(conn, spec.mode)?;
+    check_bank(bank)?;
+    if let Some(bank) = bank {
+        let stats = bank.stats();
+        row.bank = Some(stats);
+        let settled = count(conn, "SELECT count(*) AS n FROM payouts WHERE status = 'settled'")?;
+        eprintln!(
+            "   bank: {} paid, {} replays, {} lookups, {} connections (at most {} at once); ledger: {settled} settled",
+            stats.paid, stats.replays, stats.lookups, stats.connections, stats.peak_connections
+        );
+        if stats.paid != settled as u64 {
+            bail!("the bank paid {} payouts but the ledger settled {settled}", stats.paid);
+        }
+    }
+    Ok(())
+}
+
+/// What watching the throughput run saw: its time from `started` until every
+/// withdrawal was final, and the worker's peak RSS and CPU time meanwhile.
+struct Watched {
+    elapsed: Duration,
+    peak_rss_mb: f64,
+    cpu_seconds: f64,
+}
+
+/// Watches the worker until all `n` withdrawals are final for `mode`, showing progress
+/// every 250 ms; fails if it exits first, the bank refuses a call, or nothing
+/// progresses for a minute.
+fn watch_until_final(
+    conn: &mut PgConnection,
+    mode: Mode,
+    worker: &mut Worker,
+    bank: Option<&Bank>,
+    n: usize,
+    started: Instant,
+) -> Result<Watched> {
+    let pid = worker.pid();
+    let (mut rss, mut cpu) = (0.0_f64, 0.0_f64);
+    let mut progress = ledger_worker::progress::Progress::new(n);
+    let mut shown = None::<Instant>;
+    let mut stall = Stall::new();
+    let elapsed = loop {
+        rss = rss.max(rss_mb(pid).unwrap_or(0.0));
+        cpu = cpu_seconds(pid).unwrap_or(cpu);
+        let left = outstanding(conn, mode)?;
+        if left == 0 {
+            break started.elapsed();
+        }
+        if let Some(status) = worker.try_wait()? {
+            // It may have finished between the count and now.
+            let left = outstanding(conn, mode)?;
+            if left == 0 && status.success() {
                 break started.elapsed();
             }
-            if let Some(status) = worker.try_wait()? {
-                // It may have finished between the count and now.
-                let left = outstanding(&mut conn, mode)?;
-                if left == 0 && status.success() {
-                    break started.elapsed();
-                }
-                bail!("the worker exited ({status}) with {left} withdrawal(s) not final");
-            }
-            check_bank(bank.as_ref())?;
-            stall.check(left)?;
-            if shown.is_none_or(|t| t.elapsed() >= Duration::from_millis(250)) {
-                progress.show(n.saturating_sub(left as usize), started.elapsed());
-                shown = Some(Instant::now());
-            }
-            // Counting is cheap near the end (partial indexes): watch the tail closely.
-            thread::sleep(if left > 2_000 { Duration::from_millis(100) } else { Duration::from_millis(5) });
-        };
-        progress.finish(n, elapsed);
-        let status = worker.wait(Duration::from_secs(30))?;
-        if !status.success() {
-            bail!("the worker exited with {status}");
+            bail!("the worker exited ({status}) with {left} withdrawal(s) not final");
         }
-        row.ops_per_sec = n as f64 / elapsed.as_secs_f64();
-        row.rss_mb = rss;
-        if profiling {
-            let server_used = server_before.and_then(|b| Some(server_cpu_seconds(&mut conn)? - b));
-            print_profile(&mut conn, "throughput", n, elapsed, cpu, server_used)?;
+        check_bank(bank)?;
+        stall.check(left)?;
+        if shown.is_none_or(|t| t.elapsed() >= Duration::from_millis(250)) {
+            progress.show(n.saturating_sub(left as usize), started.elapsed());
+            shown = Some(Instant::now());
         }
-        check_final(&mut conn, mode)?;
-        latency_phase(&spec, &mut conn, &accounts, opts, bank.as_ref(), row)?;
-        check_final(&mut conn, mode)?;
-        check_bank(bank.as_ref())?;
-        if let Some(bank) = &bank {
-            let stats = bank.stats();
-            row.bank = Some(stats);
-            let settled = count(&mut conn, "SELECT count(*) AS n FROM payouts WHERE status = 'settled'")?;
-            eprintln!(
-                "   bank: {} paid, {} replays, {} lookups, {} connections (at most {} at once); ledger: {settled} settled",
-                stats.paid, stats.replays, stats.lookups, stats.connections, stats.peak_connections
-            );
-            if stats.paid != settled as u64 {
-                bail!("the bank paid {} payouts but the ledger settled {settled}", stats.paid);
-            }
-        }
-        Ok(())
-    })();
-    measured?;
-    audit_into(&mut conn, row)
+        // Counting is cheap near the end (partial indexes): watch the tail closely.
+        thread::sleep(if left > 2_000 { Duration::from_millis(100) } else { Duration::from_millis(5) });
+    };
+    progress.finish(n, elapsed);
+    Ok(Watched { elapsed, peak_rss_mb: rss, cpu_seconds: cpu })
 }
 
 /// Fails the run as soon as the bank refused a call: the worker broke the contract.

@@ -1,6 +1,8 @@
 //! The claimer: wakes on NOTIFY, walks due withdrawals from a cursor (and sweeps for
 //! stragglers), and queues their ids on the lanes.
 
+use ledger_core::AccountId;
+
 use super::*;
 
 /// The claimer: claims due jobs into the channel while it has room; when caught up,
@@ -17,25 +19,10 @@ pub(super) fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
     while !shared.stopping() {
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => {
-                doing("connecting to the database (claimer)");
-                match listen(&shared.url, &config.application_name) {
-                    Ok(c) => {
-                        if failures > 0 {
-                            info!("claimer reconnected");
-                        }
-                        failures = 0;
-                        conn.insert(c)
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        warn!(error = %e, "claimer cannot connect; retrying");
-                        doing("backing off (claimer)");
-                        shared.shutdown.sleep(backoff(failures));
-                        continue;
-                    }
-                }
-            }
+            None => match connect(&shared, &mut failures) {
+                Some(c) => conn.insert(c),
+                None => continue,
+            },
         };
         let room = senders.iter().map(|s| per_lane.saturating_sub(s.len())).sum::<usize>().min(max_claim);
         // Claim in chunks worth a round trip: with the queue nearly full, let the
@@ -46,44 +33,12 @@ pub(super) fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
             continue;
         }
         doing("claiming jobs (database)");
-        // Fast path: the next jobs after the cursor. When that comes up short (caught
-        // up), sweep for due jobs the cursor passed over, excluding what is queued here.
-        let claimed = withdrawals::claim_after(c, cursor, room as i64).and_then(|mut ids| {
-            // The sweep is for stragglers and retries, which can wait a few ms: at a
-            // steady trickle it would otherwise run on every wake-up.
-            if ids.len() < room && (ids.is_empty() || last_sweep.elapsed() >= SWEEP_EVERY) {
-                last_sweep = Instant::now();
-                let mut exclude: Vec<i64> = shared.inflight().iter().copied().collect();
-                exclude.extend(ids.iter().map(|(w, _)| w.get()));
-                ids.extend(withdrawals::claim_due(c, (room - ids.len()) as i64, &exclude)?);
-            }
-            Ok(ids)
-        });
-        match claimed {
+        match claim_round(&shared, c, cursor, room, &mut last_sweep) {
             Ok(ids) => {
                 failures = 0;
-                let claimed = ids.len();
-                for (id, account) in ids {
-                    cursor = cursor.max(id.get());
-                    shared.inflight().insert(id.get());
-                    let lane = &senders[lane_of(account.get(), senders.len())];
-                    doing("queueing jobs");
-                    if !send_unless_stopping(&shared, lane, id.get()) {
-                        shared.inflight().remove(&id.get());
-                    }
-                }
-                shared.metrics.claimed.fetch_add(claimed as u64, Ordering::Relaxed);
+                let claimed = queue_claimed(&shared, &senders, ids, &mut cursor);
                 if claimed < room {
-                    // Caught up. Idle when nothing is pending and nothing is in flight
-                    // (checked only when this round found nothing at all).
-                    doing("checking for work (database)");
-                    let idle = claimed == 0
-                        && shared.inflight().is_empty()
-                        && withdrawals::pending_count(c).map(|n| n == 0).unwrap_or(false)
-                        && (!shared.dispatching || payouts::pending_count(c).map(|n| n == 0).unwrap_or(false));
-                    shared.idle.store(idle, Ordering::SeqCst);
-                    doing("waiting for a NOTIFY (database)");
-                    if let Err(e) = wait_for_work(&shared, c) {
+                    if let Err(e) = wait_caught_up(&shared, c, claimed) {
                         warn!(error = %e, "lost the LISTEN connection; reconnecting");
                         conn = None;
                     }
@@ -103,6 +58,85 @@ pub(super) fn claim_loop(shared: Arc<Shared>, senders: Vec<Sender<i64>>) {
         }
     }
     debug!("claimer stopped");
+}
+
+/// A fresh LISTEN connection; `None` after a failed try and its backoff.
+fn connect(shared: &Shared, failures: &mut u32) -> Option<PgConnection> {
+    doing("connecting to the database (claimer)");
+    match listen(&shared.url, &shared.config.application_name) {
+        Ok(c) => {
+            if *failures > 0 {
+                info!("claimer reconnected");
+            }
+            *failures = 0;
+            Some(c)
+        }
+        Err(e) => {
+            *failures += 1;
+            warn!(error = %e, "claimer cannot connect; retrying");
+            doing("backing off (claimer)");
+            shared.shutdown.sleep(backoff(*failures));
+            None
+        }
+    }
+}
+
+/// At most `room` due jobs. Fast path: the next jobs after the cursor. When that comes
+/// up short (caught up), sweep for due jobs the cursor passed over, excluding what is
+/// queued here.
+fn claim_round(
+    shared: &Shared,
+    c: &mut PgConnection,
+    cursor: i64,
+    room: usize,
+    last_sweep: &mut Instant,
+) -> Result<Vec<(WithdrawalId, AccountId)>, LedgerError> {
+    let mut ids = withdrawals::claim_after(c, cursor, room as i64)?;
+    // The sweep is for stragglers and retries, which can wait a few ms: at a steady
+    // trickle it would otherwise run on every wake-up.
+    if ids.len() < room && (ids.is_empty() || last_sweep.elapsed() >= SWEEP_EVERY) {
+        *last_sweep = Instant::now();
+        let mut exclude: Vec<i64> = shared.inflight().iter().copied().collect();
+        exclude.extend(ids.iter().map(|(w, _)| w.get()));
+        ids.extend(withdrawals::claim_due(c, (room - ids.len()) as i64, &exclude)?);
+    }
+    Ok(ids)
+}
+
+/// Puts each claimed job in flight and on its account's lane (taken out of flight
+/// again if shutdown stops the send); moves the cursor past them. Returns how many.
+fn queue_claimed(
+    shared: &Shared,
+    senders: &[Sender<i64>],
+    ids: Vec<(WithdrawalId, AccountId)>,
+    cursor: &mut i64,
+) -> usize {
+    let claimed = ids.len();
+    for (id, account) in ids {
+        *cursor = (*cursor).max(id.get());
+        shared.inflight().insert(id.get());
+        let lane = &senders[lane_of(account.get(), senders.len())];
+        doing("queueing jobs");
+        if !send_unless_stopping(shared, lane, id.get()) {
+            shared.inflight().remove(&id.get());
+        }
+    }
+    shared.metrics.claimed.fetch_add(claimed as u64, Ordering::Relaxed);
+    claimed
+}
+
+/// Caught up. Idle when nothing is pending and nothing is in flight (checked only when
+/// this round found nothing at all); then waits for a NOTIFY or the poll interval. An
+/// `Err` means the LISTEN connection is lost.
+fn wait_caught_up(shared: &Shared, c: &mut PgConnection, claimed: usize) -> Result<(), LedgerError> {
+    doing("checking for work (database)");
+    let idle = claimed == 0
+        && shared.inflight().is_empty()
+        && withdrawals::pending_count(c).map(|n| n == 0).unwrap_or(false)
+        && (!shared.dispatching || payouts::pending_count(c).map(|n| n == 0).unwrap_or(false));
+    shared.idle.store(idle, Ordering::SeqCst);
+    doing("waiting for a NOTIFY (database)");
+    wait_for_work(shared, c)
 }
 
 /// How often the claimer sweeps for due jobs its cursor passed over while it has work.

@@ -60,19 +60,14 @@ pub(super) fn wait_for_payouts(shared: &Shared, poll: Duration) -> Option<payout
 /// A call still in flight when shutdown stops waiting is simply abandoned: its payout
 /// stays pending and is due again when its lease runs out.
 pub(super) fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
-    let config = &shared.config;
-    let poll = Duration::from_millis(config.payout_poll_ms);
+    let poll = Duration::from_millis(shared.config.payout_poll_ms);
     let mut failures = 0_u32;
     let mut last_poll = Instant::now() - poll;
     let mut waiting: Option<payouts::Claim> = None;
     let mut last_was_table = false;
     while !shared.stopping() {
         if shared.gateway_refused.load(Ordering::SeqCst) {
-            doing("stopped: the gateway refused our credentials");
-            if let Some(claim) = waiting.take().or_else(|| shared.payout_handoff.1.try_recv().ok()) {
-                release_claim(shared, claim);
-            }
-            shared.shutdown.sleep(Duration::from_millis(200));
+            pause_refused(shared, &mut waiting);
             continue;
         }
         // A claim handed over by a batch first; the table (retries, other daemons'
@@ -83,38 +78,12 @@ pub(super) fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
         let handed = waiting.take().or_else(|| if table_turn { None } else { shared.payout_handoff.1.try_recv().ok() });
         last_was_table = handed.is_none();
         let requests = match handed {
-            // Batches that committed meanwhile are sent and recorded in the same round:
-            // one recording transaction for all of them. The round's lease is the
-            // earliest of theirs.
-            Some(mut claim) => {
-                while claim.requests.len() < config.payout_batch {
-                    let Ok(more) = shared.payout_handoff.1.try_recv() else { break };
-                    claim.lease_until = claim.lease_until.min(more.lease_until);
-                    claim.requests.extend(more.requests);
-                }
-                claim
-            }
+            Some(claim) => with_claims_handed_since(shared, claim),
             None => {
                 last_poll = Instant::now();
-                doing("claiming payouts (database)");
-                // The connection goes back to the pool here, before any gateway call.
-                let claimed = checkout(shared).and_then(|mut conn| {
-                    payouts::claim_due(&mut conn, config.payout_batch as i64, config.payout_lease_ms)
-                });
-                match claimed {
-                    Ok(r) => {
-                        failures = 0;
-                        r
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        if !shared.stopping() {
-                            warn!(error = %e, "claiming payouts failed; retrying");
-                        }
-                        doing("backing off (payouts)");
-                        shared.shutdown.sleep(backoff(failures));
-                        continue;
-                    }
+                match claim_from_table(shared, &mut failures) {
+                    Some(claim) => claim,
+                    None => continue,
                 }
             }
         };
@@ -128,22 +97,7 @@ pub(super) fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
             }
             continue;
         }
-        // Calls with bounded concurrency and no transaction open; none once stopping,
-        // and none that could outlast the claim's lease. Then every verdict in one
-        // transaction, each under its claim's fencing token.
-        doing("calling the payout gateway");
-        let budget = Duration::from_millis(config.payout_call_budget_ms());
-        let lease_until = requests.lease_until;
-        let may_call = || {
-            !shared.stopping()
-                && !shared.gateway_refused.load(Ordering::SeqCst)
-                && Instant::now() + budget <= lease_until
-        };
-        let verdicts =
-            ledger_core::dispatcher::resolve_all(gateway, &requests.requests, config.payout_concurrency, &may_call);
-        shared.metrics.gateway_calls.fetch_add(verdicts.len() as u64, Ordering::Relaxed);
-        doing("recording payouts (database)");
-        record_payouts(shared, &verdicts);
+        call_and_record(shared, gateway, &requests);
     }
     // Claims handed over but not started: give them back, so they are due at once
     // (if the database is gone, their leases simply run out).
@@ -152,6 +106,71 @@ pub(super) fn dispatch_loop(shared: &Shared, gateway: &dyn PayoutGateway) {
         release_claim(shared, claim);
     }
     debug!("payout dispatcher stopped");
+}
+
+/// The gateway refused our credentials: hand back a claim that would otherwise wait,
+/// and sleep a little (until shutdown; nothing is sent again by this daemon).
+fn pause_refused(shared: &Shared, waiting: &mut Option<payouts::Claim>) {
+    doing("stopped: the gateway refused our credentials");
+    if let Some(claim) = waiting.take().or_else(|| shared.payout_handoff.1.try_recv().ok()) {
+        release_claim(shared, claim);
+    }
+    shared.shutdown.sleep(Duration::from_millis(200));
+}
+
+/// Batches that committed meanwhile are sent and recorded in the same round: one
+/// recording transaction for all of them (up to `payout_batch` payouts). The round's
+/// lease is the earliest of theirs.
+fn with_claims_handed_since(shared: &Shared, mut claim: payouts::Claim) -> payouts::Claim {
+    while claim.requests.len() < shared.config.payout_batch {
+        let Ok(more) = shared.payout_handoff.1.try_recv() else { break };
+        claim.lease_until = claim.lease_until.min(more.lease_until);
+        claim.requests.extend(more.requests);
+    }
+    claim
+}
+
+/// Due payouts claimed from the table under a lease; `None` after a failure and its
+/// backoff.
+fn claim_from_table(shared: &Shared, failures: &mut u32) -> Option<payouts::Claim> {
+    let config = &shared.config;
+    doing("claiming payouts (database)");
+    // The connection goes back to the pool here, before any gateway call.
+    let claimed = checkout(shared)
+        .and_then(|mut conn| payouts::claim_due(&mut conn, config.payout_batch as i64, config.payout_lease_ms));
+    match claimed {
+        Ok(r) => {
+            *failures = 0;
+            Some(r)
+        }
+        Err(e) => {
+            *failures += 1;
+            if !shared.stopping() {
+                warn!(error = %e, "claiming payouts failed; retrying");
+            }
+            doing("backing off (payouts)");
+            shared.shutdown.sleep(backoff(*failures));
+            None
+        }
+    }
+}
+
+/// Calls with bounded concurrency and no transaction open; none once stopping, and
+/// none that could outlast the claim's lease. Then every verdict in one transaction,
+/// each under its claim's fencing token.
+fn call_and_record(shared: &Shared, gateway: &dyn PayoutGateway, requests: &payouts::Claim) {
+    let config = &shared.config;
+    doing("calling the payout gateway");
+    let budget = Duration::from_millis(config.payout_call_budget_ms());
+    let lease_until = requests.lease_until;
+    let may_call = || {
+        !shared.stopping() && !shared.gateway_refused.load(Ordering::SeqCst) && Instant::now() + budget <= lease_until
+    };
+    let verdicts =
+        ledger_core::dispatcher::resolve_all(gateway, &requests.requests, config.payout_concurrency, &may_call);
+    shared.metrics.gateway_calls.fetch_add(verdicts.len() as u64, Ordering::Relaxed);
+    doing("recording payouts (database)");
+    record_payouts(shared, &verdicts);
 }
 
 pub(super) fn record_payouts(shared: &Shared, verdicts: &[(PayoutRequest, Verdict)]) {

@@ -154,9 +154,44 @@ pub(super) fn now_us() -> i64 {
 /// During shutdown nothing is tried twice: a batch that fails then is left pending as
 /// a whole, with no attempt recorded (the next run does it).
 pub(super) fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
+    shared.metrics.batches.fetch_add(1, Ordering::Relaxed);
+    let (result, claimed, attempts) = run_batch(shared, ids);
+    shared.metrics.retried.fetch_add(attempts.saturating_sub(1), Ordering::Relaxed);
+    let committed_at = now_us();
+    if let Ok(items) = &result {
+        hand_off_payouts(shared, items, claimed);
+    }
+    match result {
+        Ok(items) => items.into_iter().for_each(|item| book_outcome(shared, item, committed_at)),
+        Err(e) if shared.stopping() => {
+            if connection_trouble(&e) {
+                shared.shutdown.abandon_queue();
+            }
+            warn!(error = %e, jobs = ids.len(), "batch not done during shutdown; its jobs stay pending");
+        }
+        Err(e) => {
+            warn!(error = %e, jobs = ids.len(), "batch failed after retries; recording an attempt per job");
+            for id in ids {
+                // Once the database is unreachable (or shutdown began), the remaining
+                // jobs stay pending as they are: each would only wait for it in turn.
+                if shared.stopping() || !record_attempt(shared, *id, &e.to_string()) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The batch's transaction: the fast path, claiming its payouts when a dispatcher here
+/// can take them; after a non-transient failure (not during shutdown), the careful
+/// path in a new transaction. Returns the result, the claim the committed attempt
+/// made (none if nothing is known to have committed), and the attempts made in all.
+fn run_batch(
+    shared: &Shared,
+    ids: &[WithdrawalId],
+) -> (Result<Vec<BatchItem>, LedgerError>, Option<payouts::Claim>, u64) {
     let opts = TxOptions { max_attempts: shared.config.tx_attempts, ..TxOptions::default() };
     let mut attempts = 0_u64;
-    shared.metrics.batches.fetch_add(1, Ordering::Relaxed);
     // Claim the payouts as they are queued when a dispatcher here can take them (the
     // claim's lease, as this process sees it, ends before the database's).
     let lease_ms = shared.config.payout_lease_ms;
@@ -185,66 +220,52 @@ pub(super) fn process_batch(shared: &Shared, ids: &[WithdrawalId]) {
             shared.processor.process_careful(tx, ids)
         });
     }
-    shared.metrics.retried.fetch_add(attempts.saturating_sub(1), Ordering::Relaxed);
-    let committed_at = now_us();
-    if let Ok(items) = &result {
-        let debited = items.iter().filter(|i| matches!(i.outcome, JobOutcome::Debited { .. })).count();
-        let handed = claimed.as_ref().map_or(0, |c| c.requests.len());
-        if let Some(claim) = claimed.filter(|c| !c.requests.is_empty()) {
-            hand_off(shared, claim);
+    (result, claimed, attempts)
+}
+
+/// After commit: the claimed payouts to a dispatcher; a wake-up for payouts queued
+/// unclaimed (the careful path), which are due now.
+fn hand_off_payouts(shared: &Shared, items: &[BatchItem], claimed: Option<payouts::Claim>) {
+    let debited = items.iter().filter(|i| matches!(i.outcome, JobOutcome::Debited { .. })).count();
+    let handed = claimed.as_ref().map_or(0, |c| c.requests.len());
+    if let Some(claim) = claimed.filter(|c| !c.requests.is_empty()) {
+        hand_off(shared, claim);
+    }
+    if debited > handed {
+        let _ = shared.payout_wake.0.try_send(());
+    }
+}
+
+/// One job's outcome in the metrics and the log; an errored job's attempt recorded
+/// (unless shutting down: then it just stays pending).
+fn book_outcome(shared: &Shared, item: BatchItem, committed_at_us: i64) {
+    match item.outcome {
+        JobOutcome::Debited { .. } => {
+            shared.metrics.debited.fetch_add(1, Ordering::Relaxed);
+            observe_latency(shared, item.enqueued_at_us, committed_at_us);
+            debug!(withdrawal = item.id.get(), "debited");
         }
-        if debited > handed {
-            // Payouts queued unclaimed (the careful path): due now.
-            let _ = shared.payout_wake.0.try_send(());
+        JobOutcome::Rejected { code, .. } => {
+            shared.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+            observe_latency(shared, item.enqueued_at_us, committed_at_us);
+            debug!(withdrawal = item.id.get(), code, "rejected");
+        }
+        JobOutcome::Skipped | JobOutcome::AlreadyFinal(_) => {
+            shared.metrics.skipped.fetch_add(1, Ordering::Relaxed);
+        }
+        // Its savepoint was rolled back: during shutdown it just stays pending.
+        JobOutcome::Errored { .. } if shared.stopping() => {}
+        JobOutcome::Errored { error, .. } => {
+            record_attempt(shared, item.id, &error);
         }
     }
-    match result {
-        Ok(items) => {
-            for item in items {
-                match item.outcome {
-                    JobOutcome::Debited { .. } => {
-                        shared.metrics.debited.fetch_add(1, Ordering::Relaxed);
-                        if let Some(t) = item.enqueued_at_us {
-                            let us = u64::try_from(committed_at - t).unwrap_or(0);
-                            shared.metrics.observe_latency(Duration::from_micros(us));
-                        }
-                        debug!(withdrawal = item.id.get(), "debited");
-                    }
-                    JobOutcome::Rejected { code, .. } => {
-                        shared.metrics.rejected.fetch_add(1, Ordering::Relaxed);
-                        if let Some(t) = item.enqueued_at_us {
-                            let us = u64::try_from(committed_at - t).unwrap_or(0);
-                            shared.metrics.observe_latency(Duration::from_micros(us));
-                        }
-                        debug!(withdrawal = item.id.get(), code, "rejected");
-                    }
-                    JobOutcome::Skipped | JobOutcome::AlreadyFinal(_) => {
-                        shared.metrics.skipped.fetch_add(1, Ordering::Relaxed);
-                    }
-                    // Its savepoint was rolled back: during shutdown it just stays pending.
-                    JobOutcome::Errored { .. } if shared.stopping() => {}
-                    JobOutcome::Errored { error, .. } => {
-                        record_attempt(shared, item.id, &error);
-                    }
-                }
-            }
-        }
-        Err(e) if shared.stopping() => {
-            if connection_trouble(&e) {
-                shared.shutdown.abandon_queue();
-            }
-            warn!(error = %e, jobs = ids.len(), "batch not done during shutdown; its jobs stay pending");
-        }
-        Err(e) => {
-            warn!(error = %e, jobs = ids.len(), "batch failed after retries; recording an attempt per job");
-            for id in ids {
-                // Once the database is unreachable (or shutdown began), the remaining
-                // jobs stay pending as they are: each would only wait for it in turn.
-                if shared.stopping() || !record_attempt(shared, *id, &e.to_string()) {
-                    break;
-                }
-            }
-        }
+}
+
+/// Enqueue to commit, for a job that knows when it was enqueued.
+fn observe_latency(shared: &Shared, enqueued_at_us: Option<i64>, committed_at_us: i64) {
+    if let Some(t) = enqueued_at_us {
+        let us = u64::try_from(committed_at_us - t).unwrap_or(0);
+        shared.metrics.observe_latency(Duration::from_micros(us));
     }
 }
 

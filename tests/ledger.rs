@@ -650,3 +650,29 @@ fn a_failed_jobs_retry_waits_as_the_one_retry_policy_says() {
         assert_eq!(last, Some(WithdrawalStatus::Failed), "the sixth attempt was the last");
     });
 }
+
+#[testing::test]
+fn a_key_left_by_a_refused_call_in_a_committed_transaction_is_free_again() {
+    // A `_tx` call refused inside the caller's transaction, which commits anyway, leaves
+    // its key without a result. It applied nothing, so the next request takes the key
+    // (this used to panic: "a committed idempotency key always has its result id").
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let alice = testing::funded_account(&mut conn, "alice", Currency::EUR, "10.00");
+    let bob = testing::funded_account(&mut conn, "bob", Currency::EUR, "1.00");
+    let key = testing::key("orphan");
+    let too_much = Transfer::new(alice, bob, eur("50.00"), key.clone());
+    ledger_core::transaction(&mut conn, &TxOptions::no_retry(), |tx| {
+        let refused = transfers::transfer_tx(tx, &too_much);
+        assert!(matches!(refused, Err(LedgerError::InsufficientFunds { .. })), "{refused:?}");
+        Ok::<_, LedgerError>(()) // the caller commits its own work regardless
+    })
+    .unwrap();
+    let fits = Transfer::new(alice, bob, eur("5.00"), key.clone());
+    let first = transfers::transfer(&mut conn, &fits).unwrap();
+    assert!(!first.replayed);
+    let again = transfers::transfer(&mut conn, &fits).unwrap();
+    assert!(again.replayed && again.entry == first.entry);
+    assert_eq!((balance(&mut conn, alice), balance(&mut conn, bob)), (500, 600));
+    assert_audit_clean(&mut conn);
+}

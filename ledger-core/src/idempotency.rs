@@ -5,7 +5,10 @@
 //! concurrent request with the same key blocks on that row's unique index entry until
 //! the first commits (then it sees the row and replays) or rolls back (then it proceeds
 //! as the first). A request that fails rolls back its key with everything else, so a
-//! refused request leaves no trace and may be retried under the same key.
+//! refused request leaves no trace and may be retried under the same key. When a caller
+//! joins its own transaction (`op_tx`) and commits after a refusal, the key stays behind
+//! without a result; nothing was applied under it, so the next request under that key
+//! takes it over as fresh.
 
 use diesel::prelude::*;
 
@@ -36,15 +39,26 @@ pub fn begin(tx: &mut Tx<'_>, key: &IdempotencyKey, operation: &str, fingerprint
     if inserted == 1 {
         return Ok(Begun::Fresh);
     }
+    // Locked, so two requests that both find a key without a result (below) take turns:
+    // the second reads the first's result once the first commits.
     let (stored_op, stored_fp, result_id): (String, String, Option<i64>) = idempotency_keys::table
         .find(key.as_str())
         .select((idempotency_keys::operation, idempotency_keys::request_fingerprint, idempotency_keys::result_id))
+        .for_update()
         .first(tx.conn())?;
+    let Some(id) = result_id else {
+        // A key without a result applied nothing: a `_tx` call under it was refused and
+        // the caller's transaction committed anyway (or this transaction claimed it
+        // before, for a request that was refused). Nothing was done under it, so it is
+        // free: this request takes it over.
+        diesel::update(idempotency_keys::table.find(key.as_str()))
+            .set((idempotency_keys::operation.eq(operation), idempotency_keys::request_fingerprint.eq(fingerprint)))
+            .execute(tx.conn())?;
+        return Ok(Begun::Fresh);
+    };
     if stored_op != operation || stored_fp != fingerprint {
         return Err(LedgerError::IdempotencyConflict { key: key.as_str().to_string(), operation: stored_op });
     }
-    // finish() runs in the same transaction as the insert, so a committed key has a result.
-    let id = result_id.expect("a committed idempotency key always has its result id");
     Ok(Begun::Replay(id))
 }
 

@@ -111,12 +111,12 @@ impl<'c> Tx<'c> {
 /// too: a plan that must still use a disabled node (a one-row table) is costed at 10^10
 /// and would otherwise be JIT-compiled, tens of ms per statement.
 ///
-/// Statements kept prepared ([`crate::prepared`]) reuse one generic plan inside `f`
-/// (`plan_cache_mode = force_generic_plan`): with these settings it is the same probes
-/// by id a custom plan would be, without planning each call. A statement inside `f`
-/// that needs a partial index must write the index's predicate as a literal (`status =
-/// 'pending'`), never as a bound value: a generic plan cannot prove a parameter equal to
-/// it (`withdrawals::claim_due`; `tests/plans.rs` checks).
+/// Statements kept prepared (the crate's `prepared` module) reuse one generic plan
+/// inside `f` (`plan_cache_mode = force_generic_plan`): with these settings it is the
+/// same probes by id a custom plan would be, without planning each call. A statement
+/// inside `f` that needs a partial index must write the index's predicate as a literal
+/// (`status = 'pending'`), never as a bound value: a generic plan cannot prove a
+/// parameter equal to it (`withdrawals::claim_due`; `tests/plans.rs` checks).
 ///
 /// If `f` panics, the settings stay changed until the transaction ends (rolling it
 /// back, as a panic should, ends them).

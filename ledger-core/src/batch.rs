@@ -14,6 +14,7 @@ pub const MAX_BATCH_ITEMS: usize = 10_000;
 /// One request of a batch, and whether it is linked to the next one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Item<T> {
+    /// The request itself (a transfer, ...), idempotent under its own key.
     pub request: T,
     /// Applied only if the next item is applied too (and so on to the chain's end).
     pub linked: bool,
@@ -41,7 +42,10 @@ impl<T> From<T> for Item<T> {
 /// the chain was closed (its last item is marked linked).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Chain {
+    /// The chain's items, as indexes into the batch.
     pub items: Range<usize>,
+    /// The batch's last item is marked linked: the chain was never closed, and all of
+    /// its items are refused ([`LedgerError::LinkedChainOpen`]).
     pub open: bool,
 }
 

@@ -3,7 +3,7 @@
 //! `FromSql`/`ToSql`. A value the enum does not know is an error when it is read, never
 //! a silent default.
 //!
-//! The enums are declared in their own rooms with [`text_column!`], which writes their
+//! The enums are declared in their own rooms with `text_column!`, which writes their
 //! `as_str`/`parse` pair from one table, so the text of a variant is written once.
 
 use diesel::deserialize::{self, FromSql};

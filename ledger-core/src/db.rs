@@ -13,7 +13,10 @@ use crate::error::LedgerError;
 /// The schema migrations, embedded at compile time from the workspace's `migrations/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
 
+/// A bounded pool of PostgreSQL connections, each with the [`SessionConfig`] it was
+/// built with applied ([`pool`]).
 pub type Pool = diesel::r2d2::Pool<ConnectionManager<PgConnection>>;
+/// A connection borrowed from a [`Pool`]; dropping it gives it back.
 pub type PooledConnection = diesel::r2d2::PooledConnection<ConnectionManager<PgConnection>>;
 
 /// How many migrations the crate embeds.
@@ -117,10 +120,14 @@ impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for ApplySession {
 /// Pool limits. Everything is bounded: connections, and how long a caller waits for one.
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
+    /// The most connections open at once (at least 1).
     pub max_size: u32,
     /// Connections kept open while idle; `None` means `max_size` (all opened up front).
     pub min_idle: Option<u32>,
+    /// Longest a caller waits for a free connection before a [`LedgerError::Pool`]
+    /// error; also the limit of building the pool.
     pub connection_timeout_ms: u64,
+    /// Settings applied to every connection the pool hands out.
     pub session: SessionConfig,
 }
 

@@ -20,17 +20,23 @@ use crate::db::Pool;
 use crate::error::LedgerError;
 use crate::payouts::{self, PayoutGateway, PayoutRequest, Recorded, RetryPolicy, Verdict};
 
-/// Limits of one dispatcher. Every field is a bound.
+/// Limits of one dispatcher. Every field is a bound; [`DispatchConfig::validate`]
+/// checks them, and every round does too.
 #[derive(Clone, Debug)]
 pub struct DispatchConfig {
-    /// Payouts claimed per round (one claim statement, one recording transaction).
+    /// Payouts claimed per round (one claim statement, one recording transaction):
+    /// 1 to 1,000.
     pub batch: usize,
-    /// Gateway calls in flight at once.
+    /// Gateway calls in flight at once: 1 to 256.
     pub concurrency: usize,
-    /// How long a claim reserves its payouts.
+    /// How long a claim reserves its payouts, in ms: at least three gateway timeouts
+    /// plus [`LEASE_MARGIN_MS`], at most [`MAX_LEASE_MS`].
     pub lease_ms: u64,
-    /// The longest one gateway call can take (its whole-call timeout).
+    /// The longest one gateway call can take (its whole-call timeout), in ms; positive.
+    /// The gateway must enforce it: the lease is sized by it.
     pub call_timeout_ms: u64,
+    /// When an unknown outcome is tried again, and how many times before the payout
+    /// is `failed` for an operator.
     pub retry: RetryPolicy,
 }
 
@@ -55,6 +61,9 @@ impl Default for DispatchConfig {
 }
 
 impl DispatchConfig {
+    /// Checks the bounds of every field (see each). The lease must hold three whole
+    /// calls, because a payout may need a lookup, a send and a confirming lookup under
+    /// one claim. The error says which bound is broken, naming the daemon's flag.
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=1_000).contains(&self.batch) {
             return Err("--payout-batch must be 1..=1000".into());
@@ -87,13 +96,21 @@ impl DispatchConfig {
 /// What one round did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RoundReport {
+    /// Payouts claimed (and resolved) in the round.
     pub claimed: usize,
+    /// Paid: settled, their withdrawals completed.
     pub settled: usize,
+    /// Refused: funds returned to the customers.
     pub returned: usize,
+    /// Outcome unknown: due again after a backoff, a lookup first.
     pub retrying: usize,
+    /// Set `failed` for an operator: retries exhausted, or a verdict that could not be
+    /// recorded.
     pub failed: usize,
     /// Claims given back unsent (lease too short for another call, or shutting down).
     pub released: usize,
+    /// Answers not recorded because the claim was no longer current (a newer claim or
+    /// an operator owns the payout); a later claim looks them up.
     pub superseded: usize,
     /// The gateway refused our credentials: stop sending until they are fixed.
     pub unauthorized: Option<String>,

@@ -1,5 +1,9 @@
 //! The crate's error types. Operating errors (insufficient funds, unknown account) are
 //! values the caller handles; transient database errors say so via `is_transient`.
+//!
+//! Whether to retry is decided by [`RetryClass`] (the SQLSTATE or Diesel's own error
+//! kind, never message text): a transient error means running the whole transaction
+//! again may succeed; any other error will fail the same way until something changes.
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
@@ -20,10 +24,22 @@ pub fn stored_text(text: &str, max_chars: usize) -> String {
 }
 
 /// Everything a ledger operation can fail with.
+///
+/// An operation that runs its own transaction and fails wrote nothing: the transaction
+/// was rolled back, idempotency key included, so the request may be sent again under
+/// the same key. An `_tx` form that fails may have written part of its work into the
+/// caller's transaction: roll that back (or run the call in [`crate::Tx::savepoint`]).
+/// [`LedgerError::is_transient`] says whether sending it again unchanged may succeed;
+/// [`LedgerError::code`] names the variant for logs and stored reasons.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
+    /// The request is malformed or out of range (see [`InvalidInput`]); most are found
+    /// before the database is touched. Sending it again unchanged fails the same way.
     #[error(transparent)]
     Invalid(#[from] InvalidInput),
+    /// A debit would take the account below its floor (0, or minus its overdraft
+    /// limit). The same request may succeed once the account has been credited.
+    ///
     /// The amounts stay minor units for code; people read them as decimals with the
     /// currency (this text is also the reason stored on a rejected withdrawal).
     #[error(
@@ -33,54 +49,117 @@ pub enum LedgerError {
         requested = .currency.format_minor(*.requested_minor)
     )]
     InsufficientFunds {
+        /// The account that would be debited.
         account: AccountId,
+        /// The account's currency, the scale of the three amounts.
         currency: Currency,
+        /// The balance before the debit, in minor units.
         balance_minor: i64,
+        /// The lowest balance the account may reach, in minor units: 0, or minus its
+        /// overdraft limit.
         floor_minor: i64,
+        /// The amount the debit asked for, in minor units.
         requested_minor: i64,
     },
+    /// No account has this id. Sending the request again does not help.
     #[error("unknown account {0}")]
     UnknownAccount(AccountId),
+    /// The account is closed and takes no new movements. (A returned payout still
+    /// reaches it: the money is the customer's.)
     #[error("account {0} is closed")]
     AccountClosed(AccountId),
+    /// The id names a system account (external funding, payouts in transit, external
+    /// settlement), which only the ledger itself moves: no request may name one.
     #[error("account {0} is a system account and cannot be used here")]
     SystemAccount(AccountId),
+    /// The request's currency is not the account's. Nothing is ever converted: send
+    /// the request in the account's currency.
     #[error("currency mismatch: account {account} holds {account_currency}, request is in {request_currency}")]
-    CurrencyMismatch { account: AccountId, account_currency: String, request_currency: String },
+    CurrencyMismatch {
+        /// The account named by the request.
+        account: AccountId,
+        /// The currency the account holds (ISO 4217 code).
+        account_currency: String,
+        /// The currency of the request's amount (ISO 4217 code).
+        request_currency: String,
+    },
+    /// A transfer names the same account as its source and its destination.
     #[error("a transfer needs two different accounts, got {0} twice")]
     SameAccount(AccountId),
+    /// The idempotency key was already used for a different request: another operation,
+    /// or the same operation with other fields. Sending it again never succeeds; use a
+    /// new key, or the original request to get the original answer.
     #[error("idempotency key {key:?} was already used for a different request ({operation})")]
-    IdempotencyConflict { key: String, operation: String },
+    IdempotencyConflict {
+        /// The key, as the caller sent it.
+        key: String,
+        /// The operation the key was first used for (`deposit`, `transfer`,
+        /// `withdrawal`, `open_account`).
+        operation: String,
+    },
     /// A batch item not applied because another item of its linked chain (`failed`, its
-    /// index in the batch) was refused: a chain succeeds or fails as a whole.
+    /// index in the batch) was refused: a chain succeeds or fails as a whole. Fix or
+    /// drop the failed item and send the chain again.
     #[error("not applied: item {failed} of its linked chain was refused")]
-    LinkedItemFailed { failed: usize },
+    LinkedItemFailed {
+        /// The index in the batch of the item whose refusal failed the chain.
+        failed: usize,
+    },
     /// A batch item not applied because its linked chain was never closed: the batch's
     /// last item was marked `linked`.
     #[error("not applied: its linked chain is not closed (the batch's last item is marked linked)")]
     LinkedChainOpen,
+    /// No withdrawal has this id.
     #[error("unknown withdrawal {0}")]
     UnknownWithdrawal(WithdrawalId),
     /// No transfer was written under this journal entry.
     #[error("no transfer has entry {0}")]
     UnknownTransfer(EntryId),
+    /// No payout has this id.
     #[error("unknown payout {0}")]
     UnknownPayout(PayoutId),
     /// The payout is not in a state that allows the operation (not failed, its last call
     /// still in flight, sent again meanwhile, a lookup that could not tell). `reason`
     /// names the payout and says what to do.
     #[error("{reason}")]
-    PayoutState { payout: PayoutId, reason: String },
+    PayoutState {
+        /// The payout the operation named.
+        payout: PayoutId,
+        /// What is in the way, and what to do about it, for an operator to read.
+        reason: String,
+    },
+    /// A balance (or a running sum of postings, while reading) would leave the `i64`
+    /// range of minor units. Nothing was written.
     #[error("balance overflow on account {0}")]
     BalanceOverflow(AccountId),
+    /// A named lock ([`crate::locks::acquire`]) was not granted within its timeout; the
+    /// text is the lock's name. The caller's transaction is still usable; try again
+    /// later, or ask [`crate::locks::holder`] who holds it. (A row lock that times out
+    /// is a [`LedgerError::Database`] error with SQLSTATE 55P03, which is transient.)
     #[error("lock on {0:?} not acquired before the timeout")]
     LockTimeout(String),
+    /// A pooled transaction ([`crate::tx::transaction_pooled`]) failed transiently on
+    /// every one of its attempts. Not transient itself: the runner already retried, so
+    /// the caller decides whether to try again later.
     #[error("gave up after {attempts} attempts: {last}")]
-    RetriesExhausted { attempts: u32, last: Box<LedgerError> },
+    RetriesExhausted {
+        /// The attempts made, the first included.
+        attempts: u32,
+        /// The last attempt's error.
+        last: Box<LedgerError>,
+    },
+    /// Any other error from the database or from Diesel. [`LedgerError::is_transient`]
+    /// says whether running the transaction again may help; [`LedgerError::sqlstate`]
+    /// gives the server's error code.
+    ///
     /// The server's message is in its `lc_messages` language; the SQLSTATE, appended
     /// when there is one, is the same everywhere.
     #[error("database error: {error}{suffix}", error = .0, suffix = sqlstate_suffix(.0))]
     Database(#[from] DieselError),
+    /// No usable connection: the pool timed out or was told to stop waiting
+    /// ([`crate::db::checkout`]), connecting or building a pool failed, or migrations
+    /// could not run. Classified as transient ([`Transient::ConnectionLost`]): a retry
+    /// takes a new connection.
     #[error("connection pool error: {0}")]
     Pool(String),
     /// Stored rows disagree with what the operation requires (for example a pending
@@ -136,6 +215,8 @@ impl Transient {
 
 /// Errors that can say whether the whole transaction is worth running again.
 pub trait RetryClass {
+    /// Why running the transaction again may succeed, or `None` when it would fail the
+    /// same way.
     fn transient(&self) -> Option<Transient>;
 }
 
@@ -168,6 +249,9 @@ impl RetryClass for LedgerError {
 }
 
 impl LedgerError {
+    /// Whether running the transaction again, unchanged, may succeed (a deadlock, a
+    /// serialization failure, a lock or connection timeout, a lost connection). The
+    /// transaction runners in [`crate::tx`] already retry these.
     pub fn is_transient(&self) -> bool {
         self.transient().is_some()
     }

@@ -47,6 +47,7 @@ impl PostingId {
         Ok(PostingId(id))
     }
 
+    /// The database id, always positive.
     pub fn get(self) -> i64 {
         self.0
     }
@@ -63,18 +64,21 @@ impl std::fmt::Display for PostingId {
 pub struct HistoryLine {
     /// The cursor of the next page, when this is the last line read.
     pub posting_id: PostingId,
+    /// The journal entry the posting belongs to.
     pub entry_id: EntryId,
     /// When the entry was written (its transaction's start), to the microsecond.
     pub created_at: SystemTime,
+    /// What the entry records.
     pub kind: EntryKind,
     /// The entry's reference as stored (what it was for), if any.
     pub reference: Option<String>,
     /// The caller's metadata on the entry (a transfer's), if any.
     pub metadata: Option<Metadata>,
+    /// The posting's currency, the account's.
     pub currency: Currency,
-    /// Signed: positive raised the balance.
+    /// Signed, in minor units: positive raised the balance.
     pub amount_minor: i64,
-    /// The balance right after this posting.
+    /// The balance right after this posting, in minor units.
     pub balance_after_minor: i64,
 }
 
@@ -92,8 +96,11 @@ pub enum At {
 /// An account's balance at a point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BalanceAt {
+    /// The account asked about.
     pub account: AccountId,
+    /// The account's currency.
     pub currency: Currency,
+    /// The balance at that point, in minor units (0 before its first posting).
     pub balance_minor: i64,
 }
 

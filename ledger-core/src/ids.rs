@@ -27,6 +27,7 @@ macro_rules! id_type {
                 $name(id)
             }
 
+            /// The database id, always positive.
             pub fn get(self) -> i64 {
                 self.0
             }
@@ -74,12 +75,21 @@ id_type!(
 );
 
 /// A caller-supplied idempotency key: 1 to 128 printable ASCII characters, no spaces.
+///
+/// Keys share one namespace across operations: a key names one request (a deposit, a
+/// transfer, a withdrawal, an account opening) forever. Sending that request again
+/// replays its first answer; any other request under the key is
+/// [`crate::LedgerError::IdempotencyConflict`].
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
+    /// The longest key, in bytes (each a printable ASCII character).
     pub const MAX_LEN: usize = 128;
 
+    /// Checks `key`: refused with [`InvalidInput::BadIdempotencyKey`] if empty, longer
+    /// than [`IdempotencyKey::MAX_LEN`], or holding anything but printable ASCII (no
+    /// spaces, no control characters).
     pub fn new(key: impl Into<String>) -> Result<IdempotencyKey, InvalidInput> {
         let key = key.into();
         let printable = key.bytes().all(|b| b.is_ascii_graphic());
@@ -90,6 +100,7 @@ impl IdempotencyKey {
         Ok(IdempotencyKey(key))
     }
 
+    /// The key as the caller gave it.
     pub fn as_str(&self) -> &str {
         &self.0
     }

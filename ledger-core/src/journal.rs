@@ -10,13 +10,22 @@ use crate::money::Currency;
 use crate::schema::{journal_entries, postings};
 use crate::tx::Tx;
 
+/// What a journal entry records, stored in `journal_entries.kind`. Each kind moves
+/// money between fixed kinds of accounts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
 #[diesel(sql_type = diesel::sql_types::Text)]
 pub enum EntryKind {
+    /// Money paid in: external funding -> the customer.
     Deposit,
+    /// A withdrawal's debit: the customer -> payouts in transit, written with the
+    /// payout's outbox row.
     Withdrawal,
+    /// Between two customer accounts of one currency.
     Transfer,
+    /// Payouts the gateway paid: payouts in transit -> external settlement. One entry
+    /// per currency moves the sum of the payouts settled together.
     PayoutSettlement,
+    /// A refused (or operator-returned) payout: payouts in transit -> the customer.
     PayoutReturn,
 }
 
@@ -31,7 +40,9 @@ crate::text_column!(EntryKind {
 /// One leg of an entry. Positive `amount_minor` raises the account's balance.
 #[derive(Clone, Debug)]
 pub struct Leg {
+    /// The account the posting belongs to.
     pub account: AccountId,
+    /// The signed change, in minor units of the entry's currency; never 0.
     pub amount_minor: i64,
     /// The customer account's balance after this leg; `None` for system accounts.
     pub balance_after_minor: Option<i64>,
@@ -93,7 +104,9 @@ pub fn post_with(
 /// currency): every write answers with these for the accounts it touched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Balance {
+    /// The customer account.
     pub account: AccountId,
+    /// Its balance right after the entry, in minor units.
     pub balance_minor: i64,
 }
 
@@ -102,8 +115,13 @@ pub struct Balance {
 /// entry (for a replay, after the first call's entry: the same answer again).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {
+    /// The write's journal entry (the first call's, for a replay).
     pub entry: EntryId,
+    /// Whether this call wrote nothing and answered for an earlier call under the same
+    /// idempotency key.
     pub replayed: bool,
+    /// The customer accounts the entry touched, in ascending id order, each with its
+    /// balance right after the entry (not the balance now).
     pub balances: Vec<Balance>,
 }
 
@@ -143,12 +161,17 @@ pub fn balances_after(conn: &mut PgConnection, entry: EntryId) -> Result<Vec<Bal
 /// One line of an account statement.
 #[derive(Clone, Debug, PartialEq, Eq, Queryable)]
 pub struct StatementLine {
+    /// The posting's id: lines are in ascending id order.
     pub posting_id: i64,
+    /// The entry the posting belongs to.
     pub entry_id: EntryId,
+    /// What the entry records.
     pub kind: EntryKind,
+    /// The entry's reference as stored (e.g. `transfer:<key>`), if any.
     pub reference: Option<String>,
+    /// The signed change, in minor units: positive raised the balance.
     pub amount_minor: i64,
-    /// The running balance after this line.
+    /// The running balance after this line, in minor units.
     pub balance_after_minor: i64,
 }
 

@@ -52,6 +52,8 @@ pub mod outbox;
 pub mod payouts;
 pub(crate) mod prepared;
 pub mod retry;
+/// The Diesel table definitions, generated from `migrations/` by `diesel print-schema`
+/// (see `diesel.toml`); never edited by hand.
 #[rustfmt::skip]
 pub mod schema;
 pub mod sqlstate;

@@ -75,13 +75,18 @@ pub struct LockHolder {
     /// The holding backend's process id (`pg_backend_pid()` on its connection).
     #[diesel(sql_type = Integer)]
     pub pid: i32,
+    /// The holder's `application_name` (empty if it set none; see
+    /// `SessionConfig::application_name`).
     #[diesel(sql_type = Text)]
     pub application_name: String,
+    /// The holder's client address; `None` for a Unix-socket connection.
     #[diesel(sql_type = Nullable<Text>)]
     pub client_addr: Option<String>,
-    /// How long the holding transaction has been open.
+    /// How long the holding transaction has been open, in ms.
     #[diesel(sql_type = BigInt)]
     pub transaction_age_ms: i64,
+    /// The holder's `pg_stat_activity.state`: `active` (running a statement), `idle in
+    /// transaction` (waiting on its client, lock still held), ...
     #[diesel(sql_type = Nullable<Text>)]
     pub state: Option<String>,
 }

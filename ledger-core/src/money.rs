@@ -57,10 +57,15 @@ pub struct Currency {
 }
 
 impl Currency {
+    /// Euro, 2 decimals.
     pub const EUR: Currency = Currency { code: *b"EUR", minor_units: 2 };
+    /// US dollar, 2 decimals.
     pub const USD: Currency = Currency { code: *b"USD", minor_units: 2 };
+    /// Pound sterling, 2 decimals.
     pub const GBP: Currency = Currency { code: *b"GBP", minor_units: 2 };
+    /// Yen, no decimals.
     pub const JPY: Currency = Currency { code: *b"JPY", minor_units: 0 };
+    /// Kuwaiti dinar, 3 decimals.
     pub const KWD: Currency = Currency { code: *b"KWD", minor_units: 3 };
 
     /// Looks up a currency by its three-letter code (upper case, as ISO 4217 writes it).
@@ -75,6 +80,7 @@ impl Currency {
             .ok_or_else(|| InvalidInput::UnknownCurrency(code.chars().take(16).collect()))
     }
 
+    /// The three-letter ISO 4217 code, e.g. `"EUR"`: what the database stores.
     pub fn code(&self) -> &str {
         // The code bytes come from SUPPORTED_CURRENCIES, which is ASCII.
         std::str::from_utf8(&self.code).expect("currency codes are ASCII")
@@ -177,10 +183,12 @@ impl Amount {
         Amount::from_minor(minor).map_err(|_| InvalidInput::NonPositiveAmount(text.to_string()))
     }
 
+    /// The number of minor units, always positive.
     pub fn minor(self) -> i64 {
         self.0
     }
 
+    /// The sum, or `None` if it leaves `i64` minor units.
     pub fn checked_add(self, other: Amount) -> Option<Amount> {
         self.0.checked_add(other.0).map(Amount)
     }
@@ -190,6 +198,7 @@ impl Amount {
         self.0.checked_sub(other.0).filter(|m| *m > 0).map(Amount)
     }
 
+    /// The amount as a decimal string in `currency`'s scale, e.g. `"12.50"`.
     pub fn format(self, currency: Currency) -> String {
         currency.format_minor(self.0)
     }
@@ -207,7 +216,9 @@ pub struct Money {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("cannot combine {left} with {right}: different currencies")]
 pub struct CurrencyMix {
+    /// The currency of the value the method was called on.
     pub left: Currency,
+    /// The currency of the argument.
     pub right: Currency,
 }
 
@@ -247,14 +258,17 @@ impl Money {
         Money::parse(number, expected)
     }
 
+    /// The amount without its currency.
     pub fn amount(self) -> Amount {
         self.amount
     }
 
+    /// The currency, whose scale the amount is in.
     pub fn currency(self) -> Currency {
         self.currency
     }
 
+    /// The number of minor units of [`Money::currency`], always positive.
     pub fn minor(self) -> i64 {
         self.amount.minor()
     }

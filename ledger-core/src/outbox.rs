@@ -46,13 +46,20 @@ pub fn enqueue(
 /// makes a repeated call (after a timeout or a crash) safe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PayoutRequest {
+    /// The payout row.
     pub payout: PayoutId,
+    /// The withdrawal that queued it.
     pub withdrawal: WithdrawalId,
+    /// The amount to send, in minor units of `currency`; positive.
     pub amount_minor: i64,
     /// The amount as a decimal string in the currency's scale, e.g. "50.00".
     pub amount: String,
+    /// The ISO 4217 code, e.g. "EUR".
     pub currency: String,
+    /// Where the money goes: the withdrawal's IBAN, normalised (no spaces, upper case).
     pub destination: String,
+    /// The payout's gateway key, made once by the database (`payout-<instance>-w<id>`)
+    /// and the same on every call for this payout.
     pub idempotency_key: String,
     /// 1 for the first claim, then 2, 3... (informational; `retry` starts it over).
     pub attempt: i32,
@@ -65,6 +72,7 @@ pub struct PayoutRequest {
 /// Claimed payouts and how long this process may call the gateway for them.
 #[derive(Debug)]
 pub struct Claim {
+    /// The payouts claimed, each under its own fencing token; empty when none was due.
     pub requests: Vec<PayoutRequest>,
     /// The lease as this process sees it: taken before the claim was sent, so it ends
     /// no later than the lease the database granted. No call may still run after it.

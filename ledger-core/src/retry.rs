@@ -19,12 +19,16 @@ pub enum Jitter {
 /// `min(cap_ms, base_ms * 2^n)`, itself at least 1 ms (a full-jitter wait can be 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
+    /// The ceiling of retry 0, in ms; each later retry doubles it.
     pub base_ms: u64,
+    /// The largest ceiling, in ms, however many retries came before.
     pub cap_ms: u64,
+    /// Where under the ceiling a wait falls.
     pub jitter: Jitter,
 }
 
 impl Backoff {
+    /// A backoff from `base_ms` doubling up to `cap_ms`.
     pub const fn new(base_ms: u64, cap_ms: u64, jitter: Jitter) -> Backoff {
         Backoff { base_ms, cap_ms, jitter }
     }
@@ -34,7 +38,7 @@ impl Backoff {
         self.base_ms.saturating_mul(1_u64 << n.min(30)).min(self.cap_ms).max(1)
     }
 
-    /// The shortest wait before retry `n`, as a fraction of its ceiling.
+    /// The shortest wait before any retry, as a fraction of its ceiling (0 or 0.5).
     pub fn floor_fraction(&self) -> f64 {
         match self.jitter {
             Jitter::Full => 0.0,
@@ -58,6 +62,7 @@ impl Backoff {
 pub struct RetryPolicy {
     /// Attempts in all, the first included. 1 disables retries.
     pub max_attempts: u32,
+    /// The wait before each retry.
     pub backoff: Backoff,
 }
 

@@ -52,6 +52,7 @@ pub struct QueueDepths {
 /// What happened in the last `window_s` seconds, counted from the rows' timestamps.
 #[derive(Clone, Debug, Default, PartialEq, QueryableByName)]
 pub struct Rates {
+    /// The window the counts cover, in seconds.
     #[diesel(sql_type = Double)]
     pub window_s: f64,
     /// Withdrawals debited (their `finished_at`, set as they leave `pending`).
@@ -74,9 +75,11 @@ impl Rates {
             0.0
         }
     }
+    /// Withdrawals debited per second over the window (0 for an empty window).
     pub fn withdrawals_debited_per_s(&self) -> f64 {
         self.per_s(self.withdrawals_debited)
     }
+    /// Withdrawals refused or given up per second over the window.
     pub fn withdrawals_refused_per_s(&self) -> f64 {
         self.per_s(self.withdrawals_refused)
     }
@@ -89,7 +92,9 @@ impl Rates {
 /// Depths and rates read at one snapshot.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct QueueStats {
+    /// How many rows are in each open state now.
     pub depths: QueueDepths,
+    /// What happened over the window before now.
     pub rates: Rates,
 }
 

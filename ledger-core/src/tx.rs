@@ -111,12 +111,12 @@ impl<'c> Tx<'c> {
 /// too: a plan that must still use a disabled node (a one-row table) is costed at 10^10
 /// and would otherwise be JIT-compiled, tens of ms per statement.
 ///
-/// Statements kept prepared ([`crate::prepared`]) reuse one generic plan inside `f`
-/// (`plan_cache_mode = force_generic_plan`): with these settings it is the same probes
-/// by id a custom plan would be, without planning each call. A statement inside `f`
-/// that needs a partial index must write the index's predicate as a literal (`status =
-/// 'pending'`), never as a bound value: a generic plan cannot prove a parameter equal to
-/// it (`withdrawals::claim_due`; `tests/plans.rs` checks).
+/// Statements kept prepared (the crate's `prepared` module) reuse one generic plan
+/// inside `f` (`plan_cache_mode = force_generic_plan`): with these settings it is the
+/// same probes by id a custom plan would be, without planning each call. A statement
+/// inside `f` that needs a partial index must write the index's predicate as a literal
+/// (`status = 'pending'`), never as a bound value: a generic plan cannot prove a
+/// parameter equal to it (`withdrawals::claim_due`; `tests/plans.rs` checks).
 ///
 /// If `f` panics, the settings stay changed until the transaction ends (rolling it
 /// back, as a panic should, ends them).
@@ -194,10 +194,13 @@ pub fn depth(conn: &mut PgConnection) -> u32 {
 /// Runs `f` in a transaction and commits if it returns `Ok`.
 ///
 /// At the outermost level, transient failures (deadlock, serialization failure, lock
-/// timeout) roll back and run `f` again, up to `opts.max_attempts` times with jittered
-/// exponential backoff, so `f` must be safe to re-run (all its effects are in the
-/// rolled-back transaction). Called inside a transaction, it is a savepoint and does not
-/// retry: the outer transaction still holds its locks, so only its owner can decide.
+/// timeout, too many connections) roll back and run `f` again, up to
+/// `opts.max_attempts` times with jittered exponential backoff, so `f` must be safe to
+/// re-run (all its effects are in the rolled-back transaction). A lost connection is
+/// returned at once (only a new connection can retry: [`transaction_pooled`]), and so
+/// is the last attempt's error, as it is. Called inside a transaction, it is a
+/// savepoint and does not retry: the outer transaction still holds its locks, so only
+/// its owner can decide.
 pub fn transaction<T, E, F>(conn: &mut PgConnection, opts: &TxOptions, mut f: F) -> Result<T, E>
 where
     F: FnMut(&mut Tx<'_>) -> Result<T, E>,
@@ -228,7 +231,9 @@ where
 }
 
 /// Like [`transaction`], but takes a fresh pooled connection for every attempt, so a
-/// dropped connection is retried too.
+/// dropped connection (or a pool timeout) is retried too. When every attempt failed
+/// transiently the error is [`LedgerError::RetriesExhausted`] (unless `max_attempts`
+/// is 1: then it is the one attempt's error).
 pub fn transaction_pooled<T, F>(pool: &Pool, opts: &TxOptions, f: F) -> Result<T, LedgerError>
 where
     F: FnMut(&mut Tx<'_>) -> Result<T, LedgerError>,
@@ -312,23 +317,28 @@ fn sleep_unless(total: Duration, stop: impl Fn() -> bool) -> bool {
 pub struct LockSet(BTreeSet<AccountId>);
 
 impl LockSet {
+    /// An empty set.
     pub fn new() -> LockSet {
         LockSet(BTreeSet::new())
     }
 
+    /// The set with `id` added (a no-op if it is already in).
     pub fn with(mut self, id: AccountId) -> LockSet {
         self.0.insert(id);
         self
     }
 
+    /// Adds `id` (a no-op if it is already in).
     pub fn insert(&mut self, id: AccountId) {
         self.0.insert(id);
     }
 
+    /// How many distinct accounts.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
+    /// Whether the set has no account.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -58,12 +58,22 @@ use {
     record::{set_withdrawal, settle_all, system},
 };
 
+/// Where a payout is in its life, stored in `payouts.status`. `Settled` and `Returned`
+/// are final; the money is held in payouts-in-transit while it is `Pending` or `Failed`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
 #[diesel(sql_type = diesel::sql_types::Text)]
 pub enum PayoutStatus {
+    /// To be sent, being sent under a claim's lease, or waiting for a retry: due again
+    /// at its `next_attempt_at`.
     Pending,
+    /// The gateway paid it: the funds moved to external settlement and the withdrawal
+    /// is `completed`.
     Settled,
+    /// The gateway refused it, or an operator returned it: the funds went back to the
+    /// customer and the withdrawal is `returned`.
     Returned,
+    /// Retries exhausted, or a verdict that could not be recorded: nothing is sent
+    /// until an operator retries it ([`retry`]) or returns it ([`return_failed`]).
     Failed,
 }
 
@@ -74,19 +84,34 @@ crate::text_column!(PayoutStatus {
     Failed => "failed",
 });
 
+/// A payout row, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = payouts, check_for_backend(diesel::pg::Pg))]
 pub struct Payout {
+    /// The payout's id.
     pub id: PayoutId,
+    /// The withdrawal that queued it (one payout per withdrawal).
     pub withdrawal_id: WithdrawalId,
+    /// The customer account debited, and credited back if the payout is returned.
     pub account_id: AccountId,
+    /// The currency of the amount.
     pub currency: Currency,
+    /// The amount sent, in minor units; positive.
     pub amount_minor: i64,
+    /// Where the money goes: the withdrawal's IBAN, normalised.
     pub destination: String,
+    /// The gateway key, made once when the payout was queued and sent on every call.
     pub idempotency_key: String,
+    /// Where the payout is in its life.
     pub status: PayoutStatus,
+    /// Claims that may have called the gateway, counted against the retry policy's
+    /// `max_attempts`. A claim given back unsent, or answered with a refused credential,
+    /// does not count; an operator's [`retry`] starts it over at 0.
     pub attempts: i32,
+    /// The last unknown outcome or why recording failed (for a `returned` payout, the
+    /// reason it was returned), cut to [`crate::error::STORED_TEXT_MAX_CHARS`].
     pub last_error: Option<String>,
+    /// The gateway's reference for the payment, once settled, if it gave one.
     pub gateway_reference: Option<String>,
     /// The fencing token of the current claim (None when nobody holds it).
     pub claim_token: Option<i64>,
@@ -128,6 +153,7 @@ pub fn renew_instance_id(conn: &mut PgConnection) -> Result<String, LedgerError>
     })
 }
 
+/// The payout `id`; [`LedgerError::UnknownPayout`] if there is none.
 pub fn get(conn: &mut PgConnection, id: PayoutId) -> Result<Payout, LedgerError> {
     payouts::table
         .find(id.get())
@@ -137,6 +163,8 @@ pub fn get(conn: &mut PgConnection, id: PayoutId) -> Result<Payout, LedgerError>
         .ok_or(LedgerError::UnknownPayout(id))
 }
 
+/// The payout a withdrawal queued; `None` until it was debited (or if it was
+/// rejected), or if the withdrawal does not exist.
 pub fn for_withdrawal(conn: &mut PgConnection, withdrawal: WithdrawalId) -> Result<Option<Payout>, LedgerError> {
     Ok(payouts::table
         .filter(payouts::withdrawal_id.eq(withdrawal.get()))

@@ -7,31 +7,52 @@ use super::*;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SendOutcome {
     /// Unambiguously paid.
-    Accepted { reference: Option<String> },
+    Accepted {
+        /// The gateway's reference for the payment, if it gave one (stored on the
+        /// payout, cut to 200 characters).
+        reference: Option<String>,
+    },
     /// Unambiguously refused (for example the bank refuses the account).
-    Rejected { reason: String },
+    Rejected {
+        /// Why, as the gateway said it: stored on the payout and the withdrawal.
+        reason: String,
+    },
     /// Anything else: timeout, connection lost, 5xx, a redirect, a body we don't expect.
     /// It may have been paid: find out before acting.
-    Unknown { error: String },
+    Unknown {
+        /// What happened, for the payout's `last_error`.
+        error: String,
+    },
     /// Our credentials were refused (401/403). Says nothing about the payout.
-    Unauthorized { error: String },
+    Unauthorized {
+        /// The gateway's answer, for the round's report and the payout's `last_error`.
+        error: String,
+    },
 }
 
 /// The answer to a lookup of an earlier call by its idempotency key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LookupOutcome {
+    /// An earlier call with this key was paid.
     Accepted {
+        /// The gateway's reference for the payment, if it gave one.
         reference: Option<String>,
     },
+    /// An earlier call with this key was refused, finally.
     Rejected {
+        /// Why, as the gateway said it.
         reason: String,
     },
     /// The gateway never received a call with this key.
     NotFound,
+    /// The lookup itself failed or was unclear: nothing is known.
     Unknown {
+        /// What happened, for the payout's `last_error`.
         error: String,
     },
+    /// Our credentials were refused (401/403). Says nothing about the payout.
     Unauthorized {
+        /// The gateway's answer.
         error: String,
     },
 }
@@ -40,7 +61,12 @@ pub enum LookupOutcome {
 /// be idempotent per `idempotency_key` or sit in front of a service that is. Called
 /// with no database transaction open.
 pub trait PayoutGateway: Send + Sync {
+    /// Asks the gateway to pay `request`, under its `idempotency_key`. Must return
+    /// within the dispatcher's `call_timeout_ms`; anything short of an unambiguous
+    /// answer is [`SendOutcome::Unknown`].
     fn send(&self, request: &PayoutRequest) -> SendOutcome;
+    /// Asks what became of earlier calls with `request.idempotency_key`, without
+    /// sending anything. The same time limit as [`PayoutGateway::send`].
     fn lookup(&self, request: &PayoutRequest) -> LookupOutcome;
 }
 
@@ -48,13 +74,26 @@ pub trait PayoutGateway: Send + Sync {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Settle.
-    Paid { reference: Option<String> },
+    Paid {
+        /// The gateway's reference for the payment, if it gave one.
+        reference: Option<String>,
+    },
     /// Return the funds (a first call refused, or a lookup confirmed it).
-    Refused { reason: String },
+    Refused {
+        /// The gateway's reason, stored on the payout and the withdrawal.
+        reason: String,
+    },
     /// Not known: try again later (a lookup comes first next time).
-    Unknown { error: String },
-    /// Our credentials were refused: nothing is known; the dispatcher stops.
-    Unauthorized { error: String },
+    Unknown {
+        /// What happened, stored as the payout's `last_error`.
+        error: String,
+    },
+    /// Our credentials were refused: nothing is known; the dispatcher stops. The
+    /// payout is tried again without using up an attempt.
+    Unauthorized {
+        /// The gateway's answer.
+        error: String,
+    },
     /// No call sent money in this claim (no time left in the lease, or shutting down):
     /// give the claim back.
     NotSent,

@@ -31,10 +31,21 @@ use super::Transfer;
 #[derive(Debug)]
 pub enum TransferResult {
     /// Written: its entry, and both accounts' balances right after it (minor units).
-    Created { entry: EntryId, from_balance_minor: i64, to_balance_minor: i64 },
+    Created {
+        /// The transfer's journal entry.
+        entry: EntryId,
+        /// The source account's balance right after this item (later items of the
+        /// batch may move it again).
+        from_balance_minor: i64,
+        /// The destination account's balance right after this item.
+        to_balance_minor: i64,
+    },
     /// Its key was used before for the same transfer (by an earlier call or an earlier
     /// item of this batch): nothing was written, here is that transfer's entry.
-    Replayed { entry: EntryId },
+    Replayed {
+        /// The entry of the transfer first made under the key.
+        entry: EntryId,
+    },
     /// Refused, and why; nothing of it was written. A refused item leaves its key
     /// unused, so it may be sent again under the same key. In a linked chain that
     /// failed every item is refused, a replay too (its earlier transfer stands): this

@@ -22,12 +22,19 @@ mod plan;
 
 pub use batch::{create_batch, create_batch_tx, create_batch_with, TransferResult};
 
+/// A request to move money from one customer account to another.
 #[derive(Clone, Debug)]
 pub struct Transfer {
+    /// The account debited: open, a customer's, able to go down by `amount` without
+    /// passing its floor (0, or minus its overdraft limit).
     pub from: AccountId,
+    /// The account credited: open, a customer's, not `from`.
     pub to: AccountId,
     /// How much, in which currency; the accounts must hold that currency.
     pub amount: Money,
+    /// Makes the transfer safe to send again: the same transfer under the same key
+    /// replays the first answer; another request under it is
+    /// [`LedgerError::IdempotencyConflict`].
     pub key: IdempotencyKey,
     /// The caller's JSON object, stored on the transfer's entry and returned with it.
     pub metadata: Option<Metadata>,
@@ -67,12 +74,17 @@ impl Transfer {
 /// A transfer as written, read back by its entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransferRecord {
+    /// The transfer's journal entry.
     pub entry: EntryId,
+    /// The account debited.
     pub from: AccountId,
+    /// The account credited.
     pub to: AccountId,
+    /// The amount moved.
     pub amount: Money,
     /// The caller's idempotency key, as the entry's reference remembers it.
     pub key: String,
+    /// The caller's metadata, if the transfer carried any.
     pub metadata: Option<Metadata>,
     /// When the entry was written (its transaction's start).
     pub created_at: std::time::SystemTime,
@@ -111,10 +123,18 @@ pub fn get(conn: &mut PgConnection, entry: EntryId) -> Result<TransferRecord, Le
     })
 }
 
+/// Moves `req.amount` from `req.from` to `req.to` in a transaction of its own (retried
+/// on transient errors), both accounts locked in ascending id order. The receipt has
+/// both balances right after the transfer; a replay of an earlier call under the same
+/// key writes nothing and answers as the first call did. Refusals ([`LedgerError`]):
+/// `SameAccount`, `UnknownAccount`, `AccountClosed`, `SystemAccount`,
+/// `CurrencyMismatch`, `InsufficientFunds`, `BalanceOverflow`, `IdempotencyConflict`;
+/// nothing is written for any of them.
 pub fn transfer(conn: &mut PgConnection, req: &Transfer) -> Result<Receipt, LedgerError> {
     transfer_with(conn, &TxOptions::default(), req)
 }
 
+/// [`transfer`] with the caller's transaction options (retries, lock timeout).
 pub fn transfer_with(conn: &mut PgConnection, opts: &TxOptions, req: &Transfer) -> Result<Receipt, LedgerError> {
     if req.from == req.to {
         return Err(LedgerError::SameAccount(req.from));
@@ -122,6 +142,9 @@ pub fn transfer_with(conn: &mut PgConnection, opts: &TxOptions, req: &Transfer) 
     tx::transaction(conn, opts, |tx| transfer_tx(tx, req))
 }
 
+/// [`transfer`] inside the caller's transaction: nothing is retried, and the accounts
+/// stay locked until that transaction ends. On `Err` it may have written part of its
+/// work (its idempotency key): roll back, or call it in a [`Tx::savepoint`].
 pub fn transfer_tx(tx: &mut Tx<'_>, req: &Transfer) -> Result<Receipt, LedgerError> {
     if req.from == req.to {
         return Err(LedgerError::SameAccount(req.from));

@@ -6,7 +6,14 @@ use super::*;
 #[derive(Debug)]
 pub enum Decision {
     /// Take `amount` out of the account, leaving `after_minor`.
-    Debit { amount: Amount, currency: Currency, after_minor: i64 },
+    Debit {
+        /// The job's amount, checked positive.
+        amount: Amount,
+        /// The job's currency, which the account holds.
+        currency: Currency,
+        /// The account's balance after the debit, in minor units; at or above its floor.
+        after_minor: i64,
+    },
     /// Refuse it, and why (a business refusal, recorded on the job).
     Reject(LedgerError),
 }

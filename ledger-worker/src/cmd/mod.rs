@@ -99,7 +99,7 @@ pub enum Command {
     /// Enqueue a withdrawal to an IBAN; the daemon processes it.
     Withdraw(withdraw::WithdrawArgs),
     /// Enqueue withdrawals read as JSON lines on stdin:
-    /// {"account": 88, "to": "DE89...", "amount": "50.00", "key": "k-1"}
+    /// {"account": 117, "to": "DE89...", "amount": "50.00", "key": "k-1"}
     ///
     /// Each line is answered (enqueued, replayed, refused with why, or skipped when
     /// blank), then a summary counts each; exit status 1 if any line was refused.

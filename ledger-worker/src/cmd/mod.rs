@@ -31,6 +31,7 @@ mod audit;
 mod deposit;
 pub mod failure;
 pub mod help;
+mod hold;
 mod migrate;
 mod payout;
 mod run;
@@ -96,6 +97,10 @@ pub enum Command {
     Deposit(deposit::DepositArgs),
     /// Move money between two accounts of the same currency (idempotent under --key).
     Transfer(transfer::TransferArgs),
+    /// Two-phase transfers: hold money for another account, then post all or part of
+    /// it, void it, or let its --timeout void it (the daemon's expiry loop).
+    #[command(subcommand)]
+    Hold(hold::HoldCommand),
     /// Enqueue a withdrawal to an IBAN; the daemon processes it.
     Withdraw(withdraw::WithdrawArgs),
     /// Enqueue withdrawals read as JSON lines on stdin:
@@ -158,6 +163,7 @@ pub fn run_command(ctx: Ctx, command: Command) -> Result<ExitCode> {
         Command::Account(command) => account::run(ctx, command),
         Command::Deposit(args) => deposit::run(ctx, args),
         Command::Transfer(args) => transfer::run(ctx, args),
+        Command::Hold(command) => hold::run(ctx, command),
         Command::Withdraw(args) => withdraw::run(ctx, args),
         Command::Submit => submit::run(ctx),
         Command::Withdrawal(command) => withdrawal::run(ctx, command),

@@ -55,8 +55,7 @@ fn expiry_loop(shared: &Shared) {
             Ok(expired) => {
                 failures = 0;
                 if !expired.is_empty() {
-                    let returned: i64 = expired.iter().map(|e| e.returned_minor).sum();
-                    info!(expired = expired.len(), returned_minor = returned, "expired holds");
+                    info!(expired = expired.len(), "expired holds: their amounts are back with their payers");
                 }
                 if expired.len() == config.hold_expiry_batch {
                     continue; // more may be due: no wait

@@ -21,9 +21,19 @@ use crate::money::Currency;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HoldsViolation {
     /// A currency's holds-pending account does not hold the sum of its pending holds.
-    PendingMismatch { currency: String, held_minor: i64, pending_holds_minor: i64 },
+    PendingMismatch {
+        /// The currency code, as stored.
+        currency: String,
+        /// The holds-pending account's balance (the sum of its postings).
+        held_minor: i64,
+        /// The sum of the pending holds in that currency.
+        pending_holds_minor: i64,
+    },
     /// A hold whose hold or resolution entry does not move its amount as it should.
-    EntriesMismatch { hold: i64 },
+    EntriesMismatch {
+        /// The hold's id.
+        hold: i64,
+    },
 }
 
 impl fmt::Display for HoldsViolation {

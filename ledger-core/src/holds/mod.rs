@@ -69,6 +69,9 @@
 //! ([`crate::tx::transaction`]), and `op_tx(tx, ..)`, which joins the caller's (on an
 //! error, roll that transaction or its savepoint back: it may hold the refused key).
 
+// Every public item of the holds has its rustdoc.
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 

@@ -588,6 +588,7 @@ fn columns_map_to_enums_and_typed_ids_and_an_unknown_value_is_an_error() {
         round_trip!(AccountStatus);
         round_trip!(SystemRole);
         round_trip!(EntryKind);
+        round_trip!(ledger_core::holds::HoldStatus);
         assert_eq!(WithdrawalStatus::ALL.len(), 6);
 
         let known: Kind = diesel::sql_query("SELECT 'system' AS v").get_result(conn).unwrap();

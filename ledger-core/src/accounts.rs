@@ -35,12 +35,16 @@ pub enum SystemRole {
     PayoutsInTransit,
     /// Where settled payouts go: its balance is what has left the ledger.
     ExternalSettlement,
+    /// Held funds of pending holds (`holds`), until they are posted, voided or expire:
+    /// its balance is the sum of the pending holds in its currency.
+    HoldsPending,
 }
 
 crate::text_column!(SystemRole {
     ExternalFunding => "external_funding",
     PayoutsInTransit => "payouts_in_transit",
     ExternalSettlement => "external_settlement",
+    HoldsPending => "holds_pending",
 });
 
 crate::text_column!(AccountKind {

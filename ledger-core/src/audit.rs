@@ -8,6 +8,7 @@
 //!    debited withdrawal has exactly one entry and one payout, in matching states;
 //!    every settlement or return entry moves out of transit exactly the amounts of the
 //!    payouts that name it as their resolution (a settlement entry covers a batch).
+//! 4. The holds (`holds/audit.rs`): each holds-pending account holds its pending holds.
 
 use std::fmt;
 
@@ -34,6 +35,7 @@ pub enum Violation {
     WithdrawalEntryMismatch { withdrawal: i64 },
     ResolutionMismatch { entry: i64, currency: String, moved_minor: i64, payouts_minor: i64 },
     PayoutResolutionWrong { payout: i64 },
+    Holds(crate::holds::audit::HoldsViolation),
 }
 
 impl fmt::Display for Violation {
@@ -79,6 +81,7 @@ impl fmt::Display for Violation {
                 let (moved, total) = (money(c, *moved), money(c, *total));
                 write!(f, "entry {entry}: moves {moved} out of transit, but the payouts it resolves total {total}")
             }
+            Violation::Holds(h) => h.fmt(f),
             Violation::PayoutResolutionWrong { payout } => write!(
                 f,
                 "payout {payout}: its resolution entry is not a settlement (or return) out of transit in its currency"
@@ -152,7 +155,7 @@ fn without_nested_loops(conn: &mut PgConnection) -> Result<AuditReport, LedgerEr
         "SELECT current_setting('enable_nestloop') AS previous, set_config('enable_nestloop', 'off', true)",
     )
     .get_result(conn)?;
-    let report = checks::run_checks(conn);
+    let report = checks::run_checks(conn).and_then(|r| crate::holds::audit::extend(conn, r));
     diesel::sql_query("SELECT set_config('enable_nestloop', $1, true)")
         .bind::<Text, _>(&previous.previous)
         .execute(conn)?;

@@ -11,7 +11,7 @@ use diesel::pg::{Pg, PgValue};
 use diesel::serialize::{self, Output, ToSql};
 use diesel::sql_types::{BigInt, Text};
 
-use crate::ids::{AccountId, EntryId, PayoutId, WithdrawalId};
+use crate::ids::{AccountId, EntryId, HoldId, PayoutId, WithdrawalId};
 use crate::money::Currency;
 
 /// Declares the text of each variant of a fieldless enum stored in a TEXT column:
@@ -87,7 +87,7 @@ macro_rules! id_column {
     )+};
 }
 
-id_column!(AccountId, WithdrawalId, EntryId, PayoutId);
+id_column!(AccountId, WithdrawalId, EntryId, PayoutId, HoldId);
 
 impl FromSql<Text, Pg> for Currency {
     fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {

@@ -7,7 +7,8 @@
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
-use crate::ids::{AccountId, EntryId, PayoutId, WithdrawalId};
+use crate::holds::HoldStatus;
+use crate::ids::{AccountId, EntryId, HoldId, PayoutId, WithdrawalId};
 pub use crate::input::InvalidInput;
 use crate::money::Currency;
 use crate::sqlstate::{self, SqlState};
@@ -128,6 +129,22 @@ pub enum LedgerError {
         /// What is in the way, and what to do about it, for an operator to read.
         reason: String,
     },
+    #[error("unknown hold {0}")]
+    UnknownHold(HoldId),
+    /// Only a pending hold can be posted or voided: this one was already posted,
+    /// voided or expired (by another call, or by the expiry loop that won the race).
+    #[error("hold {hold} is {status}: only a pending hold can be posted or voided")]
+    HoldFinished { hold: HoldId, status: HoldStatus },
+    /// A post asked for more than the hold holds. Nothing was written.
+    #[error(
+        "hold {hold} holds {held} {currency}: cannot post {requested} {currency}",
+        held = .currency.format_minor(*.held_minor),
+        requested = .currency.format_minor(*.requested_minor)
+    )]
+    PostExceedsHold { hold: HoldId, currency: Currency, held_minor: i64, requested_minor: i64 },
+    /// A post's amount is in another currency than the hold's. Nothing was written.
+    #[error("hold {hold} is in {hold_currency}, the request is in {request_currency}")]
+    HoldCurrencyMismatch { hold: HoldId, hold_currency: Currency, request_currency: Currency },
     /// A balance (or a running sum of postings, while reading) would leave the `i64`
     /// range of minor units. Nothing was written.
     #[error("balance overflow on account {0}")]
@@ -283,6 +300,10 @@ impl LedgerError {
             LedgerError::UnknownTransfer(_) => "unknown_transfer",
             LedgerError::UnknownPayout(_) => "unknown_payout",
             LedgerError::PayoutState { .. } => "payout_state",
+            LedgerError::UnknownHold(_) => "unknown_hold",
+            LedgerError::HoldFinished { .. } => "hold_finished",
+            LedgerError::PostExceedsHold { .. } => "post_exceeds_hold",
+            LedgerError::HoldCurrencyMismatch { .. } => "hold_currency_mismatch",
             LedgerError::BalanceOverflow(_) => "balance_overflow",
             LedgerError::LockTimeout(_) => "lock_timeout",
             LedgerError::RetriesExhausted { .. } => "retries_exhausted",
@@ -306,6 +327,8 @@ impl LedgerError {
                 | LedgerError::LinkedItemFailed { .. }
                 | LedgerError::LinkedChainOpen
                 | LedgerError::BalanceOverflow(_)
+                | LedgerError::PostExceedsHold { .. }
+                | LedgerError::HoldCurrencyMismatch { .. }
                 | LedgerError::Invalid(_)
         )
     }
@@ -365,7 +388,7 @@ mod tests {
     #[test]
     fn insufficient_funds_reads_in_decimals_with_the_currency() {
         let e = LedgerError::InsufficientFunds {
-            account: AccountId::from_db(88),
+            account: AccountId::from_db(117),
             currency: Currency::EUR,
             balance_minor: 1_150,
             floor_minor: 0,
@@ -373,7 +396,7 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "insufficient funds in account 88: balance 11.50 EUR, floor 0.00 EUR, requested 100000.00 EUR"
+            "insufficient funds in account 117: balance 11.50 EUR, floor 0.00 EUR, requested 100000.00 EUR"
         );
         let jpy = LedgerError::InsufficientFunds {
             account: AccountId::from_db(9),

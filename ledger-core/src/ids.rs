@@ -73,6 +73,10 @@ id_type!(
     /// A payout outbox row.
     PayoutId
 );
+id_type!(
+    /// A hold: a two-phase transfer, pending until posted, voided or expired.
+    HoldId
+);
 
 /// A caller-supplied idempotency key: 1 to 128 printable ASCII characters, no spaces.
 ///

@@ -27,6 +27,14 @@ pub enum EntryKind {
     PayoutSettlement,
     /// A refused (or operator-returned) payout: payouts in transit -> the customer.
     PayoutReturn,
+    /// A hold: the amount from the payer into holds-pending.
+    Hold,
+    /// A hold's post: out of holds-pending, the posted part to the payee, the rest back.
+    HoldPost,
+    /// A hold's void: out of holds-pending, all back to the payer.
+    HoldVoid,
+    /// A hold voided by the expiry loop once its timeout passed.
+    HoldExpiry,
 }
 
 crate::text_column!(EntryKind {
@@ -35,6 +43,10 @@ crate::text_column!(EntryKind {
     Transfer => "transfer",
     PayoutSettlement => "payout_settlement",
     PayoutReturn => "payout_return",
+    Hold => "hold",
+    HoldPost => "hold_post",
+    HoldVoid => "hold_void",
+    HoldExpiry => "hold_expiry",
 });
 
 /// One leg of an entry. Positive `amount_minor` raises the account's balance.

@@ -20,6 +20,7 @@
 //! - Movements: [`deposits`], [`transfers`], [`withdrawals`]; [`batch`] (many requests in
 //!   one transaction, one result each, linked chains). A withdrawal is decided in
 //!   one place, [`withdrawals::decide`]; the batch path and the single path both call it.
+//!   [`holds`]: two-phase transfers (hold, then post all or part, void, or expire).
 //! - Payouts: [`outbox`] (phase 1, written with the debit), [`payouts`] (phase 2: what a
 //!   gateway answer means, [`payouts::resolve`], and how it is recorded), [`dispatcher`]
 //!   (the round an embedding service runs).
@@ -41,6 +42,7 @@ pub mod deposits;
 pub mod dispatcher;
 pub mod error;
 pub mod history;
+pub mod holds;
 pub mod idempotency;
 pub mod ids;
 pub mod input;
@@ -63,7 +65,7 @@ pub mod tx;
 pub mod withdrawals;
 
 pub use error::{InvalidInput, LedgerError};
-pub use ids::{AccountId, EntryId, IdempotencyKey, PayoutId, WithdrawalId};
+pub use ids::{AccountId, EntryId, HoldId, IdempotencyKey, PayoutId, WithdrawalId};
 pub use money::{Amount, Currency, Money};
 pub use sqlstate::SqlState;
 pub use tx::{transaction, LockSet, Tx, TxOptions};

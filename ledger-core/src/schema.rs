@@ -23,6 +23,24 @@ diesel::table! {
 }
 
 diesel::table! {
+    holds (id) {
+        id -> Int8,
+        payer_id -> Int8,
+        payee_id -> Int8,
+        currency -> Text,
+        amount_minor -> Int8,
+        posted_minor -> Int8,
+        status -> Text,
+        expires_at -> Nullable<Timestamptz>,
+        idempotency_key -> Text,
+        hold_entry_id -> Int8,
+        resolution_entry_id -> Nullable<Int8>,
+        created_at -> Timestamptz,
+        finished_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
     idempotency_keys (key) {
         key -> Text,
         operation -> Text,
@@ -113,6 +131,7 @@ diesel::joinable!(withdrawals -> journal_entries (entry_id));
 diesel::allow_tables_to_appear_in_same_query!(
     accounts,
     currencies,
+    holds,
     idempotency_keys,
     journal_entries,
     ledger_instance,

@@ -274,6 +274,7 @@ pub fn snapshot(conn: &mut PgConnection) -> DbSnapshot {
         ("withdrawals", "id"),
         ("payouts", "id"),
         ("idempotency_keys", "key"),
+        ("holds", "id"),
     ];
     let digests = tables
         .iter()

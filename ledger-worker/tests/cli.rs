@@ -8,6 +8,8 @@ mod contract;
 mod help;
 #[path = "cli/history.rs"]
 mod history;
+#[path = "cli/holds.rs"]
+mod holds;
 #[path = "cli/lists.rs"]
 mod lists;
 

@@ -22,7 +22,8 @@ pub enum AccountCommand {
         #[arg(long)]
         key: Option<String>,
     },
-    /// Show an account's balance, currency and status.
+    /// Show an account's balance (what it may spend now), its posted balance and its
+    /// pending holds (debits: held from it; credits: held for it), currency and status.
     Show {
         /// The account's id (as `account open` printed it).
         id: i64,
@@ -74,14 +75,22 @@ pub fn run(ctx: Ctx, command: AccountCommand) -> Result<ExitCode> {
             let id = account_id(id)?;
             let mut conn = connect(ctx.database_url)?;
             let a = accounts::get(&mut conn, id)?;
-            ctx.out.print(account_json(&a), || {
+            let b = ledger_core::holds::balance(&mut conn, id)?;
+            let mut value = account_json(&a);
+            for field in ["posted", "pending_debits", "pending_credits"] {
+                value[field] = super::hold::balance_json(&b)[field].clone();
+            }
+            ctx.out.print(value, || {
+                let c = a.currency;
                 format!(
-                    "account {}: {} {} ({}), owner {}",
+                    "account {}: {} {c} ({}), owner {}; posted {} {c}, pending {} {c} out, {} {c} in",
                     a.id,
                     a.balance_display(),
-                    a.currency,
-                    account_json(&a)["status"].as_str().unwrap_or(""),
-                    a.owner
+                    a.status,
+                    a.owner,
+                    c.format_minor(b.posted_minor()),
+                    c.format_minor(b.pending_debits_minor),
+                    c.format_minor(b.pending_credits_minor)
                 )
             })?;
         }

@@ -143,6 +143,7 @@ fn id_field(kind: &str) -> &str {
         "AccountId" => "account",
         "WithdrawalId" => "withdrawal",
         "PayoutId" => "payout",
+        "HoldId" => "hold",
         "EntryId" => "entry",
         "PostingId" => "posting",
         other => other,
@@ -164,6 +165,11 @@ fn of_ledger(e: &LedgerError) -> Failure {
         LedgerError::UnknownWithdrawal(id) => Failure::new("not_found", EXIT_REFUSED).id(id.get()).field("withdrawal"),
         LedgerError::UnknownTransfer(id) => Failure::new("not_found", EXIT_REFUSED).id(id.get()).field("transfer"),
         LedgerError::UnknownPayout(id) => Failure::new("not_found", EXIT_REFUSED).id(id.get()).field("payout"),
+        LedgerError::UnknownHold(id) => Failure::new("not_found", EXIT_REFUSED).id(id.get()).field("hold"),
+        LedgerError::HoldFinished { hold, .. } => Failure::new("conflict", EXIT_REFUSED).id(hold.get()).field("hold"),
+        LedgerError::PostExceedsHold { hold, .. } | LedgerError::HoldCurrencyMismatch { hold, .. } => {
+            Failure::new("refused", EXIT_REFUSED).id(hold.get()).field("amount")
+        }
         LedgerError::AccountClosed(id)
         | LedgerError::SystemAccount(id)
         | LedgerError::SameAccount(id)
@@ -206,12 +212,13 @@ pub fn of_clap(e: &clap::Error) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ledger_core::{AccountId, Currency, PayoutId};
+    use ledger_core::holds::HoldStatus;
+    use ledger_core::{AccountId, Currency, HoldId, PayoutId};
 
     #[test]
     fn each_typed_error_has_its_kind_exit_code_and_subject() {
         let funds = LedgerError::InsufficientFunds {
-            account: AccountId::new(88).unwrap(),
+            account: AccountId::new(117).unwrap(),
             currency: Currency::EUR,
             balance_minor: 0,
             floor_minor: 0,
@@ -221,9 +228,31 @@ mod tests {
         // (error, kind, exit status, field, id)
         type Case = (anyhow::Error, &'static str, u8, Option<&'static str>, Option<i64>);
         let cases: Vec<Case> = vec![
-            (funds.into(), "insufficient_funds", 1, Some("account"), Some(88)),
+            (funds.into(), "insufficient_funds", 1, Some("account"), Some(117)),
             (LedgerError::UnknownAccount(AccountId::new(5).unwrap()).into(), "not_found", 1, Some("account"), Some(5)),
             (LedgerError::UnknownPayout(PayoutId::new(3).unwrap()).into(), "not_found", 1, Some("payout"), Some(3)),
+            (LedgerError::UnknownHold(HoldId::new(4).unwrap()).into(), "not_found", 1, Some("hold"), Some(4)),
+            (
+                LedgerError::HoldFinished { hold: HoldId::new(4).unwrap(), status: HoldStatus::Expired }.into(),
+                "conflict",
+                1,
+                Some("hold"),
+                Some(4),
+            ),
+            (
+                LedgerError::PostExceedsHold {
+                    hold: HoldId::new(4).unwrap(),
+                    currency: Currency::EUR,
+                    held_minor: 1,
+                    requested_minor: 2,
+                }
+                .into(),
+                "refused",
+                1,
+                Some("amount"),
+                Some(4),
+            ),
+            (InvalidInput::BadId { kind: "HoldId", value: 0 }.into(), "invalid_input", 2, Some("hold"), None),
             (InvalidInput::MalformedAmount("1,00".into()).into(), "invalid_input", 2, Some("amount"), None),
             (InvalidInput::BadId { kind: "AccountId", value: 0 }.into(), "invalid_input", 2, Some("account"), None),
             (

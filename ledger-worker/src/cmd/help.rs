@@ -1,6 +1,6 @@
 //! The command tree as `--help` shows it: the global options are listed once, in the
 //! top-level help, instead of in every subcommand's. They are still accepted anywhere
-//! on the line (`ledger-worker account show 88 --json`).
+//! on the line (`ledger-worker account show 117 --json`).
 
 use clap::{Arg, Command, CommandFactory};
 

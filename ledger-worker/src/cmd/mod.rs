@@ -31,6 +31,7 @@ mod audit;
 mod deposit;
 pub mod failure;
 pub mod help;
+mod hold;
 mod migrate;
 mod payout;
 mod run;
@@ -96,10 +97,14 @@ pub enum Command {
     Deposit(deposit::DepositArgs),
     /// Move money between two accounts of the same currency (idempotent under --key).
     Transfer(transfer::TransferArgs),
+    /// Two-phase transfers: hold money for another account, then post all or part of
+    /// it, void it, or let its --timeout void it (the daemon's expiry loop).
+    #[command(subcommand)]
+    Hold(hold::HoldCommand),
     /// Enqueue a withdrawal to an IBAN; the daemon processes it.
     Withdraw(withdraw::WithdrawArgs),
     /// Enqueue withdrawals read as JSON lines on stdin:
-    /// {"account": 88, "to": "DE89...", "amount": "50.00", "key": "k-1"}
+    /// {"account": 117, "to": "DE89...", "amount": "50.00", "key": "k-1"}
     ///
     /// Each line is answered (enqueued, replayed, refused with why, or skipped when
     /// blank), then a summary counts each; exit status 1 if any line was refused.
@@ -158,6 +163,7 @@ pub fn run_command(ctx: Ctx, command: Command) -> Result<ExitCode> {
         Command::Account(command) => account::run(ctx, command),
         Command::Deposit(args) => deposit::run(ctx, args),
         Command::Transfer(args) => transfer::run(ctx, args),
+        Command::Hold(command) => hold::run(ctx, command),
         Command::Withdraw(args) => withdraw::run(ctx, args),
         Command::Submit => submit::run(ctx),
         Command::Withdrawal(command) => withdrawal::run(ctx, command),

@@ -94,6 +94,13 @@ pub struct RunArgs {
     /// How often an idle dispatcher looks for due payouts.
     #[arg(long, default_value_t = 50)]
     pub payout_poll_ms: u64,
+    /// How often the hold expiry loop voids the pending holds past their timeout
+    /// (status expired); right away again after a full batch.
+    #[arg(long, default_value_t = 1_000)]
+    pub hold_expiry_interval_ms: u64,
+    /// Most holds expired per transaction (1 to 1000).
+    #[arg(long, default_value_t = 256)]
+    pub hold_expiry_batch: usize,
 }
 
 pub fn run(ctx: Ctx, args: RunArgs) -> Result<ExitCode> {
@@ -139,6 +146,9 @@ fn worker_config(args: &RunArgs) -> Result<WorkerConfig> {
             max_attempts: args.payout_max_attempts,
             backoff: Backoff::new(args.payout_base_backoff_ms, args.payout_max_backoff_ms, Jitter::Half),
         },
+        hold_expiry: true,
+        hold_expiry_interval_ms: args.hold_expiry_interval_ms,
+        hold_expiry_batch: args.hold_expiry_batch,
     };
     if args.payout_timeout_ms == 0 || args.payout_connect_timeout_ms == 0 {
         let message = "--payout-timeout-ms and --payout-connect-timeout-ms must be at least 1";

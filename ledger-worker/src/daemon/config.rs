@@ -40,6 +40,13 @@ pub struct WorkerConfig {
     pub payout_concurrency: usize,
     /// The longest one gateway call can take (connect plus whole-call timeout).
     pub payout_call_timeout_ms: u64,
+    /// Run the hold expiry loop (`daemon/holds.rs`): void pending holds past their
+    /// timeout.
+    pub hold_expiry: bool,
+    /// How often the expiry loop looks for due holds (at once again after a full batch).
+    pub hold_expiry_interval_ms: u64,
+    /// Most holds expired per transaction.
+    pub hold_expiry_batch: usize,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +70,9 @@ impl Default for WorkerConfig {
             payout_retry: RetryPolicy::PAYOUTS,
             payout_concurrency: 16,
             payout_call_timeout_ms: 10_000,
+            hold_expiry: true,
+            hold_expiry_interval_ms: 1_000,
+            hold_expiry_batch: 256,
         }
     }
 }
@@ -104,6 +114,14 @@ impl WorkerConfig {
             (
                 self.payout_retry.max_attempts >= 1 && self.payout_retry.max_attempts <= 1_000,
                 "--payout-max-attempts must be 1..=1000",
+            ),
+            (
+                self.hold_expiry_interval_ms >= 1 && self.hold_expiry_interval_ms <= 3_600_000,
+                "--hold-expiry-interval-ms must be 1..=3600000",
+            ),
+            (
+                self.hold_expiry_batch >= 1 && self.hold_expiry_batch <= ledger_core::holds::MAX_EXPIRY_BATCH,
+                "--hold-expiry-batch must be 1..=1000",
             ),
         ];
         match checks.iter().find(|(ok, _)| !ok) {

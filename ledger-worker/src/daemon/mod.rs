@@ -27,8 +27,8 @@
 //!
 //! `config` (the limits), `pool` (start, submit, shutdown), `claimer` (NOTIFY -> lanes),
 //! `worker` (lanes -> batch transactions -> handed-over payout claims), `dispatch`
-//! (claims -> gateway -> recorded verdicts), `threads` (tracking, restarts, sliced
-//! sleeps). This file: what they share (`Shared`, the stop signal, the batch
+//! (claims -> gateway -> recorded verdicts), `holds` (the hold expiry loop), `threads`
+//! (tracking, restarts, sliced sleeps). This file: what they share (`Shared`, the stop signal, the batch
 //! `Processor`).
 
 use std::any::Any;
@@ -57,6 +57,7 @@ use crate::metrics::Metrics;
 mod claimer;
 mod config;
 mod dispatch;
+mod holds;
 mod pool;
 mod shutdown;
 mod threads;

@@ -21,6 +21,7 @@ pub struct WorkerPool {
     supervisor: Option<JoinHandle<()>>,
     claimer: Option<JoinHandle<()>>,
     dispatchers: Vec<JoinHandle<()>>,
+    hold_expiry: Option<JoinHandle<()>>,
 }
 
 /// What shutdown saw.
@@ -179,6 +180,7 @@ impl WorkerPool {
             (true, Some(gateway)) => spawn_dispatchers(&shared, &gateway)?,
             _ => Vec::new(),
         };
+        let hold_expiry = if config.hold_expiry { Some(holds::spawn_hold_expiry(&shared)?) } else { None };
         info!(
             threads = config.threads,
             pool_size = config.pool_size,
@@ -186,9 +188,17 @@ impl WorkerPool {
             channel_capacity = config.channel_capacity,
             claim = config.claim,
             payout_threads = dispatchers.len(),
+            hold_expiry_interval_ms = config.hold_expiry.then_some(config.hold_expiry_interval_ms),
             "worker pool started"
         );
-        Ok(WorkerPool { shared, senders: Some(senders), supervisor: Some(supervisor), claimer, dispatchers })
+        Ok(WorkerPool {
+            shared,
+            senders: Some(senders),
+            supervisor: Some(supervisor),
+            claimer,
+            dispatchers,
+            hold_expiry,
+        })
     }
 
     pub fn start_with(
@@ -318,6 +328,7 @@ impl WorkerPool {
         let mut handles: Vec<JoinHandle<()>> = self.claimer.take().into_iter().collect();
         handles.extend(self.supervisor.take());
         handles.append(&mut self.dispatchers);
+        handles.extend(self.hold_expiry.take());
         for handle in handles {
             // A thread that left the tracker has only its return left to do; one still
             // in it is not waited for (dropping its handle detaches it).

@@ -11,6 +11,9 @@ use crate::money::{Amount, Currency};
 use crate::schema::accounts;
 use crate::tx::{LockSet, Tx, TxOptions};
 
+mod limits;
+pub use limits::{overdraft_ceiling, set_overdraft_ceiling};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
 #[diesel(sql_type = diesel::sql_types::Text)]
 pub enum AccountKind {
@@ -397,34 +400,6 @@ pub fn set_balance(tx: &mut Tx<'_>, account: &LockedAccount, balance_minor: i64)
         .set(accounts::balance_minor.eq(Some(balance_minor)))
         .execute(tx.conn())?;
     assert_eq!(updated, 1, "a locked account row must exist");
-    Ok(())
-}
-
-/// The highest overdraft limit an account in `currency` may be given, in minor units
-/// (by default 1,000,000 units of the currency; see [`set_overdraft_ceiling`]).
-pub fn overdraft_ceiling(conn: &mut PgConnection, currency: Currency) -> Result<i64, LedgerError> {
-    use crate::schema::currencies;
-    Ok(currencies::table.find(currency.code()).select(currencies::max_overdraft_minor).first(conn)?)
-}
-
-/// Sets the overdraft ceiling of `currency` (0: no overdrafts). It applies to limits
-/// written from now on: accounts opened before keep theirs.
-pub fn set_overdraft_ceiling(
-    conn: &mut PgConnection,
-    currency: Currency,
-    ceiling_minor: i64,
-) -> Result<(), LedgerError> {
-    use crate::schema::currencies;
-    if ceiling_minor < 0 {
-        return Err(LedgerError::Invalid(InvalidInput::BadField {
-            field: "overdraft ceiling",
-            reason: "must not be negative".into(),
-        }));
-    }
-    let updated = diesel::update(currencies::table.find(currency.code()))
-        .set(currencies::max_overdraft_minor.eq(ceiling_minor))
-        .execute(conn)?;
-    assert_eq!(updated, 1, "every supported currency has a row (a test keeps the two lists equal)");
     Ok(())
 }
 

@@ -8,7 +8,7 @@
 //!    debited withdrawal has exactly one entry and one payout, in matching states;
 //!    every settlement or return entry moves out of transit exactly the amounts of the
 //!    payouts that name it as their resolution (a settlement entry covers a batch).
-//! 4. The holds (`holds/audit.rs`): each holds-pending account holds its pending holds.
+//! 4. The holds (`audit/holds.rs`): each holds-pending account holds its pending holds.
 
 use std::fmt;
 
@@ -20,6 +20,7 @@ use crate::error::LedgerError;
 use crate::money::Currency;
 
 mod checks;
+pub mod holds;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Violation {
@@ -35,7 +36,7 @@ pub enum Violation {
     WithdrawalEntryMismatch { withdrawal: i64 },
     ResolutionMismatch { entry: i64, currency: String, moved_minor: i64, payouts_minor: i64 },
     PayoutResolutionWrong { payout: i64 },
-    Holds(crate::holds::audit::HoldsViolation),
+    Holds(holds::HoldsViolation),
 }
 
 impl fmt::Display for Violation {
@@ -155,7 +156,7 @@ fn without_nested_loops(conn: &mut PgConnection) -> Result<AuditReport, LedgerEr
         "SELECT current_setting('enable_nestloop') AS previous, set_config('enable_nestloop', 'off', true)",
     )
     .get_result(conn)?;
-    let report = checks::run_checks(conn).and_then(|r| crate::holds::audit::extend(conn, r));
+    let report = checks::run_checks(conn).and_then(|r| holds::extend(conn, r));
     diesel::sql_query("SELECT set_config('enable_nestloop', $1, true)")
         .bind::<Text, _>(&previous.previous)
         .execute(conn)?;

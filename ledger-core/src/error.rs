@@ -7,7 +7,7 @@
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
-use crate::holds::HoldStatus;
+use crate::holds::status::HoldStatus;
 use crate::ids::{AccountId, EntryId, HoldId, PayoutId, WithdrawalId};
 pub use crate::input::InvalidInput;
 use crate::money::Currency;

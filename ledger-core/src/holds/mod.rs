@@ -13,7 +13,7 @@
 //! `holds` row records the payer, payee, amount, status, what was posted, the deadline,
 //! the caller's key and both entries. [`post`] and [`void`] then move the amount out of
 //! holds-pending in one balanced entry each; the audit checks that each currency's
-//! holds-pending account holds exactly its pending holds (`holds/audit.rs`).
+//! holds-pending account holds exactly its pending holds (`audit/holds.rs`).
 //!
 //! # Balances
 //!
@@ -85,14 +85,15 @@ use crate::journal::{self, EntryKind, Leg};
 use crate::money::{Amount, Currency, Money};
 use crate::tx::{self, LockSet, Tx, TxOptions};
 
-pub mod audit;
 mod decide;
 mod expire;
+pub(crate) mod status;
 mod store;
 mod timeout;
 
 pub use decide::{decide_hold, decide_resolution, Action, Resolution};
 pub use expire::{expire_due, expire_due_tx, expire_due_with, Expired, MAX_EXPIRY_BATCH};
+pub use status::HoldStatus;
 pub use timeout::Timeout;
 
 /// A request to hold `amount` from one account for another.
@@ -124,29 +125,6 @@ impl HoldRequest {
         )
     }
 }
-
-/// Where a hold is in its life.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow,
-)]
-#[diesel(sql_type = diesel::sql_types::Text)]
-pub enum HoldStatus {
-    /// Held: the amount sits in holds-pending, to be posted, voided or expired.
-    Pending,
-    /// Posted: `posted_minor` went to the payee, the rest back to the payer.
-    Posted,
-    /// Voided by a caller: all back to the payer.
-    Voided,
-    /// Voided by the expiry loop after its timeout: all back to the payer.
-    Expired,
-}
-
-crate::text_column!(HoldStatus {
-    Pending => "pending",
-    Posted => "posted",
-    Voided => "voided",
-    Expired => "expired",
-});
 
 /// A hold as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use diesel::pg::PgConnection;
 use diesel::sql_types::{BigInt, Text};
 use diesel::{QueryableByName, RunQueryDsl};
 
-use crate::audit::{AuditReport, Violation};
+use super::{AuditReport, Violation};
 use crate::error::LedgerError;
 use crate::money::Currency;
 

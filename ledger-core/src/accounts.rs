@@ -14,17 +14,23 @@ use crate::tx::{LockSet, Tx, TxOptions};
 mod limits;
 pub use limits::{overdraft_ceiling, set_overdraft_ceiling};
 
+/// Whose account it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
 #[diesel(sql_type = diesel::sql_types::Text)]
 pub enum AccountKind {
+    /// A customer's: has a floor, moves only by deposits, transfers, holds and withdrawals.
     Customer,
+    /// The ledger's own (see [`SystemRole`]): the other side of money entering and leaving.
     System,
 }
 
+/// Whether the account takes part in new movements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
 #[diesel(sql_type = diesel::sql_types::Text)]
 pub enum AccountStatus {
+    /// Takes part in movements.
     Open,
+    /// Refuses every new movement; its history stays.
     Closed,
 }
 
@@ -75,12 +81,19 @@ struct AccountRow {
 /// An account as stored. For system accounts `balance_minor` is computed from postings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Account {
+    /// The account's id.
     pub id: AccountId,
+    /// Who it belongs to, as given when opened (a system role's name for system accounts).
     pub owner: String,
+    /// The one currency it holds.
     pub currency: Currency,
+    /// Customer or system.
     pub kind: AccountKind,
+    /// The posted balance, in minor units of `currency`.
     pub balance_minor: i64,
+    /// How far below zero the balance may go (0: no overdraft).
     pub overdraft_limit_minor: i64,
+    /// Open or closed.
     pub status: AccountStatus,
 }
 
@@ -152,15 +165,19 @@ impl LockedAccount {
         LockedAccount { account }
     }
 
+    /// The account as read under the lock (with balances this transaction noted since).
     pub fn account(&self) -> &Account {
         &self.account
     }
+    /// The account's id.
     pub fn id(&self) -> AccountId {
         self.account.id
     }
+    /// The account's currency.
     pub fn currency(&self) -> Currency {
         self.account.currency
     }
+    /// The balance under the lock, in minor units.
     pub fn balance_minor(&self) -> i64 {
         self.account.balance_minor
     }
@@ -176,6 +193,7 @@ impl LockedAccount {
         self.account.balance_minor = balance_minor;
     }
 
+    /// The balance after putting `amount` in ([`LedgerError::BalanceOverflow`] past `i64`).
     pub fn balance_after_credit(&self, amount: Amount) -> Result<i64, LedgerError> {
         self.account.balance_minor.checked_add(amount.minor()).ok_or(LedgerError::BalanceOverflow(self.account.id))
     }
@@ -189,17 +207,22 @@ impl LockedAccount {
 /// What to open.
 #[derive(Clone, Debug)]
 pub struct NewAccount {
+    /// Who it belongs to: 1 to 200 characters, no control characters.
     pub owner: String,
+    /// The one currency it will hold.
     pub currency: Currency,
     /// How far below zero the balance may go (0: no overdraft).
     pub overdraft_limit_minor: i64,
 }
 
 impl NewAccount {
+    /// An account for `owner` in `currency`, without overdraft.
     pub fn new(owner: impl Into<String>, currency: Currency) -> NewAccount {
         NewAccount { owner: owner.into(), currency, overdraft_limit_minor: 0 }
     }
 
+    /// The same account allowed `limit_minor` below zero (at most the overdraft ceiling,
+    /// see [`overdraft_ceiling`]).
     pub fn with_overdraft(mut self, limit_minor: i64) -> NewAccount {
         self.overdraft_limit_minor = limit_minor;
         self
@@ -230,6 +253,7 @@ pub fn open(conn: &mut PgConnection, new: &NewAccount, key: Option<&IdempotencyK
     crate::tx::transaction(conn, &TxOptions::default(), |tx| open_tx(tx, new, key))
 }
 
+/// [`open`] inside the caller's transaction.
 pub fn open_tx(tx: &mut Tx<'_>, new: &NewAccount, key: Option<&IdempotencyKey>) -> Result<Account, LedgerError> {
     new.validate()?;
     if let Some(key) = key {

@@ -22,20 +22,113 @@ use crate::money::Currency;
 mod checks;
 pub mod holds;
 
+/// One broken invariant the audit found. Ids are the raw row ids, currencies the stored
+/// codes (shown as read, even when not one the ledger knows), amounts in minor units.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Violation {
-    UnbalancedEntry { entry: i64, currency: String, sum_minor: i64 },
-    TooFewPostings { entry: i64, postings: i64 },
-    BalanceMismatch { account: i64, currency: String, stored_minor: i64, postings_sum_minor: i64 },
-    RunningBalanceWrong { posting: i64, currency: String, stored_minor: i64, expected_minor: i64 },
-    BelowFloor { account: i64, currency: String, balance_minor: i64, floor_minor: i64 },
-    InTransitMismatch { currency: String, in_transit_minor: i64, open_payouts_minor: i64 },
-    SettlementMismatch { currency: String, settled_minor: i64, settled_payouts_minor: i64 },
-    PayoutStateMismatch { withdrawal: i64, withdrawal_status: String, payout_status: String },
-    WithdrawalWithoutPayout { withdrawal: i64 },
-    WithdrawalEntryMismatch { withdrawal: i64 },
-    ResolutionMismatch { entry: i64, currency: String, moved_minor: i64, payouts_minor: i64 },
-    PayoutResolutionWrong { payout: i64 },
+    /// A journal entry whose postings in one currency do not sum to zero.
+    UnbalancedEntry {
+        /// The journal entry.
+        entry: i64,
+        /// The currency whose postings do not balance.
+        currency: String,
+        /// What they sum to instead of 0.
+        sum_minor: i64,
+    },
+    /// A journal entry with fewer than two postings.
+    TooFewPostings {
+        /// The journal entry.
+        entry: i64,
+        /// How many postings it has.
+        postings: i64,
+    },
+    /// An account whose stored balance is not the sum of its postings.
+    BalanceMismatch {
+        /// The account.
+        account: i64,
+        /// Its currency.
+        currency: String,
+        /// The balance stored on the account row.
+        stored_minor: i64,
+        /// The sum of its postings.
+        postings_sum_minor: i64,
+    },
+    /// A posting whose stored running balance is not the account's sum up to it.
+    RunningBalanceWrong {
+        /// The posting.
+        posting: i64,
+        /// Its currency.
+        currency: String,
+        /// The running balance stored on the posting.
+        stored_minor: i64,
+        /// The sum of the account's postings up to and including it.
+        expected_minor: i64,
+    },
+    /// A customer account below its floor (0, or minus its overdraft limit).
+    BelowFloor {
+        /// The account.
+        account: i64,
+        /// Its currency.
+        currency: String,
+        /// Its balance.
+        balance_minor: i64,
+        /// The lowest balance allowed.
+        floor_minor: i64,
+    },
+    /// The in-transit system account does not hold exactly the open payouts.
+    InTransitMismatch {
+        /// The currency.
+        currency: String,
+        /// What the in-transit account holds.
+        in_transit_minor: i64,
+        /// What the payouts not yet settled or returned total.
+        open_payouts_minor: i64,
+    },
+    /// The external settlement account does not hold exactly the settled payouts.
+    SettlementMismatch {
+        /// The currency.
+        currency: String,
+        /// What the settlement account holds.
+        settled_minor: i64,
+        /// What the settled payouts total.
+        settled_payouts_minor: i64,
+    },
+    /// A withdrawal's status disagrees with its payout's.
+    PayoutStateMismatch {
+        /// The withdrawal.
+        withdrawal: i64,
+        /// Its stored status.
+        withdrawal_status: String,
+        /// Its payout's stored status.
+        payout_status: String,
+    },
+    /// A debited withdrawal without exactly one payout.
+    WithdrawalWithoutPayout {
+        /// The withdrawal.
+        withdrawal: i64,
+    },
+    /// A withdrawal whose journal entry does not move its amount into transit.
+    WithdrawalEntryMismatch {
+        /// The withdrawal.
+        withdrawal: i64,
+    },
+    /// A settlement or return entry that moves another amount than the payouts it resolves.
+    ResolutionMismatch {
+        /// The journal entry.
+        entry: i64,
+        /// Its currency.
+        currency: String,
+        /// What it moves out of transit.
+        moved_minor: i64,
+        /// What the payouts it resolves total.
+        payouts_minor: i64,
+    },
+    /// A resolved payout whose resolution entry is not a settlement or return out of transit.
+    PayoutResolutionWrong {
+        /// The payout.
+        payout: i64,
+    },
+    /// A broken invariant of holds (see [`holds::HoldsViolation`]).
     Holds(holds::HoldsViolation),
 }
 
@@ -100,15 +193,21 @@ fn money(currency: &str, minor: i64) -> String {
     }
 }
 
+/// What [`run`] read and what it found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AuditReport {
+    /// Journal entries checked.
     pub entries: i64,
+    /// Postings checked.
     pub postings: i64,
+    /// Accounts checked.
     pub accounts: i64,
+    /// Every broken invariant found; empty when the ledger is consistent.
     pub violations: Vec<Violation>,
 }
 
 impl AuditReport {
+    /// No violation found.
     pub fn is_clean(&self) -> bool {
         self.violations.is_empty()
     }

@@ -10,11 +10,16 @@ use crate::journal::{self, EntryKind, Leg};
 use crate::money::Money;
 use crate::tx::{self, Tx, TxOptions};
 
+/// A request to credit a customer account with money that arrived from outside
+/// (the other leg goes to the currency's external-funding system account).
 #[derive(Clone, Debug)]
 pub struct Deposit {
+    /// The customer account credited.
     pub account: AccountId,
     /// How much, in which currency; the accounts must hold that currency.
     pub amount: Money,
+    /// The caller's idempotency key: the same key with the same deposit replays the
+    /// first answer; with a different deposit it is refused.
     pub key: IdempotencyKey,
 }
 
@@ -26,10 +31,13 @@ impl Deposit {
     }
 }
 
+/// Credits `req.account` in its own transaction and answers with the resulting balances.
 pub fn deposit(conn: &mut PgConnection, req: &Deposit) -> Result<Receipt, LedgerError> {
     tx::transaction(conn, &TxOptions::default(), |tx| deposit_tx(tx, req))
 }
 
+/// [`deposit`] inside the caller's transaction (a savepoint when nested): the caller's
+/// commit makes it durable.
 pub fn deposit_tx(tx: &mut Tx<'_>, req: &Deposit) -> Result<Receipt, LedgerError> {
     if let Begun::Replay(id) = idempotency::begin(tx, &req.key, "deposit", &req.fingerprint())? {
         return Receipt::replayed(tx.conn(), EntryId::from_db(id));

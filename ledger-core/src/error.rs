@@ -129,22 +129,44 @@ pub enum LedgerError {
         /// What is in the way, and what to do about it, for an operator to read.
         reason: String,
     },
+    /// No hold has this id. Nothing was written.
     #[error("unknown hold {0}")]
     UnknownHold(HoldId),
     /// Only a pending hold can be posted or voided: this one was already posted,
     /// voided or expired (by another call, or by the expiry loop that won the race).
     #[error("hold {hold} is {status}: only a pending hold can be posted or voided")]
-    HoldFinished { hold: HoldId, status: HoldStatus },
+    HoldFinished {
+        /// The hold the call named.
+        hold: HoldId,
+        /// Where it ended.
+        status: HoldStatus,
+    },
     /// A post asked for more than the hold holds. Nothing was written.
     #[error(
         "hold {hold} holds {held} {currency}: cannot post {requested} {currency}",
         held = .currency.format_minor(*.held_minor),
         requested = .currency.format_minor(*.requested_minor)
     )]
-    PostExceedsHold { hold: HoldId, currency: Currency, held_minor: i64, requested_minor: i64 },
+    PostExceedsHold {
+        /// The hold the call named.
+        hold: HoldId,
+        /// The hold's currency.
+        currency: Currency,
+        /// What the hold holds, in minor units.
+        held_minor: i64,
+        /// What the post asked for, in minor units.
+        requested_minor: i64,
+    },
     /// A post's amount is in another currency than the hold's. Nothing was written.
     #[error("hold {hold} is in {hold_currency}, the request is in {request_currency}")]
-    HoldCurrencyMismatch { hold: HoldId, hold_currency: Currency, request_currency: Currency },
+    HoldCurrencyMismatch {
+        /// The hold the call named.
+        hold: HoldId,
+        /// The hold's currency.
+        hold_currency: Currency,
+        /// The currency of the requested amount.
+        request_currency: Currency,
+    },
     /// A balance (or a running sum of postings, while reading) would leave the `i64`
     /// range of minor units. Nothing was written.
     #[error("balance overflow on account {0}")]

@@ -33,6 +33,8 @@
 //!
 //! ARCHITECTURE.md at the repository root has the stages and the invariants.
 
+#![warn(missing_docs)]
+
 pub mod accounts;
 pub mod audit;
 pub mod batch;
@@ -57,6 +59,7 @@ pub mod retry;
 /// The Diesel table definitions, generated from `migrations/` by `diesel print-schema`
 /// (see `diesel.toml`); never edited by hand.
 #[rustfmt::skip]
+#[allow(missing_docs)]
 pub mod schema;
 pub mod sqlstate;
 pub mod stats;

@@ -79,12 +79,16 @@ pub enum ReturnAuthority<'a> {
     /// settles the payout instead; anything else refuses to act.
     Lookup(&'a dyn PayoutGateway),
     /// Return without asking, recorded as forced with the operator's reason.
-    Force { reason: &'a str },
+    Force {
+        /// Why the operator returns it unasked; stored with the payout.
+        reason: &'a str,
+    },
 }
 
 /// What `return_failed` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReturnResult {
+    /// Returned: the customer's money is back on their account (the payout as it is now).
     Returned(Payout),
     /// The lookup said the gateway accepted it: settled, nothing returned.
     SettledInstead(Payout),

@@ -21,8 +21,11 @@ pub type RecordBatch<'a> = dyn FnMut(&[Judged]) -> Result<Vec<Recorded>, LedgerE
 /// What recording did with one verdict.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Recorded {
+    /// Paid: the payout is settled and its withdrawal completed.
     Settled,
+    /// Refused by the gateway: the money went back to the customer.
     Returned {
+        /// The journal entry that moved it back.
         entry: EntryId,
     },
     /// Will be tried again after a backoff (a lookup first).
@@ -37,6 +40,7 @@ pub enum Recorded {
     /// The verdict could not be recorded (inconsistent data): the payout was set
     /// `failed` with the error, for an operator.
     Unrecordable {
+        /// What was wrong, as stored on the payout.
         error: String,
     },
 }
@@ -140,6 +144,8 @@ pub fn mark_unrecordable(tx: &mut Tx<'_>, request: &PayoutRequest, error: &str) 
     Ok(n == 1)
 }
 
+/// [`record_all`] inside the caller's transaction: every verdict recorded under its
+/// claim token, one result per verdict in order.
 pub fn record_all_tx(
     tx: &mut Tx<'_>,
     verdicts: &[(PayoutRequest, Verdict)],

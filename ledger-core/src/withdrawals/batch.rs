@@ -24,9 +24,19 @@ impl StaticSql for WritePlan {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobOutcome {
     /// Debited; entry and payout written; the withdrawal is paying out.
-    Debited { entry: EntryId, payout: PayoutId },
+    Debited {
+        /// The debit's journal entry.
+        entry: EntryId,
+        /// The payout queued for it.
+        payout: PayoutId,
+    },
     /// A business refusal, recorded on the job.
-    Rejected { code: &'static str, reason: String },
+    Rejected {
+        /// The refusal's stable code (as [`LedgerError::code`](crate::LedgerError::code)).
+        code: &'static str,
+        /// The refusal, for a person to read.
+        reason: String,
+    },
     /// Not processed here: another worker holds it, or it is no longer pending.
     Skipped,
     /// Already final when the single path looked ([`super::process_tx`]): another
@@ -34,14 +44,22 @@ pub enum JobOutcome {
     AlreadyFinal(WithdrawalStatus),
     /// An infrastructure error rolled this job back (its savepoint) and left it pending;
     /// the caller records the attempt.
-    Errored { error: String, transient: bool },
+    Errored {
+        /// The error, truncated as stored on the job.
+        error: String,
+        /// Whether a later attempt may succeed (connection lost, serialization...).
+        transient: bool,
+    },
 }
 
 /// One job's result, with when it was enqueued (µs since the Unix epoch, database clock).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchItem {
+    /// The job.
     pub id: WithdrawalId,
+    /// What happened to it.
     pub outcome: JobOutcome,
+    /// When it was requested, for latency from enqueue (µs since the Unix epoch).
     pub enqueued_at_us: Option<i64>,
 }
 

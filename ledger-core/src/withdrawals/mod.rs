@@ -42,6 +42,8 @@ pub(crate) fn now_tz() -> diesel::expression::SqlLiteral<diesel::sql_types::Null
 pub struct Iban(String);
 
 impl Iban {
+    /// Checks length, country code and the mod-97 check digits; refuses with which part
+    /// is wrong.
     pub fn parse(text: &str) -> Result<Iban, InvalidInput> {
         let bad = |reason: &str| InvalidInput::BadField { field: "IBAN", reason: reason.to_string() };
         let compact: String = text.chars().filter(|c| *c != ' ').collect::<String>().to_ascii_uppercase();
@@ -69,17 +71,23 @@ impl Iban {
         Ok(Iban(compact))
     }
 
+    /// The normalized form: no spaces, upper case.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 }
 
+/// A customer's request to send money from their account to an external bank account.
 #[derive(Clone, Debug)]
 pub struct WithdrawalRequest {
+    /// The customer account debited.
     pub account: AccountId,
     /// How much, in which currency; the accounts must hold that currency.
     pub amount: Money,
+    /// The bank account the payout goes to.
     pub destination: Iban,
+    /// The caller's idempotency key: the same key with the same request replays the first
+    /// answer; with a different request it is refused.
     pub key: IdempotencyKey,
 }
 
@@ -95,6 +103,7 @@ impl WithdrawalRequest {
     }
 }
 
+/// Where a withdrawal is in its life (the `status` column).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]
 #[diesel(sql_type = diesel::sql_types::Text)]
 pub enum WithdrawalStatus {
@@ -104,8 +113,13 @@ pub enum WithdrawalStatus {
     PayingOut,
     /// The payout settled: the money has left.
     Completed,
+    /// Refused for a business reason (insufficient funds, closed account): nothing was
+    /// debited; `reason` says why.
     Rejected,
+    /// Gave up after repeated infrastructure errors: nothing was debited; `reason` and
+    /// `last_error` say why.
     Failed,
+    /// Debited, then the payout was refused and the money went back to the customer.
     Returned,
 }
 
@@ -118,19 +132,31 @@ crate::text_column!(WithdrawalStatus {
     Returned => "returned",
 });
 
+/// A withdrawal as stored (one row of `withdrawals`).
 #[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = withdrawals, check_for_backend(diesel::pg::Pg))]
 pub struct Withdrawal {
+    /// Its id.
     pub id: WithdrawalId,
+    /// The customer account debited.
     pub account_id: AccountId,
+    /// The currency of the amount.
     pub currency: Currency,
+    /// How much, in minor units of `currency`.
     pub amount_minor: i64,
+    /// The destination IBAN, normalized.
     pub destination: String,
+    /// The idempotency key it was requested under.
     pub idempotency_key: String,
+    /// Where it is in its life.
     pub status: WithdrawalStatus,
+    /// Why it was rejected, failed or returned, for a person to read.
     pub reason: Option<String>,
+    /// How many times a worker tried to process it.
     pub attempts: i32,
+    /// The last infrastructure error a worker met on it.
     pub last_error: Option<String>,
+    /// The debit's journal entry, once debited.
     pub entry_id: Option<EntryId>,
 }
 
@@ -168,6 +194,7 @@ pub fn request_tx(tx: &mut Tx<'_>, req: &WithdrawalRequest) -> Result<(Withdrawa
     Ok((WithdrawalId::from_db(id), false))
 }
 
+/// Reads one withdrawal; [`LedgerError::UnknownWithdrawal`] if there is none.
 pub fn get(conn: &mut PgConnection, id: WithdrawalId) -> Result<Withdrawal, LedgerError> {
     withdrawals::table
         .find(id.get())
@@ -329,6 +356,7 @@ pub fn withdraw(conn: &mut PgConnection, req: &WithdrawalRequest) -> Result<With
     withdraw_with(conn, &TxOptions::default(), req)
 }
 
+/// [`withdraw`] with the caller's transaction options (isolation, retries).
 pub fn withdraw_with(
     conn: &mut PgConnection,
     opts: &TxOptions,
@@ -337,6 +365,7 @@ pub fn withdraw_with(
     tx::transaction(conn, opts, |tx| withdraw_tx(tx, req))
 }
 
+/// [`withdraw`] inside the caller's transaction (a savepoint when nested).
 pub fn withdraw_tx(tx: &mut Tx<'_>, req: &WithdrawalRequest) -> Result<Withdrawal, LedgerError> {
     let (id, replayed) = request_tx(tx, req)?;
     if !replayed {

@@ -7,117 +7,20 @@
 //! behind it one at a time (`Coalescer::queued`), and the lock is released.
 
 mod common;
+#[path = "coalesce/plug.rs"]
+mod plug;
 
 use std::collections::{HashMap, HashSet};
-use std::thread::{self, ScopedJoinHandle};
+use std::thread;
 use std::time::Duration;
 
-use common::{assert_audit_clean, balance, eur};
-use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
-use diesel::pg::PgConnection;
+use common::{assert_audit_clean, balance};
+use diesel::connection::SimpleConnection;
 use ledger_core::journal::Receipt;
-use ledger_core::transfers::{self, Coalescer, CoalescerConfig, SubmitError, Transfer};
+use ledger_core::transfers::{self, SubmitError, Transfer};
 use ledger_core::{AccountId, Currency, IdempotencyKey, LedgerError};
-use ledger_testdb::{self as testing, TestDb};
-
-fn t(from: AccountId, to: AccountId, amount: &str, key: &IdempotencyKey) -> Transfer {
-    Transfer::new(from, to, eur(amount), key.clone())
-}
-
-fn coalescer(db: &TestDb, committers: usize, queue_capacity: usize) -> Coalescer {
-    let config = CoalescerConfig { max_batch: 1_000, queue_capacity, committers };
-    Coalescer::new(db.pool().clone(), config).expect("a valid config")
-}
-
-/// A row lock held by a connection of its own until [`RowLock::release`] (or drop,
-/// which closes the connection and so ends its transaction).
-struct RowLock {
-    conn: PgConnection,
-    pid: i32,
-}
-
-impl RowLock {
-    fn take(db: &TestDb, account: AccountId) -> RowLock {
-        let mut conn = db.conn();
-        let pid = testing::backend_pid(&mut conn);
-        AnsiTransactionManager::begin_transaction(&mut conn).unwrap();
-        conn.batch_execute(&format!("SELECT id FROM accounts WHERE id = {account} FOR UPDATE")).unwrap();
-        RowLock { conn, pid }
-    }
-
-    /// Waits until some backend is blocked by this lock.
-    fn wait_for_a_waiter(&self, observer: &mut PgConnection) {
-        use diesel::prelude::*;
-        #[derive(QueryableByName)]
-        struct Waiters {
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            n: i64,
-        }
-        let sql = "SELECT count(*) AS n FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))";
-        testing::wait_until(Duration::from_secs(30), || {
-            let w: Waiters = diesel::sql_query(sql).bind::<diesel::sql_types::Integer, _>(self.pid).get_result(observer).unwrap();
-            w.n > 0
-        });
-    }
-
-    fn release(mut self) {
-        AnsiTransactionManager::commit_transaction(&mut self.conn).unwrap();
-    }
-}
-
-/// What one caller got, and whether its entry was visible from another connection the
-/// moment `submit` returned.
-struct Answer {
-    result: Result<Receipt, SubmitError>,
-    visible_at_return: bool,
-}
-
-/// Submits `transfer` and, as soon as it returns, looks its entry up on `observer`.
-fn submit_and_look(c: &Coalescer, transfer: &Transfer, observer: &mut PgConnection) -> Answer {
-    let result = c.submit(transfer);
-    let visible_at_return = match &result {
-        Ok(r) => transfers::get(observer, r.entry).is_ok(),
-        Err(_) => false,
-    };
-    Answer { result, visible_at_return }
-}
-
-/// Runs `plug` (held up by a lock on its source account), queues `group` behind it in
-/// order, checks that no caller was answered while the plug's commit was held up,
-/// then releases it. Returns the plug's answer and the group's, in order.
-fn plugged_group(db: &TestDb, c: &Coalescer, plug: &Transfer, group: &[Transfer]) -> (Answer, Vec<Answer>) {
-    let mut observer = db.conn();
-    thread::scope(|s| {
-        // Declared inside the scope: a failing assertion drops (releases) it before the
-        // scope joins the callers, who can then finish.
-        let lock = RowLock::take(db, plug.from);
-        let spawn = |t: &Transfer| {
-            let t = t.clone();
-            s.spawn(move || submit_and_look(c, &t, &mut db.conn()))
-        };
-        let plug_caller = spawn(plug);
-        lock.wait_for_a_waiter(&mut observer);
-        let mut callers: Vec<ScopedJoinHandle<'_, Answer>> = vec![];
-        for (n, transfer) in group.iter().enumerate() {
-            callers.push(spawn(transfer));
-            testing::wait_until(Duration::from_secs(30), || c.queued() == n + 1);
-        }
-        // The committer is blocked in the database: nobody can have been answered.
-        assert!(!plug_caller.is_finished(), "the plug's caller was answered before its commit");
-        assert!(callers.iter().all(|h| !h.is_finished()), "a queued caller was answered before any commit");
-        lock.release();
-        let plug = plug_caller.join().expect("the plug's caller panicked");
-        (plug, callers.into_iter().map(|h| h.join().expect("a caller panicked")).collect())
-    })
-}
-
-fn code(result: &Result<Receipt, SubmitError>) -> String {
-    match result {
-        Ok(r) if r.replayed => "replayed".into(),
-        Ok(_) => "created".into(),
-        Err(e) => e.code().into(),
-    }
-}
+use ledger_testdb as testing;
+use plug::*;
 
 /// Many callers on few accounts, some refused for want of funds: each caller gets its
 /// own transfer's receipt, committed when it returns, and the balances are exact.
@@ -192,8 +95,9 @@ fn transfers_queued_behind_a_commit_in_flight_commit_together_and_only_then_answ
     );
     let c = coalescer(&db, 1, 100);
     let plug = t(p, a, "1.00", &testing::key("plug"));
-    let group: Vec<Transfer> =
-        (0..5).map(|i| t(if i % 2 == 0 { a } else { b }, if i % 2 == 0 { b } else { a }, "2.00", &testing::key("g"))).collect();
+    let group: Vec<Transfer> = (0..5)
+        .map(|i| t(if i % 2 == 0 { a } else { b }, if i % 2 == 0 { b } else { a }, "2.00", &testing::key("g")))
+        .collect();
     let (plug_answer, answers) = plugged_group(&db, &c, &plug, &group);
     assert!(plug_answer.visible_at_return);
     for answer in &answers {
@@ -239,7 +143,15 @@ fn a_refused_transfer_fails_alone_with_the_error_transfer_gives() {
     let codes: Vec<String> = answers.iter().map(|x| code(&x.result)).collect();
     assert_eq!(
         codes,
-        ["created", "insufficient_funds", "currency_mismatch", "unknown_account", "account_closed", "idempotency_conflict", "created"]
+        [
+            "created",
+            "insufficient_funds",
+            "currency_mismatch",
+            "unknown_account",
+            "account_closed",
+            "idempotency_conflict",
+            "created"
+        ]
     );
     assert_eq!(c.stats().largest_group, group.len() as u64, "all of them in one group");
     // The same refused requests through `transfer` give the same errors, word for word.
@@ -260,7 +172,7 @@ fn key_requests(a: AccountId, b: AccountId, empty: AccountId, prefix: &str) -> V
     let k: Vec<IdempotencyKey> = (0..3).map(|_| testing::key(prefix)).collect();
     vec![
         t(a, b, "1.00", &k[0]),
-        t(a, b, "1.00", &k[0]),     // the same request: a replay
+        t(a, b, "1.00", &k[0]), // the same request: a replay
         t(a, b, "2.00", &k[1]),
         t(a, b, "3.00", &k[1]),     // another request under it: a conflict
         t(empty, b, "5.00", &k[2]), // refused, so its key stays unused
@@ -293,11 +205,14 @@ fn callers_sharing_a_key_in_one_group_answer_as_sequential_transfers() {
     let sequential: Vec<Result<Receipt, LedgerError>> =
         key_requests(a2, b2, e2, "ks").iter().map(|r| transfers::transfer(&mut setup, r)).collect();
     let shape = |r: Result<&Receipt, String>| match r {
-        Ok(r) => format!("{} {:?}", if r.replayed { "replayed" } else { "created" }, r.balances.iter().map(|b| b.balance_minor).collect::<Vec<_>>()),
+        Ok(r) => format!(
+            "{} {:?}",
+            if r.replayed { "replayed" } else { "created" },
+            r.balances.iter().map(|b| b.balance_minor).collect::<Vec<_>>()
+        ),
         Err(code) => code,
     };
-    let got: Vec<String> =
-        answers.iter().map(|x| shape(x.result.as_ref().map_err(|e| e.code().to_string()))).collect();
+    let got: Vec<String> = answers.iter().map(|x| shape(x.result.as_ref().map_err(|e| e.code().to_string()))).collect();
     let want: Vec<String> = sequential.iter().map(|r| shape(r.as_ref().map_err(|e| e.code().to_string()))).collect();
     assert_eq!(got, want);
     assert_eq!(got[1], "replayed [4900, 100]");
@@ -374,19 +289,6 @@ fn shutdown_answers_every_queued_caller_and_refuses_new_transfers() {
     drop(c);
     drop(clone); // the last handle: its committers were joined already
     assert_audit_clean(&mut setup);
-}
-
-/// Installs a trigger that ends the backend writing the transfer under `key`: at
-/// COMMIT (`deferred`) or as the entry is inserted.
-fn kill_backend_writing(conn: &mut PgConnection, key: &IdempotencyKey, deferred: bool) {
-    let timing = if deferred { "DEFERRABLE INITIALLY DEFERRED" } else { "NOT DEFERRABLE" };
-    conn.batch_execute(&format!(
-        "CREATE FUNCTION die() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$;
-         CREATE CONSTRAINT TRIGGER die AFTER INSERT ON journal_entries {timing}
-         FOR EACH ROW WHEN (NEW.reference = 'transfer:{key}') EXECUTE FUNCTION die();"
-    ))
-    .unwrap();
 }
 
 /// The connection is lost during COMMIT: the group may or may not be written, so every

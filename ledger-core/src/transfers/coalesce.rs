@@ -28,13 +28,16 @@ mod run;
 /// The most committer threads a [`Coalescer`] starts.
 pub const MAX_COMMITTERS: usize = 16;
 
+/// The largest queue a [`Coalescer`] takes (its slots are allocated up front).
+pub const MAX_QUEUE_CAPACITY: usize = 1_000_000;
+
 /// Limits of a [`Coalescer`], checked by [`Coalescer::new`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CoalescerConfig {
     /// The most transfers one transaction takes (1 to [`MAX_BATCH_ITEMS`]).
     pub max_batch: usize,
-    /// The most transfers waiting for a committer (at least 1); beyond it
-    /// [`Coalescer::submit`] is [`SubmitError::Overloaded`] at once.
+    /// The most transfers waiting for a committer (1 to [`MAX_QUEUE_CAPACITY`]); beyond
+    /// it [`Coalescer::submit`] is [`SubmitError::Overloaded`] at once.
     pub queue_capacity: usize,
     /// Committer threads (1 to [`MAX_COMMITTERS`]), each with a pooled connection while
     /// it commits: the pool needs at least as many connections.
@@ -43,7 +46,7 @@ pub struct CoalescerConfig {
 
 impl Default for CoalescerConfig {
     fn default() -> Self {
-        CoalescerConfig { max_batch: 1_000, queue_capacity: 10_000, committers: 1 }
+        CoalescerConfig { max_batch: 1_000, queue_capacity: 10_000, committers: 2 }
     }
 }
 
@@ -54,8 +57,8 @@ impl CoalescerConfig {
         if !(1..=MAX_BATCH_ITEMS).contains(&self.max_batch) {
             return bad("max_batch", format!("{}; must be 1 to {MAX_BATCH_ITEMS}", self.max_batch));
         }
-        if self.queue_capacity == 0 {
-            return bad("queue_capacity", "0; must be at least 1".into());
+        if !(1..=MAX_QUEUE_CAPACITY).contains(&self.queue_capacity) {
+            return bad("queue_capacity", format!("{}; must be 1 to {MAX_QUEUE_CAPACITY}", self.queue_capacity));
         }
         if !(1..=MAX_COMMITTERS).contains(&self.committers) {
             return bad("committers", format!("{}; must be 1 to {MAX_COMMITTERS}", self.committers));
@@ -205,9 +208,9 @@ impl Coalescer {
         }
         // Every queued job is answered, also at shutdown; no answer means its committer
         // panicked, perhaps after its commit.
-        answer.recv().unwrap_or_else(|_| {
-            Err(SubmitError::OutcomeUnknown("the committer stopped without answering".into()))
-        })
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err(SubmitError::OutcomeUnknown("the committer stopped without answering".into())))
     }
 
     /// How many transfers are queued, waiting for a committer.
@@ -267,6 +270,7 @@ mod tests {
             (CoalescerConfig { max_batch: 0, ..ok.clone() }, "max_batch"),
             (CoalescerConfig { max_batch: MAX_BATCH_ITEMS + 1, ..ok.clone() }, "max_batch"),
             (CoalescerConfig { queue_capacity: 0, ..ok.clone() }, "queue_capacity"),
+            (CoalescerConfig { queue_capacity: MAX_QUEUE_CAPACITY + 1, ..ok.clone() }, "queue_capacity"),
             (CoalescerConfig { committers: 0, ..ok.clone() }, "committers"),
             (CoalescerConfig { committers: MAX_COMMITTERS + 1, ..ok.clone() }, "committers"),
         ];
@@ -277,6 +281,8 @@ mod tests {
             }
         }
         let edge = CoalescerConfig { max_batch: MAX_BATCH_ITEMS, queue_capacity: 1, committers: MAX_COMMITTERS };
+        assert!(edge.check().is_ok());
+        let edge = CoalescerConfig { max_batch: 1, queue_capacity: MAX_QUEUE_CAPACITY, committers: 1 };
         assert!(edge.check().is_ok());
     }
 

@@ -121,10 +121,7 @@ enum Failure {
 
 /// Runs `f` in a transaction of its own (retried on transient errors, as every
 /// transaction runner here), telling a lost COMMIT from a failure before it.
-fn tracked<T>(
-    conn: &mut PgConnection,
-    mut f: impl FnMut(&mut Tx<'_>) -> Result<T, LedgerError>,
-) -> Result<T, Failure> {
+fn tracked<T>(conn: &mut PgConnection, mut f: impl FnMut(&mut Tx<'_>) -> Result<T, LedgerError>) -> Result<T, Failure> {
     let mut body_done = false;
     let result = tx::transaction(conn, &TxOptions::default(), |tx| {
         body_done = false;
@@ -180,7 +177,10 @@ mod tests {
     use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
     fn closed() -> LedgerError {
-        LedgerError::Database(DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, Box::new("gone".to_string())))
+        LedgerError::Database(DieselError::DatabaseError(
+            DatabaseErrorKind::ClosedConnection,
+            Box::new("gone".to_string()),
+        ))
     }
 
     #[test]

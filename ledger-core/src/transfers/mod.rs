@@ -22,7 +22,7 @@ mod coalesce;
 mod plan;
 
 pub use batch::{create_batch, create_batch_tx, create_batch_with, TransferResult};
-pub use coalesce::{Coalescer, CoalescerConfig, CoalescerStats, SubmitError, MAX_COMMITTERS};
+pub use coalesce::{Coalescer, CoalescerConfig, CoalescerStats, SubmitError, MAX_COMMITTERS, MAX_QUEUE_CAPACITY};
 
 /// A request to move money from one customer account to another.
 #[derive(Clone, Debug)]

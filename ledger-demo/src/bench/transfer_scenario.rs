@@ -110,7 +110,10 @@ pub(super) fn run_transfers(
         if let Some(c) = &coalescer {
             let st = c.stats();
             let average = st.transfers as f64 / st.groups.max(1) as f64;
-            eprintln!("   coalesced: {} groups, {average:.1} transfers per group, largest {}", st.groups, st.largest_group);
+            eprintln!(
+                "   coalesced: {} groups, {average:.1} transfers per group, largest {}",
+                st.groups, st.largest_group
+            );
         }
         Ok(())
     })
@@ -118,9 +121,8 @@ pub(super) fn run_transfers(
 
 /// The coalesced row's `Coalescer`: a pool of one connection per committer.
 fn coalescer(url: &str) -> Result<Coalescer> {
-    let committers: usize = std::env::var("XC").ok().and_then(|v| v.parse().ok()).unwrap_or(COALESCE_COMMITTERS);
-    let pool_config = db::PoolConfig { max_size: committers as u32, ..db::PoolConfig::default() };
-    let config = CoalescerConfig { committers, ..CoalescerConfig::default() };
+    let pool_config = db::PoolConfig { max_size: COALESCE_COMMITTERS as u32, ..db::PoolConfig::default() };
+    let config = CoalescerConfig { committers: COALESCE_COMMITTERS, ..CoalescerConfig::default() };
     Ok(Coalescer::new(db::pool(url, &pool_config)?, config)?)
 }
 

@@ -18,9 +18,11 @@ use crate::schema::{journal_entries, postings};
 use crate::tx::{self, LockSet, Tx, TxOptions};
 
 mod batch;
+mod coalesce;
 mod plan;
 
 pub use batch::{create_batch, create_batch_tx, create_batch_with, TransferResult};
+pub use coalesce::{Coalescer, CoalescerConfig, CoalescerStats, SubmitError, MAX_COMMITTERS, MAX_QUEUE_CAPACITY};
 
 /// A request to move money from one customer account to another.
 #[derive(Clone, Debug)]

@@ -231,9 +231,9 @@ fn run_all(database: &Database, opts: &BenchOptions, modes: &ModeOptions, flags:
             pgbench_scale: if s == Scenario::Hot { 1 } else { 10 },
             ..Default::default()
         };
-        // The transfers scenario's rows: one transfer per call, then batches.
+        // The transfers scenario's rows: one transfer per call, the same coalesced, then batches.
         let scenario_modes: Vec<Result<Mode, TransferCalls>> = if s == Scenario::Transfers {
-            vec![Err(TransferCalls::Single), Err(TransferCalls::Batch(TRANSFER_BATCH))]
+            vec![Err(TransferCalls::Single), Err(TransferCalls::Coalesced), Err(TransferCalls::Batch(TRANSFER_BATCH))]
         } else {
             modes.modes.iter().copied().map(Ok).collect()
         };

@@ -1,17 +1,25 @@
 //! The transfers scenario: `ledger_core::transfers::transfer` (one transaction per
-//! transfer) and `transfers::create_batch` (one per batch), from several threads.
+//! transfer), the same single transfers through a `transfers::Coalescer` (group commit),
+//! and `transfers::create_batch` (one transaction per batch), from several threads.
 
 use super::*;
 use ledger_core::batch::Item;
-use ledger_core::transfers::TransferResult;
+use ledger_core::transfers::{Coalescer, CoalescerConfig, TransferResult};
 
 /// Transfers per `create_batch` call in the batch row.
 pub(super) const TRANSFER_BATCH: usize = 500;
 
+/// Committer threads of the coalesced row's `Coalescer`.
+pub(super) const COALESCE_COMMITTERS: usize = 2;
+
 /// How the transfers scenario calls the ledger.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum TransferCalls {
+    /// `transfers::transfer`, one transaction each.
     Single,
+    /// `Coalescer::submit`: one transfer per call, group-committed.
+    Coalesced,
+    /// `transfers::create_batch` with this many transfers per call.
     Batch(usize),
 }
 
@@ -19,6 +27,7 @@ impl TransferCalls {
     pub(super) fn label(self) -> &'static str {
         match self {
             TransferCalls::Single => "transfer",
+            TransferCalls::Coalesced => "transfer coalesced",
             TransferCalls::Batch(_) => "transfer batch",
         }
     }
@@ -43,8 +52,12 @@ pub(super) fn run_transfers(
     calls: TransferCalls,
 ) -> Result<()> {
     let per_call = match calls {
-        TransferCalls::Single => 1,
+        TransferCalls::Single | TransferCalls::Coalesced => 1,
         TransferCalls::Batch(b) => b.max(1),
+    };
+    let coalescer = match calls {
+        TransferCalls::Coalesced => Some(coalescer(url)?),
+        _ => None,
     };
     let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
@@ -52,9 +65,11 @@ pub(super) fn run_transfers(
     thread::scope(|s| -> Result<()> {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
-                let next = &next;
+                let (next, coalescer) = (&next, coalescer.as_ref());
                 s.spawn(move || -> Result<()> {
-                    let mut conn = db::connect(url, &db::SessionConfig::default())?;
+                    // The coalesced row's callers need no connection of their own.
+                    let mut conn =
+                        if coalescer.is_none() { Some(db::connect(url, &db::SessionConfig::default())?) } else { None };
                     loop {
                         let first = next.fetch_add(per_call, Ordering::Relaxed);
                         if first >= n {
@@ -63,13 +78,17 @@ pub(super) fn run_transfers(
                         let batch: Vec<Transfer> = (first..(first + per_call).min(n))
                             .map(|i| random_transfer(accounts, i))
                             .collect::<Result<_>>()?;
-                        match calls {
-                            TransferCalls::Single => {
-                                transfers::transfer(&mut conn, &batch[0])?;
+                        match (coalescer, conn.as_mut()) {
+                            (Some(c), _) => {
+                                c.submit(&batch[0])?;
                             }
-                            TransferCalls::Batch(_) => {
+                            (None, Some(conn)) if per_call == 1 => {
+                                transfers::transfer(conn, &batch[0])?;
+                            }
+                            (None, conn) => {
+                                let conn = conn.expect("a connection without a coalescer");
                                 let items: Vec<Item<Transfer>> = batch.into_iter().map(Item::single).collect();
-                                let results = transfers::create_batch(&mut conn, &items)?;
+                                let results = transfers::create_batch(conn, &items)?;
                                 // The accounts are funded for every transfer: all go through.
                                 if let Some(r) = results.iter().find(|r| !matches!(r, TransferResult::Created { .. })) {
                                     bail!("a batch transfer was not created: {r:?}");
@@ -88,8 +107,23 @@ pub(super) fn run_transfers(
         for h in handles {
             h.join().map_err(|_| anyhow!("transfer thread panicked"))??;
         }
+        if let Some(c) = &coalescer {
+            let st = c.stats();
+            let average = st.transfers as f64 / st.groups.max(1) as f64;
+            eprintln!(
+                "   coalesced: {} groups, {average:.1} transfers per group, largest {}",
+                st.groups, st.largest_group
+            );
+        }
         Ok(())
     })
+}
+
+/// The coalesced row's `Coalescer`: a pool of one connection per committer.
+fn coalescer(url: &str) -> Result<Coalescer> {
+    let pool_config = db::PoolConfig { max_size: COALESCE_COMMITTERS as u32, ..db::PoolConfig::default() };
+    let config = CoalescerConfig { committers: COALESCE_COMMITTERS, ..CoalescerConfig::default() };
+    Ok(Coalescer::new(db::pool(url, &pool_config)?, config)?)
 }
 
 /// Transfer `i` of the run: between two random accounts, in either direction.

@@ -1,4 +1,4 @@
-//! Helpers of tests/coalesce.rs: arranging a group behind a held row lock.
+//! Helpers of tests/coalesce/main.rs: arranging a group behind a held row lock.
 
 use std::thread::{self, ScopedJoinHandle};
 use std::time::Duration;

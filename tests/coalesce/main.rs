@@ -6,8 +6,8 @@
 //! another connection holds (`wait_until_blocked`), the transfers to group are queued
 //! behind it one at a time (`Coalescer::queued`), and the lock is released.
 
+#[path = "../common/mod.rs"]
 mod common;
-#[path = "coalesce/plug.rs"]
 mod plug;
 
 use std::collections::{HashMap, HashSet};

@@ -8,23 +8,11 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use common::{assert_audit_clean, balance, eur};
+use common::{assert_audit_clean, balance, eur, result_code, transfer};
 use ledger_core::batch::Item;
 use ledger_core::transfers::{self, Transfer, TransferResult};
 use ledger_core::{AccountId, Currency, IdempotencyKey, LedgerError, TxOptions};
 use ledger_testdb as testing;
-
-fn t(from: AccountId, to: AccountId, amount: &str, key: &IdempotencyKey) -> Transfer {
-    Transfer { from, to, amount: eur(amount), key: key.clone(), metadata: None }
-}
-
-fn code(r: &TransferResult) -> &'static str {
-    match r {
-        TransferResult::Created { .. } => "created",
-        TransferResult::Replayed { .. } => "replayed",
-        TransferResult::Refused(e) => e.code(),
-    }
-}
 
 /// Runs `first` in a transaction on its own connection and holds it open (uncommitted)
 /// until `second`, on another connection, is blocked by it; then commits `first` and
@@ -70,8 +58,8 @@ fn a_key_refused_by_a_concurrent_batch_is_free_for_the_batch_waiting_on_it() {
     let b = testing::funded_account(&mut conn, "b", Currency::EUR, "0.00");
     let k = testing::key("rv-k");
     let other = testing::key("rv-o");
-    let first = vec![Item::single(t(a, b, "1.00", &other)), Item::single(t(a, b, "500.00", &k))];
-    let second = vec![Item::single(t(a, b, "2.00", &k))];
+    let first = vec![Item::single(transfer(a, b, "1.00", &other)), Item::single(transfer(a, b, "500.00", &k))];
+    let second = vec![Item::single(transfer(a, b, "2.00", &k))];
     let (r1, r2) = interleave(&db, first, second.clone());
     assert_eq!(r1.iter().map(code).collect::<Vec<_>>(), ["created", "insufficient_funds"]);
     assert_eq!(r2.iter().map(code).collect::<Vec<_>>(), ["created"]);
@@ -81,8 +69,8 @@ fn a_key_refused_by_a_concurrent_batch_is_free_for_the_batch_waiting_on_it() {
     assert_eq!(again[0].entry(), r2[0].entry(), "replayed");
     assert!(matches!(again[0], TransferResult::Replayed { .. }));
     // The key remembers the second request: the first one under it is now a conflict.
-    let conflict = transfers::create_batch(&mut conn, &[Item::single(t(a, b, "500.00", &k))]).unwrap();
-    assert_eq!(code(&conflict[0]), "idempotency_conflict");
+    let conflict = transfers::create_batch(&mut conn, &[Item::single(transfer(a, b, "500.00", &k))]).unwrap();
+    assert_eq!(result_code(&conflict[0]), "idempotency_conflict");
     assert_audit_clean(&mut conn);
 }
 
@@ -97,12 +85,12 @@ fn the_same_transfer_in_two_concurrent_batches_moves_money_once() {
     let b = testing::funded_account(&mut conn, "b", Currency::EUR, "0.00");
     let k = testing::key("rv-same");
     let k2 = testing::key("rv-after");
-    let first = vec![Item::single(t(a, b, "6.00", &k))];
+    let first = vec![Item::single(transfer(a, b, "6.00", &k))];
     // Linked: the replayed item and a new one, all-or-nothing. The new one needs the
     // balance the first batch left (4.00), so it must see the committed 6.00 debit.
-    let second = vec![Item::linked(t(a, b, "6.00", &k)), Item::single(t(a, b, "4.00", &k2))];
+    let second = vec![Item::linked(transfer(a, b, "6.00", &k)), Item::single(transfer(a, b, "4.00", &k2))];
     let (r1, r2) = interleave(&db, first, second);
-    assert_eq!(code(&r1[0]), "created");
+    assert_eq!(result_code(&r1[0]), "created");
     assert_eq!(r2.iter().map(code).collect::<Vec<_>>(), ["replayed", "created"]);
     assert_eq!(r2[0].entry(), r1[0].entry());
     match r2[1] {
@@ -133,9 +121,9 @@ fn single_transfers_and_batches_share_keys_safely() {
     let p2 = testing::backend_pid(&mut c2);
     let (held_tx, held_rx) = mpsc::channel::<()>();
     let (go_tx, go_rx) = mpsc::channel::<()>();
-    let batch = vec![Item::single(t(a, b, "3.00", &k))];
+    let batch = vec![Item::single(transfer(a, b, "3.00", &k))];
     let (single, batched) = thread::scope(|s| {
-        let req = t(a, b, "3.00", &k);
+        let req = transfer(a, b, "3.00", &k);
         let h1 = s.spawn(move || {
             ledger_core::tx::transaction(&mut c1, &TxOptions::no_retry(), |tx| {
                 let r = transfers::transfer_tx(tx, &req)?;

@@ -7,24 +7,12 @@ use std::collections::HashMap;
 use std::sync::Barrier;
 use std::thread;
 
-use common::{assert_audit_clean, balance, eur};
+use common::{assert_audit_clean, balance, eur, result_code, transfer};
 use diesel::pg::PgConnection;
 use ledger_core::batch::{Item, MAX_BATCH_ITEMS};
 use ledger_core::transfers::{self, Transfer, TransferResult};
 use ledger_core::{AccountId, Currency, IdempotencyKey, LedgerError, Money, TxOptions};
 use ledger_testdb as testing;
-
-fn t(from: AccountId, to: AccountId, amount: &str, key: &IdempotencyKey) -> Transfer {
-    Transfer { from, to, amount: eur(amount), key: key.clone(), metadata: None }
-}
-
-fn code(r: &TransferResult) -> &'static str {
-    match r {
-        TransferResult::Created { .. } => "created",
-        TransferResult::Replayed { .. } => "replayed",
-        TransferResult::Refused(e) => e.code(),
-    }
-}
 
 fn postings_of(conn: &mut PgConnection, account: AccountId) -> usize {
     ledger_core::journal::statement(conn, account, 10_000).unwrap().len()
@@ -38,13 +26,13 @@ fn a_batch_answers_each_item_and_writes_only_what_it_created() {
         let c = testing::funded_account(conn, "c", Currency::EUR, "0.00");
         let k: Vec<IdempotencyKey> = (0..7).map(|_| testing::key("tb")).collect();
         let batch = vec![
-            Item::single(t(a, b, "30.00", &k[0])), // created: a 70, b 40
-            Item::single(t(c, a, "1.00", &k[1])),  // refused: c holds nothing
-            Item::linked(t(b, c, "40.00", &k[2])), // chain 2..=3 fails with 3
-            Item::single(t(c, a, "50.00", &k[3])), //   (c would hold 40.00 only)
-            Item::linked(t(b, c, "15.00", &k[4])), // chain 4..=5 succeeds: b 25, c 15
-            Item::single(t(c, a, "5.00", &k[5])),  //   c 10, a 75
-            Item::linked(t(a, b, "1.00", &k[6])),  // open chain: refused
+            Item::single(transfer(a, b, "30.00", &k[0])), // created: a 70, b 40
+            Item::single(transfer(c, a, "1.00", &k[1])),  // refused: c holds nothing
+            Item::linked(transfer(b, c, "40.00", &k[2])), // chain 2..=3 fails with 3
+            Item::single(transfer(c, a, "50.00", &k[3])), //   (c would hold 40.00 only)
+            Item::linked(transfer(b, c, "15.00", &k[4])), // chain 4..=5 succeeds: b 25, c 15
+            Item::single(transfer(c, a, "5.00", &k[5])),  //   c 10, a 75
+            Item::linked(transfer(a, b, "1.00", &k[6])),  // open chain: refused
         ];
         let before_c = postings_of(conn, c);
         let results = transfers::create_batch(conn, &batch).unwrap();
@@ -88,7 +76,7 @@ fn a_batch_sent_again_replays_what_it_created_and_a_refused_key_is_free_to_retry
         let a = testing::funded_account(conn, "a", Currency::EUR, "10.00");
         let b = testing::funded_account(conn, "b", Currency::EUR, "0.00");
         let (k1, k2) = (testing::key("again"), testing::key("again"));
-        let batch = vec![Item::single(t(a, b, "10.00", &k1)), Item::single(t(b, a, "20.00", &k2))];
+        let batch = vec![Item::single(transfer(a, b, "10.00", &k1)), Item::single(transfer(b, a, "20.00", &k2))];
         let first = transfers::create_batch(conn, &batch).unwrap();
         assert_eq!(first.iter().map(code).collect::<Vec<_>>(), ["created", "insufficient_funds"]);
         let second = transfers::create_batch(conn, &batch).unwrap();
@@ -101,13 +89,13 @@ fn a_batch_sent_again_replays_what_it_created_and_a_refused_key_is_free_to_retry
         assert_eq!(Some(single.entry), first[0].entry());
         // The refused key was given back: once b can pay, the same key goes through.
         let d = testing::funded_account(conn, "d", Currency::EUR, "20.00");
-        transfers::create_batch(conn, &[Item::single(t(d, b, "20.00", &testing::key("fund")))]).unwrap();
+        transfers::create_batch(conn, &[Item::single(transfer(d, b, "20.00", &testing::key("fund")))]).unwrap();
         let retried = transfers::create_batch(conn, &batch[1..]).unwrap();
-        assert_eq!(code(&retried[0]), "created");
+        assert_eq!(result_code(&retried[0]), "created");
         assert_eq!((balance(conn, a), balance(conn, b)), (2_000, 1_000));
         // A key used for another request is a conflict, in a batch as alone.
-        let changed = vec![Item::single(t(a, b, "9.99", &k1))];
-        assert_eq!(code(&transfers::create_batch(conn, &changed).unwrap()[0]), "idempotency_conflict");
+        let changed = vec![Item::single(transfer(a, b, "9.99", &k1))];
+        assert_eq!(result_code(&transfers::create_batch(conn, &changed).unwrap()[0]), "idempotency_conflict");
         assert_audit_clean(conn);
     });
 }
@@ -119,7 +107,7 @@ fn a_batch_too_large_or_in_another_currency_is_refused_and_changes_nothing() {
         let b = testing::funded_account(conn, "b", Currency::EUR, "0.00");
         let before = testing::snapshot(conn);
         let key = testing::key("big");
-        let big: Vec<Item<Transfer>> = (0..=MAX_BATCH_ITEMS).map(|_| Item::single(t(a, b, "0.01", &key))).collect();
+        let big: Vec<Item<Transfer>> = (0..=MAX_BATCH_ITEMS).map(|_| Item::single(transfer(a, b, "0.01", &key))).collect();
         let err = transfers::create_batch(conn, &big).unwrap_err();
         assert_eq!(err.code(), "invalid_input", "{err}");
         // A transfer in a currency neither account holds is refused on its own.
@@ -131,7 +119,7 @@ fn a_batch_too_large_or_in_another_currency_is_refused_and_changes_nothing() {
             metadata: None,
         };
         let results = transfers::create_batch(conn, &[Item::single(yen)]).unwrap();
-        assert_eq!(code(&results[0]), "currency_mismatch");
+        assert_eq!(result_code(&results[0]), "currency_mismatch");
         assert_eq!(testing::snapshot(conn), before, "nothing was written");
     });
 }
@@ -274,12 +262,12 @@ fn metadata_is_stored_with_a_transfer_and_returned_with_it() {
         let b = testing::funded_account(conn, "b", Currency::EUR, "0.00");
         let meta = Metadata::parse(r#"{"order": 7, "note": "rent"}"#).unwrap();
         let single_key = testing::key("m");
-        let single = t(a, b, "1.00", &single_key).with_metadata(meta.clone());
+        let single = transfer(a, b, "1.00", &single_key).with_metadata(meta.clone());
         let receipt = transfers::transfer(conn, &single).unwrap();
         let batch_key = testing::key("mb");
-        let batched = t(a, b, "2.00", &batch_key).with_metadata(Metadata::parse(r#"{"order": 8}"#).unwrap());
+        let batched = transfer(a, b, "2.00", &batch_key).with_metadata(Metadata::parse(r#"{"order": 8}"#).unwrap());
         let results =
-            transfers::create_batch(conn, &[batched.into(), t(a, b, "3.00", &testing::key("plain")).into()]).unwrap();
+            transfers::create_batch(conn, &[batched.into(), transfer(a, b, "3.00", &testing::key("plain")).into()]).unwrap();
         let (batch_entry, plain_entry) = (results[0].entry().unwrap(), results[1].entry().unwrap());
 
         let got = transfers::get(conn, receipt.entry).unwrap();
@@ -293,13 +281,13 @@ fn metadata_is_stored_with_a_transfer_and_returned_with_it() {
 
         // The same object in another key order is the same request: a replay.
         let reordered =
-            t(a, b, "1.00", &single_key).with_metadata(Metadata::parse(r#"{"note":"rent","order":7}"#).unwrap());
+            transfer(a, b, "1.00", &single_key).with_metadata(Metadata::parse(r#"{"note":"rent","order":7}"#).unwrap());
         let again = transfers::transfer(conn, &reordered).unwrap();
         assert!(again.replayed && again.entry == receipt.entry);
         // Other metadata under the same key is another request: a conflict, nothing written.
-        let other = t(a, b, "1.00", &single_key).with_metadata(Metadata::parse(r#"{"order": 9}"#).unwrap());
+        let other = transfer(a, b, "1.00", &single_key).with_metadata(Metadata::parse(r#"{"order": 9}"#).unwrap());
         assert!(matches!(transfers::transfer(conn, &other), Err(LedgerError::IdempotencyConflict { .. })));
-        let without = t(a, b, "1.00", &single_key);
+        let without = transfer(a, b, "1.00", &single_key);
         assert!(matches!(transfers::transfer(conn, &without), Err(LedgerError::IdempotencyConflict { .. })));
         // A deposit's entry is not a transfer.
         let deposit_entry = history::page(conn, a, None, 1).unwrap()[0].entry_id;

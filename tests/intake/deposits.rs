@@ -55,12 +55,12 @@ fn each_item_gets_its_own_result_in_order_and_refusals_write_nothing() {
     assert_audit_clean(&mut conn);
 }
 
+/// An entry's kind, reference, and each posting (account, amount, balance after) by id.
+type Shape = (String, String, Vec<(i64, i64, Option<i64>)>);
+
 /// Each posting of an entry: (account, amount, balance after), by posting id, and the
 /// entry's kind and reference.
-fn shape(
-    conn: &mut diesel::pg::PgConnection,
-    entry: ledger_core::EntryId,
-) -> (String, String, Vec<(i64, i64, Option<i64>)>) {
+fn shape(conn: &mut diesel::pg::PgConnection, entry: ledger_core::EntryId) -> Shape {
     #[derive(QueryableByName)]
     struct Row {
         #[diesel(sql_type = Text)]
@@ -210,7 +210,7 @@ fn balances_are_exact_and_the_audit_clean_after_a_large_batch() {
         .map(|i| Item::single(dep(accounts[i % 7], &format!("0.{:02}", 1 + i % 97), &testing::key("many"))))
         .collect();
     let results = deposits::create_batch(&mut conn, &batch).unwrap();
-    let mut running = vec![100_i64; 7];
+    let mut running = [100_i64; 7];
     for (i, r) in results.iter().enumerate() {
         running[i % 7] += 1 + (i % 97) as i64;
         assert!(

@@ -37,6 +37,19 @@ pub(crate) enum KeyUse {
     ReplayOf(usize),
 }
 
+/// A stored key as read back: key, operation, fingerprint, result.
+const STORED: (
+    idempotency_keys::key,
+    idempotency_keys::operation,
+    idempotency_keys::request_fingerprint,
+    idempotency_keys::result_id,
+) = (
+    idempotency_keys::key,
+    idempotency_keys::operation,
+    idempotency_keys::request_fingerprint,
+    idempotency_keys::result_id,
+);
+
 enum ClaimKeys {}
 impl StaticSql for ClaimKeys {
     const SQL: &'static str = include_str!("batch_plan/claim_keys.sql");
@@ -71,22 +84,43 @@ pub(crate) fn claim_keys<'a>(
     let mut out: HashMap<String, KeyBefore> = claimed.into_iter().map(|c| (c.key, KeyBefore::Fresh)).collect();
     let used: Vec<&str> = keys.iter().copied().filter(|k| !out.contains_key(*k)).collect();
     if !used.is_empty() {
-        let stored: Vec<(String, String, String, Option<i64>)> = idempotency_keys::table
-            .filter(idempotency_keys::key.eq_any(&used))
-            .select((
-                idempotency_keys::key,
-                idempotency_keys::operation,
-                idempotency_keys::request_fingerprint,
-                idempotency_keys::result_id,
-            ))
-            .load(tx.conn())?;
+        let stored: Vec<(String, String, String, Option<i64>)> =
+            idempotency_keys::table.filter(idempotency_keys::key.eq_any(&used)).select(STORED).load(tx.conn())?;
+        let mut resultless = Vec::new();
         for (key, operation, fingerprint, result) in stored {
+            if result.is_none() {
+                resultless.push(key.clone());
+            }
             out.insert(key, KeyBefore::Stored { operation, fingerprint, result });
         }
+        take_over(tx, &resultless, &mut out)?;
     }
     // Pair the claim with the batch: every key is either ours now or was used before.
     assert_eq!(out.len(), keys.len(), "a key neither claimed nor stored");
     Ok(out)
+}
+
+/// Keys stored without a result applied nothing (a refused `_tx` call whose caller
+/// committed anyway): as in `idempotency::begin`, this batch takes them over as fresh,
+/// under their row locks (taken in ascending byte order), so two takers go one after the
+/// other and the second sees the first's result.
+fn take_over(tx: &mut Tx<'_>, keys: &[String], out: &mut HashMap<String, KeyBefore>) -> Result<(), LedgerError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let locked: Vec<(String, String, String, Option<i64>)> = idempotency_keys::table
+        .filter(idempotency_keys::key.eq_any(keys))
+        .order(diesel::dsl::sql::<Text>("key COLLATE \"C\""))
+        .select(STORED)
+        .for_update()
+        .load(tx.conn())?;
+    // Read again under the lock: another request may have taken the key over meanwhile.
+    for (key, operation, fingerprint, result) in locked {
+        let before =
+            if result.is_none() { KeyBefore::Fresh } else { KeyBefore::Stored { operation, fingerprint, result } };
+        out.insert(key, before);
+    }
+    Ok(())
 }
 
 /// Decides every item in order, chain by chain: `decide` sees the state the earlier

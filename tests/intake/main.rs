@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod deposits;
+mod keys;
 mod requests;
 
 use ledger_core::batch::{Item, MAX_BATCH_ITEMS};

@@ -32,8 +32,8 @@ WITH de AS MATERIALIZED (
     RETURNING 1
 ), k AS (
     -- The fingerprint too: the key may have been claimed with an earlier item's request
-    -- that was refused.
-    UPDATE idempotency_keys i SET result_id = de.entry_id, request_fingerprint = de.fingerprint
+    -- that was refused; and the operation: a key taken over may have been another's.
+    UPDATE idempotency_keys i SET result_id = de.entry_id, request_fingerprint = de.fingerprint, operation = $13::text
     FROM de WHERE i.key = de.key AND i.result_id IS NULL
     RETURNING 1
 ), gone AS (

@@ -15,8 +15,8 @@ WITH w AS MATERIALIZED (
     RETURNING 1
 ), k AS (
     -- The fingerprint too: the key may have been claimed with an earlier item's request
-    -- that was refused.
-    UPDATE idempotency_keys i SET result_id = w.id, request_fingerprint = w.fingerprint
+    -- that was refused; and the operation: a key taken over may have been another's.
+    UPDATE idempotency_keys i SET result_id = w.id, request_fingerprint = w.fingerprint, operation = 'withdrawal'
     FROM w WHERE i.key = w.key AND i.result_id IS NULL
     RETURNING 1
 ), gone AS (

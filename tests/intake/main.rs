@@ -18,7 +18,7 @@ fn dep(account: AccountId, amount: &str, key: &IdempotencyKey) -> ledger_core::d
     ledger_core::deposits::Deposit { account, amount: common::eur(amount), key: key.clone() }
 }
 
-/// `n` copies of a cheap item, one more than a batch may hold when `n` is not given.
+/// One item more than a batch may hold, all copies of `item`.
 fn oversize<T: Clone>(item: T) -> Vec<Item<T>> {
     vec![Item::single(item); MAX_BATCH_ITEMS + 1]
 }

@@ -1,4 +1,5 @@
-//! Deposits: money entering the ledger from outside into a customer account.
+//! Deposits: money entering the ledger from outside into a customer account, one at a
+//! time ([`deposit`]) or many in one transaction ([`create_batch`]).
 
 use diesel::pg::PgConnection;
 
@@ -9,6 +10,10 @@ use crate::ids::{AccountId, EntryId, IdempotencyKey};
 use crate::journal::{self, EntryKind, Leg};
 use crate::money::Money;
 use crate::tx::{self, Tx, TxOptions};
+
+mod batch;
+
+pub use batch::{create_batch, create_batch_tx, create_batch_with, DepositResult};
 
 /// A request to credit a customer account with money that arrived from outside
 /// (the other leg goes to the currency's external-funding system account).

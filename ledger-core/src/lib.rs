@@ -38,6 +38,7 @@
 pub mod accounts;
 pub mod audit;
 pub mod batch;
+mod batch_plan;
 pub mod columns;
 pub mod db;
 pub mod deposits;
@@ -55,6 +56,7 @@ pub mod money;
 pub mod outbox;
 pub mod payouts;
 pub(crate) mod prepared;
+
 pub mod retry;
 /// The Diesel table definitions, generated from `migrations/` by `diesel print-schema`
 /// (see `diesel.toml`); never edited by hand.

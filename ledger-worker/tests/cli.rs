@@ -12,6 +12,8 @@ mod history;
 mod holds;
 #[path = "cli/lists.rs"]
 mod lists;
+#[path = "cli/submit_chunks.rs"]
+mod submit_chunks;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};

@@ -1,10 +1,10 @@
 //! Many transfers in one transaction, one result per item ([`create_batch`]).
 //!
 //! 1. The batch's keys are claimed in one statement, in ascending order
-//!    (`claim_keys.sql`); keys used before are read back for replays and conflicts.
+//!    (`batch_plan::claim_keys`); keys used before are read back for replays and conflicts.
 //! 2. Every account of every fresh item is locked at once, in ascending id order.
 //! 3. Every item is decided in memory, in order ([`super::plan`]).
-//! 4. The decisions are written in one set-based statement (`create_batch.sql`):
+//! 4. The decisions are written in one set-based statement (`batch_plan::entries`):
 //!    entries, postings, balances, and the keys' results.
 //!
 //! Four round trips (and the batch-plan settings) however many items: one commit per
@@ -13,15 +13,13 @@
 use std::collections::HashMap;
 
 use diesel::pg::PgConnection;
-use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Nullable, Text};
 
 use crate::accounts;
 use crate::batch::{self, Item};
+use crate::batch_plan::{self, entries, entries::Columns, entries::Movement};
 use crate::error::LedgerError;
 use crate::ids::{AccountId, EntryId};
-use crate::prepared::{Prepared, StaticSql};
-use crate::schema::idempotency_keys;
+use crate::journal::EntryKind;
 use crate::tx::{self, LockSet, Tx, TxOptions};
 
 use super::plan::{plan, KeyBefore, Planned};
@@ -63,16 +61,6 @@ impl TransferResult {
     }
 }
 
-enum ClaimKeys {}
-impl StaticSql for ClaimKeys {
-    const SQL: &'static str = include_str!("claim_keys.sql");
-}
-
-enum CreateBatch {}
-impl StaticSql for CreateBatch {
-    const SQL: &'static str = include_str!("create_batch.sql");
-}
-
 /// Creates a batch of transfers in one transaction of its own (retried as a whole on
 /// transient errors), one result per item in the batch's order. Items marked linked
 /// succeed or fail with the rest of their chain ([`crate::batch`]). At most
@@ -102,7 +90,8 @@ pub fn create_batch_tx(tx: &mut Tx<'_>, items: &[Item<Transfer>]) -> Result<Vec<
 }
 
 fn create_planned(tx: &mut Tx<'_>, items: &[Item<Transfer>]) -> Result<Vec<TransferResult>, LedgerError> {
-    let keys = claim_keys(tx, items)?;
+    let requests = items.iter().map(|i| (i.request.key.as_str(), i.request.fingerprint()));
+    let keys = batch_plan::claim_keys(tx, "transfer", requests)?;
     let lock_set: LockSet = items
         .iter()
         .map(|i| &i.request)
@@ -138,47 +127,7 @@ fn create_planned(tx: &mut Tx<'_>, items: &[Item<Transfer>]) -> Result<Vec<Trans
     Ok(results)
 }
 
-/// Claims every distinct key of the batch (ascending, so concurrent batches never
-/// deadlock on each other's keys) and reads back those used before.
-fn claim_keys(tx: &mut Tx<'_>, items: &[Item<Transfer>]) -> Result<HashMap<String, KeyBefore>, LedgerError> {
-    #[derive(QueryableByName)]
-    struct Claimed {
-        #[diesel(sql_type = Text)]
-        key: String,
-    }
-    let mut first: HashMap<&str, String> = HashMap::new();
-    for item in items {
-        first.entry(item.request.key.as_str()).or_insert_with(|| item.request.fingerprint());
-    }
-    let mut sorted: Vec<(&str, String)> = first.into_iter().collect();
-    sorted.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    let (keys, fingerprints): (Vec<&str>, Vec<String>) = sorted.into_iter().unzip();
-    let claimed: Vec<Claimed> = Prepared::<ClaimKeys>::new()
-        .bind::<Array<Text>, _>(&keys)
-        .bind::<Array<Text>, _>(&fingerprints)
-        .load(tx.conn())?;
-    let mut out: HashMap<String, KeyBefore> = claimed.into_iter().map(|c| (c.key, KeyBefore::Fresh)).collect();
-    let used: Vec<&str> = keys.iter().copied().filter(|k| !out.contains_key(*k)).collect();
-    if !used.is_empty() {
-        let stored: Vec<(String, String, String, Option<i64>)> = idempotency_keys::table
-            .filter(idempotency_keys::key.eq_any(&used))
-            .select((
-                idempotency_keys::key,
-                idempotency_keys::operation,
-                idempotency_keys::request_fingerprint,
-                idempotency_keys::result_id,
-            ))
-            .load(tx.conn())?;
-        for (key, operation, fingerprint, result) in stored {
-            out.insert(key, KeyBefore::Stored { operation, fingerprint, result });
-        }
-    }
-    // Pair the claim with the batch: every key is either ours now or was used before.
-    assert_eq!(out.len(), keys.len(), "a key neither claimed nor stored");
-    Ok(out)
-}
-
-/// Writes the created transfers in one statement; returns their entries in batch order.
+/// The created transfers written in one statement; their entries in batch order.
 fn write(
     tx: &mut Tx<'_>,
     items: &[Item<Transfer>],
@@ -186,77 +135,22 @@ fn write(
     balances: &HashMap<AccountId, i64>,
     unused_keys: &[String],
 ) -> Result<Vec<EntryId>, LedgerError> {
-    #[derive(QueryableByName)]
-    struct Written {
-        #[diesel(sql_type = BigInt)]
-        postings: i64,
-        #[diesel(sql_type = BigInt)]
-        balances: i64,
-        #[diesel(sql_type = BigInt)]
-        keys: i64,
-        #[diesel(sql_type = BigInt)]
-        given_back: i64,
-        #[diesel(sql_type = Array<BigInt>)]
-        entries: Vec<i64>,
-    }
     let mut cols = Columns::default();
     for (item, p) in items.iter().zip(planned) {
         if let Planned::Create { from_after_minor, to_after_minor } = p {
-            cols.push(&item.request, *from_after_minor, *to_after_minor);
+            let t = &item.request;
+            cols.push(Movement {
+                key: t.key.as_str(),
+                fingerprint: t.fingerprint(),
+                from: t.from,
+                to: t.to,
+                currency: t.amount.currency().code(),
+                amount_minor: t.amount.minor(),
+                from_after: Some(*from_after_minor),
+                to_after: *to_after_minor,
+                metadata: t.metadata.as_ref().map(|m| m.as_str()),
+            });
         }
     }
-    let (balance_ids, balance_values): (Vec<i64>, Vec<i64>) = balances.iter().map(|(a, b)| (a.get(), *b)).unzip();
-    if cols.keys.is_empty() && unused_keys.is_empty() {
-        return Ok(vec![]);
-    }
-    let written: Written = Prepared::<CreateBatch>::new()
-        .bind::<Array<Text>, _>(&cols.keys)
-        .bind::<Array<Text>, _>(&cols.fingerprints)
-        .bind::<Array<BigInt>, _>(&cols.from)
-        .bind::<Array<BigInt>, _>(&cols.to)
-        .bind::<Array<Text>, _>(&cols.currency)
-        .bind::<Array<BigInt>, _>(&cols.amount)
-        .bind::<Array<BigInt>, _>(&cols.from_after)
-        .bind::<Array<BigInt>, _>(&cols.to_after)
-        .bind::<Array<BigInt>, _>(&balance_ids)
-        .bind::<Array<BigInt>, _>(&balance_values)
-        .bind::<Array<Text>, _>(unused_keys)
-        .bind::<Array<Nullable<Text>>, _>(&cols.metadata)
-        .get_result(tx.conn())?;
-    // Pair what was written with what was planned (assertions, not hopes).
-    let created = cols.keys.len();
-    assert_eq!(written.postings as usize, 2 * created, "two postings per transfer");
-    assert_eq!(written.balances as usize, balance_ids.len(), "one balance per moved account");
-    assert_eq!(written.keys as usize, created, "one claimed key per created transfer");
-    assert_eq!(written.given_back as usize, unused_keys.len(), "every unused claimed key given back");
-    assert_eq!(written.entries.len(), created);
-    Ok(written.entries.into_iter().map(EntryId::from_db).collect())
-}
-
-/// The created transfers as the statement's columns.
-#[derive(Default)]
-struct Columns {
-    keys: Vec<String>,
-    fingerprints: Vec<String>,
-    from: Vec<i64>,
-    to: Vec<i64>,
-    currency: Vec<String>,
-    amount: Vec<i64>,
-    from_after: Vec<i64>,
-    to_after: Vec<i64>,
-    metadata: Vec<Option<String>>,
-}
-
-impl Columns {
-    fn push(&mut self, t: &Transfer, from_after: i64, to_after: i64) {
-        self.keys.push(t.key.as_str().to_string());
-        self.fingerprints.push(t.fingerprint());
-        self.from.push(t.from.get());
-        self.to.push(t.to.get());
-        self.currency.push(t.amount.currency().code().to_string());
-        self.amount.push(t.amount.minor());
-        self.from_after.push(from_after);
-        self.to_after.push(to_after);
-        self.metadata.push(t.metadata.as_ref().map(|m| m.as_str().to_string()));
-    }
+    entries::write(tx, EntryKind::Transfer, &cols, balances, unused_keys)
 }

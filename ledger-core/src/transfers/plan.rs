@@ -4,21 +4,14 @@
 
 use std::collections::HashMap;
 
-use crate::accounts::{rebuild_refusal, LockedAccount};
-use crate::batch::{self, Item};
+use crate::accounts::LockedAccount;
+use crate::batch::Item;
+pub(super) use crate::batch_plan::KeyBefore;
+use crate::batch_plan::{decide_all, KeyUse, State};
 use crate::error::LedgerError;
 use crate::ids::{AccountId, EntryId};
 
 use super::Transfer;
-
-/// What the database held under a batch item's key before the batch.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) enum KeyBefore {
-    /// Claimed by this batch just now: unused before.
-    Fresh,
-    /// Used by an earlier, committed request.
-    Stored { operation: String, fingerprint: String, result: Option<i64> },
-}
 
 /// What to do with one item.
 #[derive(Debug)]
@@ -53,138 +46,38 @@ pub(super) fn plan(
     keys: &HashMap<String, KeyBefore>,
     accounts: &mut HashMap<AccountId, Result<LockedAccount, LedgerError>>,
 ) -> Plan {
-    let mut state = State { keys, accounts, created: HashMap::new(), undo: Vec::new(), moved: Vec::new() };
-    let mut out: Vec<Planned> = Vec::with_capacity(items.len());
-    for chain in batch::chains(items) {
-        if chain.open {
-            out.extend(chain.items.map(|_| Planned::Refuse(LedgerError::LinkedChainOpen)));
-            continue;
-        }
-        state.undo.clear();
-        let mut decided = Vec::with_capacity(chain.items.len());
-        let mut failed = None;
-        for i in chain.items.clone() {
-            match state.decide(i, &items[i].request) {
-                Planned::Refuse(e) => {
-                    failed = Some((i, e));
-                    break;
-                }
-                ok => decided.push(ok),
-            }
-        }
-        match failed {
-            None => out.extend(decided),
-            Some((i, error)) => {
-                state.roll_back();
-                out.extend(
-                    batch::fail_chain::<()>(&chain.items, i, error)
-                        .into_iter()
-                        .map(|r| Planned::Refuse(r.expect_err("a failed chain has only refusals"))),
-                );
-            }
-        }
-    }
-    let balances = state.moved.iter().filter_map(|id| Some((*id, state.balance(*id)?))).collect();
-    let unused_keys = keys
-        .iter()
-        .filter(|(k, before)| **before == KeyBefore::Fresh && !state.created.contains_key(k.as_str()))
-        .map(|(k, _)| k.clone())
-        .collect();
-    Plan { items: out, balances, unused_keys }
+    let mut state = State::new("transfer", keys, accounts);
+    let decided = decide_all(items, &mut state, decide);
+    let (balances, unused_keys) = state.finish();
+    let items = decided.into_iter().map(|d| d.unwrap_or_else(Planned::Refuse)).collect();
+    Plan { items, balances, unused_keys }
 }
 
-/// One change the current chain made, to undo if the chain fails.
-enum Undo {
-    Balance(AccountId, i64),
-    Created(String),
-}
-
-struct State<'a> {
-    keys: &'a HashMap<String, KeyBefore>,
-    accounts: &'a mut HashMap<AccountId, Result<LockedAccount, LedgerError>>,
-    /// Keys created by this batch: the item and its request's fingerprint.
-    created: HashMap<String, (usize, String)>,
-    undo: Vec<Undo>,
-    /// Accounts moved by a created item (may repeat).
-    moved: Vec<AccountId>,
-}
-
-impl State<'_> {
-    fn decide(&mut self, index: usize, t: &Transfer) -> Planned {
-        match self.try_decide(index, t) {
-            Ok(p) => p,
-            Err(e) => Planned::Refuse(e),
-        }
+fn decide(state: &mut State<'_>, index: usize, t: &Transfer) -> Result<Planned, LedgerError> {
+    if t.from == t.to {
+        return Err(LedgerError::SameAccount(t.from));
     }
-
-    fn try_decide(&mut self, index: usize, t: &Transfer) -> Result<Planned, LedgerError> {
-        if t.from == t.to {
-            return Err(LedgerError::SameAccount(t.from));
-        }
-        let key = t.key.as_str();
-        let fingerprint = t.fingerprint();
-        let conflict =
-            |operation: &str| LedgerError::IdempotencyConflict { key: key.to_string(), operation: operation.into() };
-        if let Some((first, stored)) = self.created.get(key) {
-            return if *stored == fingerprint { Ok(Planned::ReplayOf(*first)) } else { Err(conflict("transfer")) };
-        }
-        match self.keys.get(key).expect("every item's key was claimed or read") {
-            KeyBefore::Fresh => {}
-            KeyBefore::Stored { operation, fingerprint: stored, result } => {
-                if operation != "transfer" || *stored != fingerprint {
-                    return Err(conflict(operation));
-                }
-                let entry = result.ok_or_else(|| LedgerError::Inconsistent(format!("key {key:?} has no result")))?;
-                return Ok(Planned::Replay(EntryId::from_db(entry)));
-            }
-        }
-        let from_after_minor = {
-            let from = self.locked(t.from)?;
-            from.expect_currency(t.amount.currency())?;
-            from.balance_after_debit(t.amount.amount())?
-        };
-        let to_after_minor = {
-            let to = self.locked(t.to)?;
-            to.expect_currency(t.amount.currency())?;
-            to.balance_after_credit(t.amount.amount())?
-        };
-        self.set_balance(t.from, from_after_minor);
-        self.set_balance(t.to, to_after_minor);
-        self.created.insert(key.to_string(), (index, fingerprint));
-        self.undo.push(Undo::Created(key.to_string()));
-        Ok(Planned::Create { from_after_minor, to_after_minor })
+    let key = t.key.as_str();
+    let fingerprint = t.fingerprint();
+    match state.key_use(key, &fingerprint)? {
+        KeyUse::Fresh => {}
+        KeyUse::Replay(entry) => return Ok(Planned::Replay(EntryId::from_db(entry))),
+        KeyUse::ReplayOf(first) => return Ok(Planned::ReplayOf(first)),
     }
-
-    fn locked(&self, id: AccountId) -> Result<&LockedAccount, LedgerError> {
-        match self.accounts.get(&id).expect("every account of a fresh item was locked") {
-            Ok(a) => Ok(a),
-            Err(e) => Err(rebuild_refusal(e)),
-        }
-    }
-
-    fn balance(&self, id: AccountId) -> Option<i64> {
-        self.accounts.get(&id)?.as_ref().ok().map(LockedAccount::balance_minor)
-    }
-
-    fn set_balance(&mut self, id: AccountId, balance_minor: i64) {
-        let account = self.accounts.get_mut(&id).and_then(|a| a.as_mut().ok()).expect("a moved account is locked");
-        self.undo.push(Undo::Balance(id, account.balance_minor()));
-        account.note_balance(balance_minor);
-        self.moved.push(id);
-    }
-
-    fn roll_back(&mut self) {
-        while let Some(change) = self.undo.pop() {
-            match change {
-                Undo::Balance(id, before) => {
-                    self.accounts.get_mut(&id).and_then(|a| a.as_mut().ok()).expect("locked").note_balance(before)
-                }
-                Undo::Created(key) => {
-                    self.created.remove(&key);
-                }
-            }
-        }
-    }
+    let from_after_minor = {
+        let from = state.locked(t.from)?;
+        from.expect_currency(t.amount.currency())?;
+        from.balance_after_debit(t.amount.amount())?
+    };
+    let to_after_minor = {
+        let to = state.locked(t.to)?;
+        to.expect_currency(t.amount.currency())?;
+        to.balance_after_credit(t.amount.amount())?
+    };
+    state.set_balance(t.from, from_after_minor);
+    state.set_balance(t.to, to_after_minor);
+    state.note_created(index, key, fingerprint);
+    Ok(Planned::Create { from_after_minor, to_after_minor })
 }
 
 #[cfg(test)]

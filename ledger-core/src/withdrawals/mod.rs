@@ -21,6 +21,7 @@ use crate::tx::{self, Tx, TxOptions};
 
 mod batch;
 mod decide;
+mod intake;
 mod queue;
 
 use crate::accounts::rebuild_refusal;
@@ -28,6 +29,7 @@ use crate::accounts::rebuild_refusal;
 pub(crate) use batch::WritePlan;
 pub use batch::{process_batch_fast_claiming_tx, process_batch_fast_tx, process_batch_tx, BatchItem, JobOutcome};
 pub use decide::{decide, Decision};
+pub use intake::{request_batch, request_batch_tx, request_batch_with, RequestResult};
 pub use queue::{claim_after, claim_due, fail_now, pending_count, record_failed_attempt};
 
 /// The wall clock when the statement runs (`clock_timestamp()`, not the transaction's

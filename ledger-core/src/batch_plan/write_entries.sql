@@ -1,10 +1,12 @@
--- One batch of planned transfers carried out in one statement (transfers::batch).
--- $1..$8 the created transfers in batch order (key, fingerprint, from, to, currency,
--- amount, from's balance after, to's balance after), $9/$10 the accounts' final
--- balances, $11 the claimed keys no transfer was created under (given back), $12 each
--- created transfer's metadata (canonical JSON text or NULL), in batch order.
+-- One batch of planned two-leg entries carried out in one statement (batch_plan::entries,
+-- for transfers and deposits). $1..$8 the created movements in batch order (key,
+-- fingerprint, from, to, currency, amount, from's balance after or NULL for a system
+-- account, to's balance after), $9/$10 the customer accounts' final balances, $11 the
+-- claimed keys nothing was created under (given back), $12 each created movement's
+-- metadata (canonical JSON text or NULL), in batch order, $13 the entries' kind (also
+-- their reference's prefix: 'transfer:<key>', 'deposit:<key>').
 WITH de AS MATERIALIZED (
-    -- Each transfer's entry id is drawn here, in batch order, so nothing joins back.
+    -- Each movement's entry id is drawn here, in batch order, so nothing joins back.
     SELECT t.*, nextval('journal_entries_id_seq') AS entry_id
     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[],
                 $7::bigint[], $8::bigint[], $12::text[])
@@ -12,7 +14,7 @@ WITH de AS MATERIALIZED (
     ORDER BY n
 ), e AS (
     INSERT INTO journal_entries (id, kind, reference, metadata)
-    SELECT entry_id, 'transfer', 'transfer:' || key, metadata FROM de ORDER BY entry_id
+    SELECT entry_id, $13::text, $13::text || ':' || key, metadata FROM de ORDER BY entry_id
     RETURNING id
 ), p AS (
     INSERT INTO postings (entry_id, account_id, currency, amount_minor, balance_after_minor)
@@ -30,8 +32,8 @@ WITH de AS MATERIALIZED (
     RETURNING 1
 ), k AS (
     -- The fingerprint too: the key may have been claimed with an earlier item's request
-    -- that was refused.
-    UPDATE idempotency_keys i SET result_id = de.entry_id, request_fingerprint = de.fingerprint
+    -- that was refused; and the operation: a key taken over may have been another's.
+    UPDATE idempotency_keys i SET result_id = de.entry_id, request_fingerprint = de.fingerprint, operation = $13::text
     FROM de WHERE i.key = de.key AND i.result_id IS NULL
     RETURNING 1
 ), gone AS (

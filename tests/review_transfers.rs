@@ -8,10 +8,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use common::{assert_audit_clean, balance, eur, result_code, transfer};
+use common::{assert_audit_clean, balance, result_code, transfer};
 use ledger_core::batch::Item;
 use ledger_core::transfers::{self, Transfer, TransferResult};
-use ledger_core::{AccountId, Currency, IdempotencyKey, LedgerError, TxOptions};
+use ledger_core::{Currency, LedgerError, TxOptions};
 use ledger_testdb as testing;
 
 /// Runs `first` in a transaction on its own connection and holds it open (uncommitted)
@@ -61,8 +61,8 @@ fn a_key_refused_by_a_concurrent_batch_is_free_for_the_batch_waiting_on_it() {
     let first = vec![Item::single(transfer(a, b, "1.00", &other)), Item::single(transfer(a, b, "500.00", &k))];
     let second = vec![Item::single(transfer(a, b, "2.00", &k))];
     let (r1, r2) = interleave(&db, first, second.clone());
-    assert_eq!(r1.iter().map(code).collect::<Vec<_>>(), ["created", "insufficient_funds"]);
-    assert_eq!(r2.iter().map(code).collect::<Vec<_>>(), ["created"]);
+    assert_eq!(r1.iter().map(result_code).collect::<Vec<_>>(), ["created", "insufficient_funds"]);
+    assert_eq!(r2.iter().map(result_code).collect::<Vec<_>>(), ["created"]);
     assert_eq!(balance(&mut conn, a), 700);
     assert_eq!(balance(&mut conn, b), 300);
     let again = transfers::create_batch(&mut conn, &second).unwrap();
@@ -91,7 +91,7 @@ fn the_same_transfer_in_two_concurrent_batches_moves_money_once() {
     let second = vec![Item::linked(transfer(a, b, "6.00", &k)), Item::single(transfer(a, b, "4.00", &k2))];
     let (r1, r2) = interleave(&db, first, second);
     assert_eq!(result_code(&r1[0]), "created");
-    assert_eq!(r2.iter().map(code).collect::<Vec<_>>(), ["replayed", "created"]);
+    assert_eq!(r2.iter().map(result_code).collect::<Vec<_>>(), ["replayed", "created"]);
     assert_eq!(r2[0].entry(), r1[0].entry());
     match r2[1] {
         TransferResult::Created { from_balance_minor, to_balance_minor, .. } => {

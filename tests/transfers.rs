@@ -36,7 +36,7 @@ fn a_batch_answers_each_item_and_writes_only_what_it_created() {
         ];
         let before_c = postings_of(conn, c);
         let results = transfers::create_batch(conn, &batch).unwrap();
-        let codes: Vec<&str> = results.iter().map(code).collect();
+        let codes: Vec<&str> = results.iter().map(result_code).collect();
         assert_eq!(
             codes,
             [
@@ -78,9 +78,9 @@ fn a_batch_sent_again_replays_what_it_created_and_a_refused_key_is_free_to_retry
         let (k1, k2) = (testing::key("again"), testing::key("again"));
         let batch = vec![Item::single(transfer(a, b, "10.00", &k1)), Item::single(transfer(b, a, "20.00", &k2))];
         let first = transfers::create_batch(conn, &batch).unwrap();
-        assert_eq!(first.iter().map(code).collect::<Vec<_>>(), ["created", "insufficient_funds"]);
+        assert_eq!(first.iter().map(result_code).collect::<Vec<_>>(), ["created", "insufficient_funds"]);
         let second = transfers::create_batch(conn, &batch).unwrap();
-        assert_eq!(second.iter().map(code).collect::<Vec<_>>(), ["replayed", "insufficient_funds"]);
+        assert_eq!(second.iter().map(result_code).collect::<Vec<_>>(), ["replayed", "insufficient_funds"]);
         assert_eq!(second[0].entry(), first[0].entry(), "the replay names the first entry");
         assert_eq!((balance(conn, a), balance(conn, b)), (0, 1_000), "nothing applied twice");
         // The single path sees the same key as the same transfer.

@@ -107,7 +107,8 @@ fn a_batch_too_large_or_in_another_currency_is_refused_and_changes_nothing() {
         let b = testing::funded_account(conn, "b", Currency::EUR, "0.00");
         let before = testing::snapshot(conn);
         let key = testing::key("big");
-        let big: Vec<Item<Transfer>> = (0..=MAX_BATCH_ITEMS).map(|_| Item::single(transfer(a, b, "0.01", &key))).collect();
+        let big: Vec<Item<Transfer>> =
+            (0..=MAX_BATCH_ITEMS).map(|_| Item::single(transfer(a, b, "0.01", &key))).collect();
         let err = transfers::create_batch(conn, &big).unwrap_err();
         assert_eq!(err.code(), "invalid_input", "{err}");
         // A transfer in a currency neither account holds is refused on its own.
@@ -267,7 +268,8 @@ fn metadata_is_stored_with_a_transfer_and_returned_with_it() {
         let batch_key = testing::key("mb");
         let batched = transfer(a, b, "2.00", &batch_key).with_metadata(Metadata::parse(r#"{"order": 8}"#).unwrap());
         let results =
-            transfers::create_batch(conn, &[batched.into(), transfer(a, b, "3.00", &testing::key("plain")).into()]).unwrap();
+            transfers::create_batch(conn, &[batched.into(), transfer(a, b, "3.00", &testing::key("plain")).into()])
+                .unwrap();
         let (batch_entry, plain_entry) = (results[0].entry().unwrap(), results[1].entry().unwrap());
 
         let got = transfers::get(conn, receipt.entry).unwrap();

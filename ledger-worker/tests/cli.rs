@@ -14,6 +14,8 @@ mod holds;
 mod lists;
 #[path = "cli/submit_chunks.rs"]
 mod submit_chunks;
+#[path = "cli/transfer_submit.rs"]
+mod transfer_submit;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};

@@ -6,18 +6,7 @@ use super::*;
 
 /// Runs `--json transfer submit` on `input`: its exit code and its answer lines.
 fn transfer_submit(url: &str, input: String) -> (Option<i32>, Vec<Value>) {
-    let mut child = worker_command()
-        .args(["--json", "transfer", "submit"])
-        .env("DATABASE_URL", url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let out = child.wait_with_output().unwrap();
-    writer.join().expect("the stdin writer panicked").unwrap();
+    let out = with_stdin(url, &["--json", "transfer", "submit"], input);
     (out.status.code(), json_lines(&out.stdout))
 }
 
@@ -27,6 +16,13 @@ fn line(from: i64, to: i64, amount: &str, key: &str, linked: bool) -> String {
 
 fn balance(url: &str, id: i64) -> String {
     ok_json(url, &["account", "show", &id.to_string()])["balance"].as_str().unwrap().to_string()
+}
+
+/// A fresh database with `n` accounts holding `funds` each, and their ids.
+fn funded(n: usize, funds: &str) -> (testing::TestDb, Vec<i64>) {
+    let db = testing::committed();
+    let (ids, _) = seed(&mut db.conn(), n, funds, 0);
+    (db, ids.iter().map(|id| id.get()).collect())
 }
 
 fn outcomes(results: &[Value]) -> Vec<&str> {
@@ -41,10 +37,8 @@ fn summary(results: &[Value]) -> Vec<i64> {
 
 #[testing::test]
 fn transfer_submit_answers_created_replayed_refused_and_skipped_with_balances() {
-    let db = testing::committed();
-    let mut conn = db.conn();
-    let (ids, _) = seed(&mut conn, 2, "100.00", 0);
-    let (a, b) = (ids[0].get(), ids[1].get());
+    let (db, ids) = funded(2, "100.00");
+    let (a, b) = (ids[0], ids[1]);
     let input = [
         line(a, b, "10.00", "t-1", false),
         String::new(),
@@ -75,10 +69,8 @@ fn transfer_submit_answers_created_replayed_refused_and_skipped_with_balances() 
 
 #[testing::test]
 fn a_linked_chain_with_one_bad_line_refuses_all_of_it_and_writes_nothing() {
-    let db = testing::committed();
-    let mut conn = db.conn();
-    let (ids, _) = seed(&mut conn, 3, "100.00", 0);
-    let (a, b, c) = (ids[0].get(), ids[1].get(), ids[2].get());
+    let (db, ids) = funded(3, "100.00");
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
     let input = [
         line(a, b, "1.00", "c-1", true),
         line(b, c, "1.00", "c-2", true),
@@ -104,10 +96,8 @@ fn a_linked_chain_with_one_bad_line_refuses_all_of_it_and_writes_nothing() {
 
 #[testing::test]
 fn a_chain_across_the_chunk_boundary_stays_whole() {
-    let db = testing::committed();
-    let mut conn = db.conn();
-    let (ids, _) = seed(&mut conn, 2, "10000.00", 0);
-    let (a, b) = (ids[0].get(), ids[1].get());
+    let (db, ids) = funded(2, "10000.00");
+    let (a, b) = (ids[0], ids[1]);
     let mut input: Vec<String> = (1..=995).map(|n| line(a, b, "1.00", &format!("s-{n}"), false)).collect();
     for n in 1..=10 {
         let amount = if n == 8 { "1.001" } else { "1.00" };
@@ -127,10 +117,8 @@ fn a_chain_across_the_chunk_boundary_stays_whole() {
 
 #[testing::test]
 fn the_flag_form_still_works_and_metadata_round_trips() {
-    let db = testing::committed();
-    let mut conn = db.conn();
-    let (ids, _) = seed(&mut conn, 2, "100.00", 0);
-    let (a, b) = (ids[0].get().to_string(), ids[1].get().to_string());
+    let (db, ids) = funded(2, "100.00");
+    let (a, b) = (ids[0].to_string(), ids[1].to_string());
     let args =
         ["transfer", "--from", &a, "--to", &b, "--amount", "3.00", "--key", "m-1", "--metadata", "{\"order\": 7}"];
     let first = ok_json(db.url(), &args);

@@ -71,8 +71,8 @@ impl ParsedLine {
     }
 }
 
-/// What became of one line of a chunk.
-type Outcome = Result<(TransferResult, Currency)>;
+/// What became of one line of a chunk: its batch result and the transfer it was for.
+type Outcome = Result<(TransferResult, Transfer)>;
 
 /// One chunk: currencies in one query, each chain checked (a bad line, an open or an
 /// overlong chain refuses all of it), the good chains created in batches.
@@ -192,7 +192,7 @@ fn record(
                 Err(bad_line("linked", format!("line {} of its linked chain was refused", numbers[index[failed]])))
             }
             TransferResult::Refused(e) => Err(e.into()),
-            other => Ok((other, item.request.amount.currency())),
+            other => Ok((other, item.request.clone())),
         });
     }
 }
@@ -200,10 +200,14 @@ fn record(
 /// One line's answer, counted.
 fn answer(counts: &mut Counts, number: u64, outcome: Outcome) -> (Value, String) {
     match outcome {
-        Ok((TransferResult::Created { entry, from_balance_minor, to_balance_minor }, currency)) => {
+        Ok((TransferResult::Created { entry, from_balance_minor, to_balance_minor }, t)) => {
             counts.done += 1;
+            let currency = t.amount.currency();
             let (from, to) = (currency.format_minor(from_balance_minor), currency.format_minor(to_balance_minor));
-            let human = format!("line {number}: transfer created (entry {entry}); balances {from}, {to} {currency}");
+            let human = format!(
+                "line {number}: transferred {} (entry {entry}); balances after it: {} {from}, {} {to} {currency}",
+                t.amount, t.from, t.to
+            );
             let value = json!({ "line": number, "outcome": "created", "entry": entry.get(),
                                 "from_balance": from, "to_balance": to });
             (value, human)

@@ -14,6 +14,8 @@ mod holds;
 mod lists;
 #[path = "cli/submit_chunks.rs"]
 mod submit_chunks;
+#[path = "cli/transfer_submit.rs"]
+mod transfer_submit;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -31,6 +33,24 @@ fn ok_json(url: &str, args: &[&str]) -> Value {
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Runs a command with `input` on its stdin, written from a thread so the answers can
+/// stream back while the input is still going in.
+fn with_stdin(url: &str, args: &[&str], input: String) -> Output {
+    let mut child = worker_command()
+        .args(args)
+        .env("DATABASE_URL", url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().expect("the stdin writer panicked").unwrap();
+    out
 }
 
 /// Every line of a stream, parsed as JSON (a line that is not JSON fails the test).
@@ -80,14 +100,6 @@ fn the_documented_commands_work_end_to_end() {
     assert_eq!(w["status"], "pending");
     let wid = w["id"].as_i64().unwrap().to_string();
 
-    let mut child = worker_command()
-        .args(["--json", "submit"])
-        .env("DATABASE_URL", url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let lines = format!(
         "{{\"account\": {a_id}, \"to\": \"{IBAN}\", \"amount\": \"5.00\", \"key\": \"s-1\"}}\n\
          not json\n\
@@ -96,8 +108,7 @@ fn the_documented_commands_work_end_to_end() {
          {{\"account\": {b_id}, \"to\": \"{IBAN}\", \"amount\": \"1.00\", \"key\": \"s-3\"}}\n\
          {{\"account\": {a_id}, \"to\": \"{IBAN}\", \"amount\": \"5.00\", \"key\": \"s-1\"}}\n"
     );
-    child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = with_stdin(url, &["--json", "submit"], lines);
     assert_eq!(out.status.code(), Some(1), "a refused line makes the exit code 1");
     let results = json_lines(&out.stdout);
     let outcomes: Vec<(i64, &str)> =

@@ -32,12 +32,14 @@ mod deposit;
 pub mod failure;
 pub mod help;
 mod hold;
+mod lines;
 mod migrate;
 mod payout;
 mod run;
 mod status;
 mod submit;
 mod transfer;
+mod transfer_submit;
 mod withdraw;
 mod withdrawal;
 

@@ -29,20 +29,7 @@ fn submit_of_a_multi_chunk_input_answers_every_line_in_order_with_the_right_coun
         input.push(text);
         expected.push(outcome);
     }
-    let mut child = worker_command()
-        .args(["--json", "submit"])
-        .env("DATABASE_URL", db.url())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let text = input.join("\n") + "\n";
-    // Written from a thread: the answers stream back while the input is still going in.
-    let writer = std::thread::spawn(move || stdin.write_all(text.as_bytes()));
-    let out = child.wait_with_output().unwrap();
-    writer.join().expect("the stdin writer panicked").unwrap();
+    let out = with_stdin(db.url(), &["--json", "submit"], input.join("\n") + "\n");
     assert_eq!(out.status.code(), Some(1), "refused lines make the exit code 1");
     let results = json_lines(&out.stdout);
     assert_eq!(results.len(), 2_501, "one answer per line and the summary");

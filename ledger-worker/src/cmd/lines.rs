@@ -1,0 +1,179 @@
+//! JSON lines on stdin, shared by `submit` and `transfer submit`: lines read in chunks
+//! (a chunk never ends inside a linked chain), blank lines skipped, every line answered
+//! in order and flushed after each chunk, and the summary's counts.
+
+use super::*;
+
+/// Lines taken per chunk: one batch and a few round trips each, answers flushed after
+/// each so a long input shows progress. A chunk is extended until a linked chain closes.
+pub(super) const CHUNK_LINES: usize = 1_000;
+
+/// Longest accepted input line; longer lines are refused, not parsed.
+pub(super) const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// What a line-reading command did with its input, line by line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Counts {
+    /// Lines applied for the first time ("enqueued" or "created", see `done_name`).
+    pub done: u64,
+    /// The same key with the same request again: answered with the first result.
+    pub replayed: u64,
+    /// Lines refused, with why.
+    pub refused: u64,
+    /// Blank lines, by number.
+    pub skipped: Vec<u64>,
+    /// The summary's name for `done`.
+    pub done_name: &'static str,
+}
+
+impl Counts {
+    fn lines(&self) -> u64 {
+        self.done + self.replayed + self.refused + self.skipped.len() as u64
+    }
+
+    fn to_json(&self) -> Value {
+        let mut value = json!({ "summary": true, "lines": self.lines(), "replayed": self.replayed,
+                "refused": self.refused, "skipped": self.skipped.len(), "skipped_lines": self.skipped });
+        value[self.done_name] = json!(self.done);
+        value
+    }
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} line(s): {} {}, {} replayed, {} refused, {} blank skipped",
+            self.lines(),
+            self.done,
+            self.done_name,
+            self.replayed,
+            self.refused,
+            self.skipped.len()
+        )?;
+        if !self.skipped.is_empty() {
+            let numbers: Vec<String> = self.skipped.iter().map(u64::to_string).collect();
+            write!(f, " (line {})", numbers.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// One non-blank line, parsed by the command, and whether it is linked to the next.
+pub(super) struct Line<P> {
+    /// Its number in the input, from 1.
+    pub number: u64,
+    /// What the command made of it.
+    pub parsed: P,
+    /// Linked to the next non-blank line: the chunk goes on past it.
+    pub linked: bool,
+}
+
+/// Reads `input` in chunks; `parse` makes each non-blank line a `(P, linked)`, `answer`
+/// turns a chunk's lines into one (JSON, human) answer each, in order. Prints every
+/// answer (blank lines answered "skipped" in place), flushes after each chunk, then
+/// prints the summary; exit status 1 (`CliError::Refused`) if any line was refused.
+pub(super) fn run<P>(
+    ctx: &Ctx,
+    done_name: &'static str,
+    input: impl BufRead,
+    parse: impl Fn(&[u8]) -> (P, bool),
+    mut answer: impl FnMut(&mut Counts, Vec<Line<P>>, bool) -> Result<Vec<(Value, String)>>,
+) -> Result<ExitCode> {
+    let mut counts = Counts { done_name, ..Counts::default() };
+    let mut chunk: Vec<Line<P>> = Vec::with_capacity(CHUNK_LINES);
+    let mut blanks: Vec<u64> = Vec::new();
+    let mut read = 0;
+    for (n, line) in input.split(b'\n').enumerate() {
+        let (number, line) = (n as u64 + 1, line.context("reading stdin")?);
+        read += 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            blanks.push(number);
+        } else {
+            let (parsed, linked) = parse(&line);
+            chunk.push(Line { number, parsed, linked });
+        }
+        // A chain longer than one batch may take is cut off so memory stays bounded;
+        // its open end is refused as a whole by `answer`.
+        let cut = chunk.len() > CHUNK_LINES + ledger_core::batch::MAX_BATCH_ITEMS;
+        if read >= CHUNK_LINES && (chunk.last().is_none_or(|l| !l.linked) || cut) {
+            flush(&ctx.out, &mut counts, std::mem::take(&mut chunk), &mut blanks, cut, &mut answer)?;
+            read = 0;
+        }
+    }
+    flush(&ctx.out, &mut counts, chunk, &mut blanks, true, &mut answer)?;
+    ctx.out.print(counts.to_json(), || counts.to_string())?;
+    if counts.refused > 0 {
+        return Err(CliError::Refused { kind: "refused", message: counts.to_string() }.into());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn flush<P>(
+    out: &Output,
+    counts: &mut Counts,
+    chunk: Vec<Line<P>>,
+    blanks: &mut Vec<u64>,
+    last: bool,
+    answer: &mut impl FnMut(&mut Counts, Vec<Line<P>>, bool) -> Result<Vec<(Value, String)>>,
+) -> Result<()> {
+    let numbers: Vec<u64> = chunk.iter().map(|l| l.number).collect();
+    let mut answers = answer(counts, chunk, last)?.into_iter().zip(numbers).peekable();
+    let mut blank = blanks.drain(..).peekable();
+    let mut text = String::new();
+    loop {
+        let next_blank = blank.peek().copied();
+        let next_line = answers.peek().map(|(_, n)| *n);
+        let (value, human) = match (next_blank, next_line) {
+            (Some(b), l) if l.is_none_or(|l| b < l) => {
+                blank.next();
+                counts.skipped.push(b);
+                (
+                    json!({ "line": b, "outcome": "skipped", "reason": "blank line" }),
+                    format!("line {b}: skipped (blank)"),
+                )
+            }
+            (_, Some(_)) => answers.next().expect("peeked").0,
+            (None, None) => break,
+            (Some(_), None) => unreachable!("matched by the first arm"),
+        };
+        text.push_str(&if out.json { value.to_string() } else { human });
+        text.push('\n');
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// A refused line's answer, counted: its failure's JSON with the line number.
+pub(super) fn refusal(counts: &mut Counts, number: u64, e: &anyhow::Error) -> (Value, String) {
+    counts.refused += 1;
+    let failure = Failure::of(e);
+    let mut value = failure.to_json();
+    value["line"] = json!(number);
+    value["outcome"] = json!("refused");
+    value["error"] = json!(failure.message);
+    (value, format!("line {number}: refused: {}", failure.message))
+}
+
+/// An input error on one field of a line.
+pub(super) fn bad_line(field: &'static str, reason: String) -> anyhow::Error {
+    LedgerError::Invalid(ledger_core::InvalidInput::BadField { field, reason }).into()
+}
+
+/// A line as JSON of type `T` (unknown fields refused by `T`), or why not.
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(line: &[u8]) -> Result<T> {
+    if line.len() > MAX_LINE_BYTES {
+        return Err(bad_line("line", format!("longer than {MAX_LINE_BYTES} bytes")));
+    }
+    serde_json::from_slice(line).map_err(|e| bad_line("line", format!("bad JSON: {e}")))
+}
+
+/// A JSON amount that must be a decimal string.
+pub(super) fn amount_text(amount: Value) -> Result<String> {
+    match amount {
+        Value::String(text) => Ok(text),
+        _ => Err(bad_line("amount", "must be a decimal string like \"50.00\", not a JSON number".into())),
+    }
+}

@@ -1,0 +1,141 @@
+//! `transfer submit`: answers line by line with balances, linked chains all-or-nothing
+//! (also across the 1,000-line chunk boundary), bad lines refused with nothing written,
+//! and `transfer --metadata` on the single form.
+
+use super::*;
+
+/// Runs `--json transfer submit` on `input`: its exit code and its answer lines.
+fn transfer_submit(url: &str, input: String) -> (Option<i32>, Vec<Value>) {
+    let out = with_stdin(url, &["--json", "transfer", "submit"], input);
+    (out.status.code(), json_lines(&out.stdout))
+}
+
+fn line(from: i64, to: i64, amount: &str, key: &str, linked: bool) -> String {
+    format!("{{\"from\": {from}, \"to\": {to}, \"amount\": \"{amount}\", \"key\": \"{key}\", \"linked\": {linked}}}")
+}
+
+fn balance(url: &str, id: i64) -> String {
+    ok_json(url, &["account", "show", &id.to_string()])["balance"].as_str().unwrap().to_string()
+}
+
+/// A fresh database with `n` accounts holding `funds` each, and their ids.
+fn funded(n: usize, funds: &str) -> (testing::TestDb, Vec<i64>) {
+    let db = testing::committed();
+    let (ids, _) = seed(&mut db.conn(), n, funds, 0);
+    (db, ids.iter().map(|id| id.get()).collect())
+}
+
+fn outcomes(results: &[Value]) -> Vec<&str> {
+    results.iter().filter(|r| r["summary"].is_null()).map(|r| r["outcome"].as_str().unwrap()).collect()
+}
+
+fn summary(results: &[Value]) -> Vec<i64> {
+    let s = results.last().unwrap();
+    assert_eq!(s["summary"], true, "{s}");
+    ["lines", "created", "replayed", "refused", "skipped"].iter().map(|k| s[k].as_i64().unwrap()).collect()
+}
+
+#[testing::test]
+fn transfer_submit_answers_created_replayed_refused_and_skipped_with_balances() {
+    let (db, ids) = funded(2, "100.00");
+    let (a, b) = (ids[0], ids[1]);
+    let input = [
+        line(a, b, "10.00", "t-1", false),
+        String::new(),
+        line(a, b, "10.00", "t-1", false),
+        line(a, b, "500.00", "t-2", false),
+        format!("{{\"from\": {a}, \"to\": {b}, \"amount\": 1, \"key\": \"t-3\"}}"),
+        format!("{{\"from\": {a}, \"to\": {b}, \"amount\": \"1.00\", \"key\": \"t-4\", \"memo\": 1}}"),
+        format!("{{\"from\": {a}, \"to\": {b}, \"amount\": \"2.00\", \"key\": \"t-5\", \"metadata\": {{\"o\": 7}}}}"),
+    ]
+    .join("\n");
+    let (code, results) = transfer_submit(db.url(), input + "\n");
+    assert_eq!(code, Some(1), "refused lines make the exit code 1");
+    let expected = ["created", "skipped", "replayed", "refused", "refused", "refused", "created"];
+    assert_eq!(outcomes(&results), expected, "{results:?}");
+    assert_eq!(
+        (results[0]["from_balance"].as_str(), results[0]["to_balance"].as_str()),
+        (Some("90.00"), Some("110.00"))
+    );
+    assert_eq!(results[2]["entry"], results[0]["entry"], "a replay answers with the first entry");
+    assert_eq!(results[3]["code"].as_str(), Some("insufficient_funds"), "{}", results[3]);
+    assert!(results[4]["error"].as_str().unwrap().contains("not a JSON number"), "{}", results[4]);
+    assert!(results[5]["error"].as_str().unwrap().contains("unknown field"), "{}", results[5]);
+    assert_eq!(results[6]["to_balance"].as_str(), Some("112.00"));
+    assert_eq!(summary(&results), vec![7, 2, 1, 3, 1]);
+    assert_eq!(results.last().unwrap()["skipped_lines"], serde_json::json!([2]));
+    assert_eq!((balance(db.url(), a), balance(db.url(), b)), ("88.00".into(), "112.00".into()));
+}
+
+#[testing::test]
+fn a_linked_chain_with_one_bad_line_refuses_all_of_it_and_writes_nothing() {
+    let (db, ids) = funded(3, "100.00");
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    let input = [
+        line(a, b, "1.00", "c-1", true),
+        line(b, c, "1.00", "c-2", true),
+        format!("{{\"from\": {c}, \"to\": {a}, \"amount\": \"1.00\", \"key\": \"c-3\", \"linked\": true, \"x\": 1}}"),
+        line(c, a, "1.00", "c-4", false),
+        line(a, b, "1.00", "d-1", true),
+        line(b, c, "900.00", "d-2", false),
+        line(a, c, "5.00", "e-1", false),
+        line(a, b, "1.00", "f-1", true),
+    ]
+    .join("\n");
+    let (code, results) = transfer_submit(db.url(), input);
+    assert_eq!(code, Some(1));
+    let expected = ["refused", "refused", "refused", "refused", "refused", "refused", "created", "refused"];
+    assert_eq!(outcomes(&results), expected, "{results:?}");
+    assert!(results[0]["error"].as_str().unwrap().contains("line 3 of its linked chain"), "{}", results[0]);
+    assert!(results[2]["error"].as_str().unwrap().contains("unknown field"), "{}", results[2]);
+    assert!(results[4]["error"].as_str().unwrap().contains("line 6 of its linked chain"), "{}", results[4]);
+    assert!(results[7]["error"].as_str().unwrap().contains("still open"), "{}", results[7]);
+    let balances: Vec<String> = [a, b, c].iter().map(|&id| balance(db.url(), id)).collect();
+    assert_eq!(balances, ["95.00", "100.00", "105.00"], "only the single transfer was written");
+}
+
+#[testing::test]
+fn a_chain_across_the_chunk_boundary_stays_whole() {
+    let (db, ids) = funded(2, "10000.00");
+    let (a, b) = (ids[0], ids[1]);
+    let mut input: Vec<String> = (1..=995).map(|n| line(a, b, "1.00", &format!("s-{n}"), false)).collect();
+    for n in 1..=10 {
+        let amount = if n == 8 { "1.001" } else { "1.00" };
+        input.push(line(b, a, amount, &format!("ch-{n}"), n < 10));
+    }
+    input.push(line(a, b, "1.00", "after", false));
+    let (code, results) = transfer_submit(db.url(), input.join("\n") + "\n");
+    assert_eq!(code, Some(1));
+    let got = outcomes(&results);
+    assert!(got[..995].iter().all(|o| *o == "created"), "{:?}", &got[..995]);
+    assert!(got[995..1_005].iter().all(|o| *o == "refused"), "{:?}", &results[995..1_005]);
+    assert_eq!(got[1_005], "created");
+    assert!(results[995]["error"].as_str().unwrap().contains("line 1003 of its linked chain"), "{}", results[995]);
+    assert_eq!(summary(&results), vec![1_006, 996, 0, 10, 0]);
+    assert_eq!(balance(db.url(), b), "10996.00", "nothing of the chain was written");
+}
+
+#[testing::test]
+fn the_flag_form_still_works_and_metadata_round_trips() {
+    let (db, ids) = funded(2, "100.00");
+    let (a, b) = (ids[0].to_string(), ids[1].to_string());
+    let args =
+        ["transfer", "--from", &a, "--to", &b, "--amount", "3.00", "--key", "m-1", "--metadata", "{\"order\": 7}"];
+    let first = ok_json(db.url(), &args);
+    assert_eq!((first["replayed"].as_bool(), &first["metadata"]), (Some(false), &serde_json::json!({"order": 7})));
+    let again = ok_json(db.url(), &args);
+    assert_eq!((again["replayed"].as_bool(), again["entry"].clone()), (Some(true), first["entry"].clone()));
+    let human = cli(db.url(), &args);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("metadata {\"order\":7}"), "{human:?}");
+    let plain = ok_json(db.url(), &["transfer", "--from", &a, "--to", &b, "--amount", "1.00", "--key", "m-2"]);
+    assert_eq!((plain["replayed"].as_bool(), plain["metadata"].is_null()), (Some(false), true));
+    assert_eq!(balance(db.url(), a.parse().unwrap()), "96.00");
+    let err = refused(
+        &db,
+        &["transfer", "--from", &a, "--to", &b, "--amount", "1.00", "--key", "m-3", "--metadata", "[1]"],
+        None,
+    );
+    assert!(err.contains("JSON object"), "{err}");
+    let err = refused(&db, &["transfer", "--from", &a, "--amount", "1.00", "--key", "m-4"], None);
+    assert!(err.contains("--to"), "{err}");
+}

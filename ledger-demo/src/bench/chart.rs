@@ -104,7 +104,7 @@ fn throughput_section(s: &mut Svg, rows: &[Row]) {
             throughput_bar(s, r, max_ops);
         }
         if let Some(tps) = these.iter().find_map(|r| r.pgbench_tps) {
-            let label = format!("{scenario} · pgbench (s{}, c{})", these[0].pgbench_scale, these[0].threads);
+            let label = format!("{scenario} · pgbench (s{}, c{})", these[0].pgbench_scale, these[0].pgbench_clients);
             s.text(LABEL_W - 8.0, s.y + 12.5, "label", "end", &label);
             let w = scaled(tps, max_ops);
             s.bar(s.y, w, PGBENCH, 1.0, &format!("{label}: {tps:.0} tps"));
@@ -308,6 +308,7 @@ mod tests {
             mode,
             gateway: Some("log"),
             threads: 4,
+            pgbench_clients: 4,
             ops_per_sec: ops,
             latency_rate: if p50 > 0.0 { ops / 2.0 } else { 0.0 },
             p50_ms: p50,

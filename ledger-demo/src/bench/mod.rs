@@ -34,6 +34,7 @@ use crate::database::Database;
 
 mod chart;
 mod data;
+mod intake;
 mod latency;
 mod modes;
 mod profile;
@@ -42,7 +43,7 @@ mod transfer_scenario;
 mod worker;
 
 // The rooms below share these through `use super::*`.
-use {data::*, latency::*, modes::*, profile::*, report::*, transfer_scenario::*, worker::*};
+use {data::*, intake::*, latency::*, modes::*, profile::*, report::*, transfer_scenario::*, worker::*};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
@@ -52,7 +53,10 @@ pub enum Scenario {
     Hot,
     /// Transfers between random pairs, both directions (pgbench reference: scale 10).
     Transfers,
-    /// All three, one after the other.
+    /// JSON lines fed to this binary's `submit` and `transfer submit`, each a child
+    /// process reading a file on stdin (pgbench reference: scale 10, 4 clients).
+    Intake,
+    /// All four, one after the other.
     All,
 }
 
@@ -96,6 +100,8 @@ pub struct BenchOptions {
     pub database_url: Option<String>,
     pub scenario: Scenario,
     pub withdrawals: usize,
+    /// Lines per command in the intake scenario.
+    pub lines: usize,
     /// Worker threads; `None`: 4 for spread and transfers, 8 for hot.
     pub threads: Option<usize>,
     pub batch_size: usize,
@@ -146,6 +152,8 @@ struct Row {
     mode: &'static str,
     gateway: Option<&'static str>,
     threads: usize,
+    /// pgbench's clients in the reference run (the scenario's threads, 4 for intake).
+    pgbench_clients: usize,
     ops: usize,
     ops_per_sec: f64,
     latency_rate: f64,
@@ -170,8 +178,8 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
 }
 
 pub fn run_with(opts: &BenchOptions, modes: &ModeOptions) -> Result<()> {
-    if opts.withdrawals == 0 || opts.batch_size == 0 {
-        bail!("--withdrawals and --batch-size must be at least 1");
+    if opts.withdrawals == 0 || opts.batch_size == 0 || opts.lines == 0 {
+        bail!("--withdrawals, --lines and --batch-size must be at least 1");
     }
     if let Some(rate) = opts.latency_rate {
         if !(rate.is_finite() && (1.0..=1_000_000.0).contains(&rate)) {
@@ -216,9 +224,46 @@ pub fn run_with(opts: &BenchOptions, modes: &ModeOptions) -> Result<()> {
     Ok(())
 }
 
+/// One row of a scenario: how it is measured.
+#[derive(Clone, Copy, Debug)]
+enum Job {
+    /// Withdrawals through a `run` worker, in this mode.
+    Worker(Mode),
+    /// Transfers called in-process.
+    Transfers(TransferCalls),
+    /// JSON lines through a `submit` or `transfer submit` child.
+    Intake(Intake),
+}
+
+impl Job {
+    /// The scenario's rows, in order.
+    fn of(s: Scenario, modes: &ModeOptions) -> Vec<Job> {
+        match s {
+            // One transfer per call, the same coalesced, then batches.
+            Scenario::Transfers => {
+                [TransferCalls::Single, TransferCalls::Coalesced, TransferCalls::Batch(TRANSFER_BATCH)]
+                    .map(Job::Transfers)
+                    .to_vec()
+            }
+            Scenario::Intake => Intake::ALL.map(Job::Intake).to_vec(),
+            _ => modes.modes.iter().copied().map(Job::Worker).collect(),
+        }
+    }
+
+    /// A tag for its database's name, and its row's label.
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Job::Worker(m) => (m.gateway(), m.label()),
+            Job::Transfers(calls) => ("transfers", calls.label()),
+            Job::Intake(Intake::Withdrawals) => ("submit", Intake::Withdrawals.label()),
+            Job::Intake(Intake::Transfers) => ("tsubmit", Intake::Transfers.label()),
+        }
+    }
+}
+
 fn run_all(database: &Database, opts: &BenchOptions, modes: &ModeOptions, flags: WorkerFlags) -> Result<Vec<Row>> {
     let scenarios = match opts.scenario {
-        Scenario::All => vec![Scenario::Spread, Scenario::Hot, Scenario::Transfers],
+        Scenario::All => vec![Scenario::Spread, Scenario::Hot, Scenario::Transfers, Scenario::Intake],
         s => vec![s],
     };
     let mut rows = vec![];
@@ -226,29 +271,23 @@ fn run_all(database: &Database, opts: &BenchOptions, modes: &ModeOptions, flags:
         let threads = opts.threads.unwrap_or(if s == Scenario::Hot { 8 } else { 4 });
         let base = Row {
             scenario: scenario_name(s),
-            threads,
-            ops: opts.withdrawals,
+            // An intake row is one child process on one connection.
+            threads: if s == Scenario::Intake { 1 } else { threads },
+            pgbench_clients: threads,
+            ops: if s == Scenario::Intake { opts.lines } else { opts.withdrawals },
             pgbench_scale: if s == Scenario::Hot { 1 } else { 10 },
             ..Default::default()
         };
-        // The transfers scenario's rows: one transfer per call, the same coalesced, then batches.
-        let scenario_modes: Vec<Result<Mode, TransferCalls>> = if s == Scenario::Transfers {
-            vec![Err(TransferCalls::Single), Err(TransferCalls::Coalesced), Err(TransferCalls::Batch(TRANSFER_BATCH))]
-        } else {
-            modes.modes.iter().copied().map(Ok).collect()
-        };
         let mut these = vec![];
-        for mode in scenario_modes {
-            let (tag, label) = match mode {
-                Ok(m) => (m.gateway(), m.label()),
-                Err(calls) => ("transfers", calls.label()),
-            };
+        for job in Job::of(s, modes) {
+            let (tag, label) = job.names();
             let name = format!("ledger_bench_{}_{tag}_{}", scenario_name(s), std::process::id());
             let url = database.create_sibling(&name)?;
             let mut row = Row { mode: label, ..base.clone() };
-            let measured = match mode {
-                Err(calls) => run_transfer_scenario(&url, calls, &mut row),
-                Ok(mode) => run_mode(&url, s, mode, opts, modes, flags, &mut row),
+            let measured = match job {
+                Job::Transfers(calls) => run_transfer_scenario(&url, calls, &mut row),
+                Job::Worker(mode) => run_mode(&url, s, mode, opts, modes, flags, &mut row),
+                Job::Intake(intake) => run_intake(&url, intake, &mut row),
             };
             database.drop_sibling(&name)?;
             if let Err(e) = measured {
@@ -262,7 +301,7 @@ fn run_all(database: &Database, opts: &BenchOptions, modes: &ModeOptions, flags:
                 database,
                 &format!("ledger_bench_{}_pgbench_{}", scenario_name(s), std::process::id()),
                 base.pgbench_scale,
-                threads,
+                base.pgbench_clients,
                 opts,
             )?;
             these.iter_mut().for_each(|r| r.pgbench_tps = Some(tps));
@@ -317,6 +356,7 @@ fn scenario_name(s: Scenario) -> &'static str {
         Scenario::Spread => "spread",
         Scenario::Hot => "hot",
         Scenario::Transfers => "transfers",
+        Scenario::Intake => "intake",
         Scenario::All => "all",
     }
 }

@@ -42,7 +42,7 @@ pub(super) fn print_table(rows: &[Row], as_json: bool) {
                 json!({
                     "scenario": r.scenario, "mode": r.mode, "gateway": r.gateway, "threads": r.threads,
                     "operations": r.ops, "ops_per_sec": r.ops_per_sec,
-                    "pgbench_scale": r.pgbench_scale, "pgbench_tps": r.pgbench_tps,
+                    "pgbench_scale": r.pgbench_scale, "pgbench_clients": r.pgbench_clients, "pgbench_tps": r.pgbench_tps,
                     "ratio": r.pgbench_tps.map(|p| r.ops_per_sec / p),
                     "debit_only_ops_per_sec": r.debit_only_ops_per_sec,
                     "ratio_to_debit_only": r.debit_only_ops_per_sec.map(|d| r.ops_per_sec / d),
@@ -60,7 +60,10 @@ pub(super) fn print_table(rows: &[Row], as_json: bool) {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
-        let pg = r.pgbench_tps.map(|p| format!("{p:.0} (s{}, c{})", r.pgbench_scale, r.threads)).unwrap_or("-".into());
+        let pg = r
+            .pgbench_tps
+            .map(|p| format!("{p:.0} (s{}, c{})", r.pgbench_scale, r.pgbench_clients))
+            .unwrap_or("-".into());
         if r.error.is_some() {
             println!(
                 "| {} | {} | {} | FAILED (below) | {pg} | - | - | - | - | - | - | - | - |",
@@ -80,7 +83,9 @@ pub(super) fn print_table(rows: &[Row], as_json: bool) {
         } else {
             ("-".into(), "-".into(), "-".into(), "-".into())
         };
-        let rss = if r.gateway.is_none() {
+        let rss = if r.scenario == scenario_name(Scenario::Intake) {
+            format!("{:.1} MB (child)", r.rss_mb)
+        } else if r.gateway.is_none() {
             format!("{:.1} MB (bench process)", r.rss_mb)
         } else {
             format!("{:.1} MB", r.rss_mb)

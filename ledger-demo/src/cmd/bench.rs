@@ -15,6 +15,9 @@ pub struct BenchArgs {
     /// Withdrawals (or transfers) per scenario.
     #[arg(long, default_value_t = 20_000)]
     pub withdrawals: usize,
+    /// JSON lines per command in the intake scenario (`submit`, then `transfer submit`).
+    #[arg(long, default_value_t = 50_000)]
+    pub lines: usize,
     /// Worker threads (default: 4, and 8 for the hot scenario).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -58,6 +61,7 @@ pub fn run(ctx: Ctx, args: BenchArgs) -> Result<ExitCode> {
         database_url: ctx.database_url,
         scenario: args.scenario,
         withdrawals: args.withdrawals,
+        lines: args.lines,
         threads: args.threads,
         batch_size: args.batch_size,
         accounts: args.accounts,

@@ -1,5 +1,5 @@
 //! `transfer submit`: answers line by line with balances, linked chains all-or-nothing
-//! (also across the 1,000-line chunk boundary), bad lines refused with nothing written,
+//! (also across the 1,000-line chunk boundary, and an overlong chain refused to its closing line), bad lines refused with nothing written,
 //! and `transfer --metadata` on the single form.
 
 use super::*;
@@ -138,4 +138,34 @@ fn the_flag_form_still_works_and_metadata_round_trips() {
     assert!(err.contains("JSON object"), "{err}");
     let err = refused(&db, &["transfer", "--from", &a, "--amount", "1.00", "--key", "m-4"], None);
     assert!(err.contains("--to"), "{err}");
+}
+
+#[testing::test]
+fn a_chain_longer_than_a_batch_is_refused_to_its_closing_line_even_past_the_memory_cut() {
+    let (db, ids) = funded(2, "100000.00");
+    let (a, b) = (ids[0], ids[1]);
+    // 3 single lines, then a chain of 12,500 lines (the reader cuts after 11,000 kept in
+    // memory), a blank line inside it, then single lines again.
+    let mut input: Vec<String> = (1..=3).map(|n| line(a, b, "1.00", &format!("s-{n}"), false)).collect();
+    input.extend((1..=12_500).map(|n| line(b, a, "1.00", &format!("long-{n}"), n < 12_500)));
+    input.insert(5_000, String::new());
+    input.extend((1..=2).map(|n| line(a, b, "1.00", &format!("t-{n}"), false)));
+    let (code, results) = transfer_submit(db.url(), input.join("\n") + "\n");
+    assert_eq!(code, Some(1));
+    let got = outcomes(&results);
+    assert_eq!(got.len(), 12_506);
+    assert!(got[..3].iter().all(|o| *o == "created"), "{:?}", &got[..3]);
+    assert_eq!(got[5_000], "skipped");
+    let chain: Vec<usize> = (3..12_504).filter(|&i| i != 5_000).collect();
+    let not_refused: Vec<&Value> = chain.iter().map(|&i| &results[i]).filter(|r| r["outcome"] != "refused").collect();
+    assert!(not_refused.is_empty(), "every chain line refused, got {:?}", not_refused.first());
+    for i in [3, 11_000, 12_503] {
+        let error = results[i]["error"].as_str().unwrap();
+        assert!(error.contains("from line 4) has more than 10000 lines"), "line {}: {error}", i + 1);
+    }
+    assert!(got[12_504..].iter().all(|o| *o == "created"), "{:?}", &got[12_504..]);
+    let numbers: Vec<i64> = results[..12_506].iter().map(|r| r["line"].as_i64().unwrap()).collect();
+    assert_eq!(numbers, (1..=12_506).collect::<Vec<_>>(), "answers in input order");
+    assert_eq!(summary(&results), vec![12_506, 5, 0, 12_500, 1]);
+    assert_eq!((balance(db.url(), a), balance(db.url(), b)), ("99995.00".into(), "100005.00".into()));
 }

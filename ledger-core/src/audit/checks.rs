@@ -69,12 +69,11 @@ pub(super) struct CurrencyTotals {
 /// beside the amounts of the rows of `table` matching `rows_where` that they should
 /// hold. The one shape of every "this system account holds exactly these rows" check;
 /// its arguments are the audit's own constants, never input.
-pub(super) fn role_off_rows(
+pub(super) fn role_off_rows<V>(
     conn: &mut PgConnection,
-    role: &str,
-    table: &str,
-    rows_where: &str,
-) -> Result<Vec<CurrencyTotals>, LedgerError> {
+    (role, table, rows_where): (&str, &str, &str),
+    violation: impl Fn(CurrencyTotals) -> V,
+) -> Result<Vec<V>, LedgerError> {
     let sql = format!(
         "SELECT t.currency, t.held::bigint AS held_minor, COALESCE(o.total, 0)::bigint AS rows_minor FROM (
              SELECT a.currency, COALESCE(SUM(p.amount_minor), 0) AS held
@@ -84,7 +83,8 @@ pub(super) fn role_off_rows(
                 ON o.currency = t.currency
          WHERE t.held <> COALESCE(o.total, 0) ORDER BY t.currency LIMIT {MAX_REPORTED}"
     );
-    Ok(diesel::sql_query(sql).load(conn)?)
+    let rows: Vec<CurrencyTotals> = diesel::sql_query(sql).load(conn)?;
+    Ok(rows.into_iter().map(violation).collect())
 }
 
 #[derive(QueryableByName)]
@@ -212,15 +212,12 @@ fn balances_below_floor(conn: &mut PgConnection) -> Result<Vec<Violation>, Ledge
 }
 
 fn in_transit_off_open_payouts(conn: &mut PgConnection) -> Result<Vec<Violation>, LedgerError> {
-    let totals = role_off_rows(conn, "payouts_in_transit", "payouts", "status IN ('pending', 'failed')")?;
-    Ok(totals
-        .into_iter()
-        .map(|r| Violation::InTransitMismatch {
-            currency: r.currency,
-            in_transit_minor: r.held_minor,
-            open_payouts_minor: r.rows_minor,
-        })
-        .collect())
+    let open = ("payouts_in_transit", "payouts", "status IN ('pending', 'failed')");
+    role_off_rows(conn, open, |r| Violation::InTransitMismatch {
+        currency: r.currency,
+        in_transit_minor: r.held_minor,
+        open_payouts_minor: r.rows_minor,
+    })
 }
 
 fn withdrawals_without_one_payout(conn: &mut PgConnection) -> Result<Vec<Violation>, LedgerError> {
@@ -234,15 +231,12 @@ fn withdrawals_without_one_payout(conn: &mut PgConnection) -> Result<Vec<Violati
 }
 
 fn settlement_off_settled_payouts(conn: &mut PgConnection) -> Result<Vec<Violation>, LedgerError> {
-    let totals = role_off_rows(conn, "external_settlement", "payouts", "status = 'settled'")?;
-    Ok(totals
-        .into_iter()
-        .map(|r| Violation::SettlementMismatch {
-            currency: r.currency,
-            settled_minor: r.held_minor,
-            settled_payouts_minor: r.rows_minor,
-        })
-        .collect())
+    let settled = ("external_settlement", "payouts", "status = 'settled'");
+    role_off_rows(conn, settled, |r| Violation::SettlementMismatch {
+        currency: r.currency,
+        settled_minor: r.held_minor,
+        settled_payouts_minor: r.rows_minor,
+    })
 }
 
 fn payout_states_off_withdrawals(conn: &mut PgConnection) -> Result<Vec<Violation>, LedgerError> {

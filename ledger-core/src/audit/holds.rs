@@ -77,12 +77,12 @@ pub fn check(conn: &mut PgConnection) -> Result<Vec<HoldsViolation>, LedgerError
         id: i64,
     }
     let mut out = Vec::new();
-    let totals = super::checks::role_off_rows(conn, "holds_pending", "holds", "status = 'pending'")?;
-    out.extend(totals.into_iter().map(|t| HoldsViolation::PendingMismatch {
+    let pending = ("holds_pending", "holds", "status = 'pending'");
+    out.extend(super::checks::role_off_rows(conn, pending, |t| HoldsViolation::PendingMismatch {
         currency: t.currency,
         held_minor: t.held_minor,
         pending_holds_minor: t.rows_minor,
-    }));
+    })?);
     // Every leg of every hold's two entries, by phase, then summed per hold (hash joins
     // over whole tables, as the rest of the audit).
     let wrong: Vec<OneId> = diesel::sql_query(format!(

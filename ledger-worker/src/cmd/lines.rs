@@ -139,7 +139,8 @@ fn overlong_refusal(counts: &mut Counts, number: u64, first: u64) -> (Value, Str
 }
 
 /// Answers a chunk's lines, its blank lines and the lines answered before (`pre`), all
-/// in input order, and flushes them.
+/// in input order, and flushes them. If `answer` fails (a lost connection: nothing can
+/// be said of the chunk's lines), none is printed and the error names them.
 fn flush<P>(
     out: &Output,
     counts: &mut Counts,
@@ -150,7 +151,17 @@ fn flush<P>(
     answer: &mut impl FnMut(&mut Counts, Vec<Line<P>>, bool) -> Result<Vec<(Value, String)>>,
 ) -> Result<()> {
     let numbers: Vec<u64> = chunk.iter().map(|l| l.number).collect();
-    let mut all: Vec<Answer> = numbers.into_iter().zip(answer(counts, chunk, last)?).chain(pre).collect();
+    let unanswered = numbers.iter().chain(pre.iter().map(|(n, _)| n)).chain(blanks.iter());
+    let (first, end) = (unanswered.clone().min().copied(), unanswered.max().copied());
+    let answers = answer(counts, chunk, last).with_context(|| {
+        let (first, end) = (first.unwrap_or(0), end.unwrap_or(0));
+        format!(
+            "lines {first} to {end} are not answered and their outcome is unknown (each may or may not be \
+             written); the lines before them are answered above, the lines after them were not read. Sending \
+             the same lines again is safe: each key is applied at most once"
+        )
+    })?;
+    let mut all: Vec<Answer> = numbers.into_iter().zip(answers).chain(pre).collect();
     for b in blanks.drain(..) {
         counts.skipped.push(b);
         let value = json!({ "line": b, "outcome": "skipped", "reason": "blank line" });

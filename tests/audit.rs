@@ -82,6 +82,14 @@ fn each_check_reports_the_corruption_it_is_for() {
             |v| matches!(v, Violation::InTransitMismatch { in_transit_minor: 4_000, open_payouts_minor: 0, .. }),
         ),
         (
+            "a settled payout the settlement account does not hold",
+            &[
+                "ALTER TABLE payouts DROP CONSTRAINT payouts_resolution_matches_status",
+                "UPDATE payouts SET status = 'settled' WHERE withdrawal_id = {withdrawal}",
+            ],
+            |v| matches!(v, Violation::SettlementMismatch { settled_minor: 0, settled_payouts_minor: 4_000, .. }),
+        ),
+        (
             "a withdrawal whose entry does not move its amount",
             &["UPDATE withdrawals SET amount_minor = 3999 WHERE id = {withdrawal}"],
             |v| matches!(v, Violation::WithdrawalEntryMismatch { .. }),

@@ -242,25 +242,31 @@ fn a_deadlock_is_retried_at_the_outermost_transaction_and_never_reaches_the_call
     assert!(r1.is_ok() && r2.is_ok(), "{r1:?} / {r2:?}");
 }
 
-#[testing::test]
-fn a_lock_timeout_is_retried_until_the_holder_lets_go() {
-    let db = testing::committed();
-    let mut setup = db.conn();
-    let account = testing::funded_account(&mut setup, "busy", Currency::EUR, "10.00");
-    let before = balance(&mut setup, account);
-    let (mut holder, mut depositor) = (db.conn(), db.conn());
-    let attempts = AtomicU32::new(0);
-    let locked = Barrier::new(2);
-    let release = Barrier::new(2);
-    let opts = TxOptions {
-        lock_timeout_ms: Some(20),
-        max_attempts: 1_000,
-        backoff: ledger_core::retry::Backoff { cap_ms: 5, ..TxOptions::default().backoff },
-    };
-    let req = ledger_core::deposits::Deposit { account, amount: eur("1.00"), key: testing::key("dep") };
-    let result = thread::scope(|s| {
+/// Runs `body` while `holder` keeps `account`'s row locked in an open transaction on its
+/// own thread. `body` lets go of the lock by calling its argument; it is let go at the
+/// latest when `body` returns or panics, so the holder's thread always ends.
+fn with_account_locked<R: Send>(
+    holder: &mut PgConnection,
+    account: AccountId,
+    body: impl FnOnce(&(dyn Fn() + Sync)) -> R + Send,
+) -> R {
+    struct LetGo<'a>(&'a std::sync::Once, &'a Barrier);
+    impl LetGo<'_> {
+        fn now(&self) {
+            self.0.call_once(|| {
+                self.1.wait();
+            });
+        }
+    }
+    impl Drop for LetGo<'_> {
+        fn drop(&mut self) {
+            self.now();
+        }
+    }
+    let (locked, release, once) = (Barrier::new(2), Barrier::new(2), std::sync::Once::new());
+    thread::scope(|s| {
         s.spawn(|| {
-            ledger_core::transaction(&mut holder, &TxOptions::no_retry(), |tx| {
+            ledger_core::transaction(holder, &TxOptions::no_retry(), |tx| {
                 accounts::lock(tx, account)?;
                 locked.wait();
                 release.wait();
@@ -269,18 +275,40 @@ fn a_lock_timeout_is_retried_until_the_holder_lets_go() {
             .unwrap();
         });
         locked.wait();
-        let depositing = s.spawn(|| {
-            ledger_core::transaction(&mut depositor, &opts, |tx| {
-                attempts.fetch_add(1, Ordering::SeqCst);
-                ledger_core::deposits::deposit_tx(tx, &req)
-            })
-        });
-        // Let a few attempts time out against the held lock, then release it.
-        while attempts.load(Ordering::SeqCst) < 3 {
-            thread::yield_now();
-        }
-        release.wait();
-        depositing.join().unwrap()
+        let let_go = LetGo(&once, &release);
+        body(&|| let_go.now())
+    })
+}
+
+#[testing::test]
+fn a_lock_timeout_is_retried_until_the_holder_lets_go() {
+    let db = testing::committed();
+    let mut setup = db.conn();
+    let account = testing::funded_account(&mut setup, "busy", Currency::EUR, "10.00");
+    let before = balance(&mut setup, account);
+    let (mut holder, mut depositor) = (db.conn(), db.conn());
+    let attempts = AtomicU32::new(0);
+    let opts = TxOptions {
+        lock_timeout_ms: Some(20),
+        max_attempts: 1_000,
+        backoff: ledger_core::retry::Backoff { cap_ms: 5, ..TxOptions::default().backoff },
+    };
+    let req = ledger_core::deposits::Deposit { account, amount: eur("1.00"), key: testing::key("dep") };
+    let result = with_account_locked(&mut holder, account, |let_go| {
+        thread::scope(|s| {
+            let depositing = s.spawn(|| {
+                ledger_core::transaction(&mut depositor, &opts, |tx| {
+                    attempts.fetch_add(1, Ordering::SeqCst);
+                    ledger_core::deposits::deposit_tx(tx, &req)
+                })
+            });
+            // Let a few attempts time out against the held lock, then release it.
+            while attempts.load(Ordering::SeqCst) < 3 {
+                thread::yield_now();
+            }
+            let_go();
+            depositing.join().unwrap()
+        })
     });
     assert!(result.is_ok(), "{result:?}");
     assert!(attempts.load(Ordering::SeqCst) >= 3);
@@ -295,24 +323,10 @@ fn without_retries_a_lock_timeout_reaches_the_caller_and_changes_nothing() {
     let account = testing::funded_account(&mut setup, "busy", Currency::EUR, "10.00");
     let snapshot = testing::snapshot(&mut setup);
     let (mut holder, mut depositor) = (db.conn(), db.conn());
-    let locked = Barrier::new(2);
-    let release = Barrier::new(2);
     let opts = TxOptions { lock_timeout_ms: Some(20), ..TxOptions::no_retry() };
     let req = ledger_core::deposits::Deposit { account, amount: eur("1.00"), key: testing::key("dep") };
-    let result = thread::scope(|s| {
-        s.spawn(|| {
-            ledger_core::transaction(&mut holder, &TxOptions::no_retry(), |tx| {
-                accounts::lock(tx, account)?;
-                locked.wait();
-                release.wait();
-                Ok::<_, LedgerError>(())
-            })
-            .unwrap();
-        });
-        locked.wait();
-        let r = ledger_core::transaction(&mut depositor, &opts, |tx| ledger_core::deposits::deposit_tx(tx, &req));
-        release.wait();
-        r
+    let result = with_account_locked(&mut holder, account, |_| {
+        ledger_core::transaction(&mut depositor, &opts, |tx| ledger_core::deposits::deposit_tx(tx, &req))
     });
     assert!(matches!(&result, Err(e) if e.transient() == Some(Transient::LockNotAvailable)), "{result:?}");
     assert_eq!(testing::snapshot(&mut setup), snapshot);

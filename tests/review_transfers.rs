@@ -22,6 +22,20 @@ fn interleave(
     first: Vec<Item<Transfer>>,
     second: Vec<Item<Transfer>>,
 ) -> (Vec<TransferResult>, Vec<TransferResult>) {
+    hold_then(
+        db,
+        move |tx| transfers::create_batch_tx(tx, &first),
+        move |c| transfers::create_batch_with(c, &TxOptions::no_retry(), &second).unwrap(),
+    )
+}
+
+/// Runs `first` in a transaction on one connection and keeps it open until `second`, on
+/// another, is blocked by it (pg_blocking_pids); then commits `first`. Both results.
+fn hold_then<A: Send, B: Send>(
+    db: &testing::TestDb,
+    mut first: impl FnMut(&mut ledger_core::Tx<'_>) -> Result<A, LedgerError> + Send,
+    second: impl FnOnce(&mut diesel::PgConnection) -> B + Send,
+) -> (A, B) {
     let mut c1 = db.conn();
     let mut c2 = db.conn();
     let mut observer = db.conn();
@@ -32,7 +46,7 @@ fn interleave(
     thread::scope(|s| {
         let h1 = s.spawn(move || {
             ledger_core::tx::transaction(&mut c1, &TxOptions::no_retry(), |tx| {
-                let r = transfers::create_batch_tx(tx, &first)?;
+                let r = first(tx)?;
                 held_tx.send(()).unwrap();
                 go_rx.recv().unwrap();
                 Ok::<_, LedgerError>(r)
@@ -40,7 +54,7 @@ fn interleave(
             .unwrap()
         });
         held_rx.recv().unwrap();
-        let h2 = s.spawn(move || transfers::create_batch_with(&mut c2, &TxOptions::no_retry(), &second).unwrap());
+        let h2 = s.spawn(move || second(&mut c2));
         testing::wait_until_blocked(&mut observer, p2, p1, Duration::from_secs(10)).unwrap();
         go_tx.send(()).unwrap();
         (h1.join().unwrap(), h2.join().unwrap())
@@ -114,31 +128,13 @@ fn single_transfers_and_batches_share_keys_safely() {
     let a = testing::funded_account(&mut conn, "a", Currency::EUR, "10.00");
     let b = testing::funded_account(&mut conn, "b", Currency::EUR, "0.00");
     let k = testing::key("rv-single");
-    let mut c1 = db.conn();
-    let mut c2 = db.conn();
-    let mut observer = db.conn();
-    let p1 = testing::backend_pid(&mut c1);
-    let p2 = testing::backend_pid(&mut c2);
-    let (held_tx, held_rx) = mpsc::channel::<()>();
-    let (go_tx, go_rx) = mpsc::channel::<()>();
     let batch = vec![Item::single(transfer(a, b, "3.00", &k))];
-    let (single, batched) = thread::scope(|s| {
-        let req = transfer(a, b, "3.00", &k);
-        let h1 = s.spawn(move || {
-            ledger_core::tx::transaction(&mut c1, &TxOptions::no_retry(), |tx| {
-                let r = transfers::transfer_tx(tx, &req)?;
-                held_tx.send(()).unwrap();
-                go_rx.recv().unwrap();
-                Ok::<_, LedgerError>(r)
-            })
-            .unwrap()
-        });
-        held_rx.recv().unwrap();
-        let h2 = s.spawn(|| transfers::create_batch_with(&mut c2, &TxOptions::no_retry(), &batch).unwrap());
-        testing::wait_until_blocked(&mut observer, p2, p1, Duration::from_secs(10)).unwrap();
-        go_tx.send(()).unwrap();
-        (h1.join().unwrap(), h2.join().unwrap())
-    });
+    let req = transfer(a, b, "3.00", &k);
+    let (single, batched) = hold_then(
+        &db,
+        move |tx| transfers::transfer_tx(tx, &req),
+        |c| transfers::create_batch_with(c, &TxOptions::no_retry(), &batch).unwrap(),
+    );
     assert!(!single.replayed);
     assert!(matches!(batched[0], TransferResult::Replayed { entry } if entry == single.entry));
     assert_eq!(balance(&mut conn, a), 700);

@@ -157,11 +157,7 @@ pub fn page(
     after: Option<PostingId>,
     limit: i64,
 ) -> Result<Vec<HistoryLine>, LedgerError> {
-    if limit < 1 {
-        return Err(
-            InvalidInput::BadField { field: "limit", reason: format!("must be at least 1, got {limit}") }.into()
-        );
-    }
+    let limit = crate::input::positive_limit(limit)?;
     let rows: Vec<PageRow> = by_index(conn, |conn| {
         Ok(diesel::sql_query(PAGE_SQL)
             .bind::<BigInt, _>(account.get())

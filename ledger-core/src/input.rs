@@ -56,3 +56,13 @@ pub enum InvalidInput {
         reason: String,
     },
 }
+
+/// A listing's `limit`, refused unless at least 1 (every list and page function checks
+/// it first, so a bad limit is a typed error before any query, never a panic or an
+/// empty answer that looks like "no rows").
+pub fn positive_limit(limit: i64) -> Result<i64, InvalidInput> {
+    if limit < 1 {
+        return Err(InvalidInput::BadField { field: "limit", reason: format!("must be at least 1, got {limit}") });
+    }
+    Ok(limit)
+}

@@ -189,9 +189,9 @@ pub struct StatementLine {
 
 /// The account's postings, oldest first, with the running balance after each. For a
 /// customer account the running balance is the stored `balance_after_minor`; for a
-/// system account it is computed.
+/// system account it is computed. At most `limit` lines; a `limit` below 1 is refused.
 pub fn statement(conn: &mut PgConnection, account: AccountId, limit: i64) -> Result<Vec<StatementLine>, LedgerError> {
-    assert!(limit > 0, "a statement needs a positive limit");
+    let limit = crate::input::positive_limit(limit)?;
     type Row = (i64, EntryId, EntryKind, Option<String>, i64, Option<i64>);
     let rows: Vec<Row> = postings::table
         .inner_join(journal_entries::table)

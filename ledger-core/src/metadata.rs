@@ -37,10 +37,14 @@ impl Metadata {
         Ok(Metadata { canonical })
     }
 
-    /// Metadata from JSON text, e.g. `{"order": 7}`.
+    /// Metadata from JSON text, e.g. `{"order": 7}`. Text over four times the limit is
+    /// refused unread (whitespace aside, it cannot fit).
     pub fn parse(text: &str) -> Result<Metadata, InvalidInput> {
         if text.len() > 4 * MAX_METADATA_BYTES {
-            return Err(bad(format!("{} bytes; at most {MAX_METADATA_BYTES}", text.len())));
+            let (len, unread) = (text.len(), 4 * MAX_METADATA_BYTES);
+            return Err(bad(format!(
+                "{len} bytes of text, not read (over {unread}); its compact form may have at most {MAX_METADATA_BYTES} bytes"
+            )));
         }
         let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
         Metadata::new(&value)

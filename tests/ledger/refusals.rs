@@ -153,3 +153,29 @@ fn a_key_left_by_a_refused_call_in_a_committed_transaction_is_free_again() {
     assert_eq!((balance(&mut conn, alice), balance(&mut conn, bob)), (500, 600));
     assert_audit_clean(&mut conn);
 }
+
+#[testing::test]
+fn every_listing_refuses_a_limit_below_one_with_a_typed_error() {
+    testing::with_rollback(|conn| {
+        let alice = testing::funded_account(conn, "alice", Currency::EUR, "10.00");
+        type Lister = fn(&mut PgConnection, AccountId, i64) -> Result<usize, LedgerError>;
+        let listings: [(&str, Lister); 6] = [
+            ("journal::statement", |c, a, n| Ok(ledger_core::journal::statement(c, a, n)?.len())),
+            ("history::page", |c, a, n| Ok(ledger_core::history::page(c, a, None, n)?.len())),
+            ("payouts::list", |c, _, n| Ok(ledger_core::payouts::list(c, None, n)?.len())),
+            ("payouts::list_after", |c, _, n| Ok(ledger_core::payouts::list_after(c, None, None, n)?.len())),
+            ("withdrawals::list", |c, a, n| Ok(withdrawals::list(c, None, Some(a), n)?.len())),
+            ("withdrawals::list_after", |c, a, n| Ok(withdrawals::list_after(c, None, Some(a), None, n)?.len())),
+        ];
+        for (name, list) in listings {
+            for bad in [0, -1, i64::MIN] {
+                let e = list(conn, alice, bad).expect_err(name);
+                assert!(
+                    matches!(e, LedgerError::Invalid(InvalidInput::BadField { field: "limit", .. })),
+                    "{name}: {e}"
+                );
+            }
+            assert!(list(conn, alice, 1).unwrap() <= 1, "{name} with limit 1");
+        }
+    });
+}

@@ -53,15 +53,38 @@ struct StoredVsExpected {
     expected_minor: i64,
 }
 
-/// A system account's holdings in a currency beside the payouts that should match them.
+/// A system account's holdings in a currency beside the rows (payouts, holds) that
+/// should add up to them.
 #[derive(QueryableByName)]
-struct CurrencyTotals {
+pub(super) struct CurrencyTotals {
     #[diesel(sql_type = Text)]
-    currency: String,
+    pub(super) currency: String,
     #[diesel(sql_type = BigInt)]
-    held_minor: i64,
+    pub(super) held_minor: i64,
     #[diesel(sql_type = BigInt)]
-    payouts_minor: i64,
+    pub(super) rows_minor: i64,
+}
+
+/// Per currency, where they differ: the postings on the system accounts of `role`
+/// beside the amounts of the rows of `table` matching `rows_where` that they should
+/// hold. The one shape of every "this system account holds exactly these rows" check;
+/// its arguments are the audit's own constants, never input.
+pub(super) fn role_off_rows<V>(
+    conn: &mut PgConnection,
+    (role, table, rows_where): (&str, &str, &str),
+    violation: impl Fn(CurrencyTotals) -> V,
+) -> Result<Vec<V>, LedgerError> {
+    let sql = format!(
+        "SELECT t.currency, t.held::bigint AS held_minor, COALESCE(o.total, 0)::bigint AS rows_minor FROM (
+             SELECT a.currency, COALESCE(SUM(p.amount_minor), 0) AS held
+             FROM accounts a LEFT JOIN postings p ON p.account_id = a.id
+             WHERE a.system_role = '{role}' GROUP BY a.currency) t
+         LEFT JOIN (SELECT currency, SUM(amount_minor) AS total FROM {table} WHERE {rows_where} GROUP BY currency) o
+                ON o.currency = t.currency
+         WHERE t.held <> COALESCE(o.total, 0) ORDER BY t.currency LIMIT {MAX_REPORTED}"
+    );
+    let rows: Vec<CurrencyTotals> = diesel::sql_query(sql).load(conn)?;
+    Ok(rows.into_iter().map(violation).collect())
 }
 
 #[derive(QueryableByName)]
@@ -189,18 +212,11 @@ fn balances_below_floor(conn: &mut PgConnection) -> Result<Vec<Violation>, Ledge
 }
 
 fn in_transit_off_open_payouts(conn: &mut PgConnection) -> Result<Vec<Violation>, LedgerError> {
-    let sql = "SELECT t.currency, t.held::bigint AS held_minor, COALESCE(o.open, 0)::bigint AS payouts_minor FROM (
-             SELECT a.currency, COALESCE(SUM(p.amount_minor), 0) AS held
-             FROM accounts a LEFT JOIN postings p ON p.account_id = a.id
-             WHERE a.system_role = 'payouts_in_transit' GROUP BY a.currency) t
-         LEFT JOIN (SELECT currency, SUM(amount_minor) AS open FROM payouts
-                    WHERE status IN ('pending', 'failed') GROUP BY currency) o
-                ON o.currency = t.currency
-         WHERE t.held <> COALESCE(o.open, 0) ORDER BY t.currency";
-    found(conn, sql, |r: CurrencyTotals| Violation::InTransitMismatch {
+    let open = ("payouts_in_transit", "payouts", "status IN ('pending', 'failed')");
+    role_off_rows(conn, open, |r| Violation::InTransitMismatch {
         currency: r.currency,
         in_transit_minor: r.held_minor,
-        open_payouts_minor: r.payouts_minor,
+        open_payouts_minor: r.rows_minor,
     })
 }
 
@@ -215,18 +231,11 @@ fn withdrawals_without_one_payout(conn: &mut PgConnection) -> Result<Vec<Violati
 }
 
 fn settlement_off_settled_payouts(conn: &mut PgConnection) -> Result<Vec<Violation>, LedgerError> {
-    let sql = "SELECT t.currency, t.held::bigint AS held_minor, COALESCE(o.settled, 0)::bigint AS payouts_minor FROM (
-             SELECT a.currency, COALESCE(SUM(p.amount_minor), 0) AS held
-             FROM accounts a LEFT JOIN postings p ON p.account_id = a.id
-             WHERE a.system_role = 'external_settlement' GROUP BY a.currency) t
-         LEFT JOIN (SELECT currency, SUM(amount_minor) AS settled FROM payouts
-                    WHERE status = 'settled' GROUP BY currency) o
-                ON o.currency = t.currency
-         WHERE t.held <> COALESCE(o.settled, 0) ORDER BY t.currency";
-    found(conn, sql, |r: CurrencyTotals| Violation::SettlementMismatch {
+    let settled = ("external_settlement", "payouts", "status = 'settled'");
+    role_off_rows(conn, settled, |r| Violation::SettlementMismatch {
         currency: r.currency,
         settled_minor: r.held_minor,
-        settled_payouts_minor: r.payouts_minor,
+        settled_payouts_minor: r.rows_minor,
     })
 }
 

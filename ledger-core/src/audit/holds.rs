@@ -10,7 +10,7 @@
 use std::fmt;
 
 use diesel::pg::PgConnection;
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::BigInt;
 use diesel::{QueryableByName, RunQueryDsl};
 
 use super::{AuditReport, Violation};
@@ -72,36 +72,17 @@ pub(crate) fn extend(conn: &mut PgConnection, mut report: AuditReport) -> Result
 /// Runs both checks; an empty list when the holds are sound.
 pub fn check(conn: &mut PgConnection) -> Result<Vec<HoldsViolation>, LedgerError> {
     #[derive(QueryableByName)]
-    struct Totals {
-        #[diesel(sql_type = Text)]
-        currency: String,
-        #[diesel(sql_type = BigInt)]
-        held_minor: i64,
-        #[diesel(sql_type = BigInt)]
-        pending_minor: i64,
-    }
-    #[derive(QueryableByName)]
     struct OneId {
         #[diesel(sql_type = BigInt)]
         id: i64,
     }
     let mut out = Vec::new();
-    let totals: Vec<Totals> = diesel::sql_query(format!(
-        "SELECT t.currency, t.held::bigint AS held_minor, COALESCE(h.pending, 0)::bigint AS pending_minor FROM (
-             SELECT a.currency, COALESCE(SUM(p.amount_minor), 0) AS held
-             FROM accounts a LEFT JOIN postings p ON p.account_id = a.id
-             WHERE a.system_role = 'holds_pending' GROUP BY a.currency) t
-         LEFT JOIN (SELECT currency, SUM(amount_minor) AS pending FROM holds
-                    WHERE status = 'pending' GROUP BY currency) h
-                ON h.currency = t.currency
-         WHERE t.held <> COALESCE(h.pending, 0) ORDER BY t.currency LIMIT {MAX_REPORTED}"
-    ))
-    .load(conn)?;
-    out.extend(totals.into_iter().map(|t| HoldsViolation::PendingMismatch {
+    let pending = ("holds_pending", "holds", "status = 'pending'");
+    out.extend(super::checks::role_off_rows(conn, pending, |t| HoldsViolation::PendingMismatch {
         currency: t.currency,
         held_minor: t.held_minor,
-        pending_holds_minor: t.pending_minor,
-    }));
+        pending_holds_minor: t.rows_minor,
+    })?);
     // Every leg of every hold's two entries, by phase, then summed per hold (hash joins
     // over whole tables, as the rest of the audit).
     let wrong: Vec<OneId> = diesel::sql_query(format!(

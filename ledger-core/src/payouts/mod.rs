@@ -173,8 +173,9 @@ pub fn for_withdrawal(conn: &mut PgConnection, withdrawal: WithdrawalId) -> Resu
         .optional()?)
 }
 
-/// Payouts, newest first, optionally by status.
+/// Payouts, newest first, optionally by status. A `limit` below 1 is refused.
 pub fn list(conn: &mut PgConnection, status: Option<PayoutStatus>, limit: i64) -> Result<Vec<Payout>, LedgerError> {
+    let limit = crate::input::positive_limit(limit)?;
     let mut query = payouts::table.select(Payout::as_select()).order(payouts::id.desc()).limit(limit).into_boxed();
     if let Some(s) = status {
         query = query.filter(payouts::status.eq(s.as_str()));
@@ -190,6 +191,7 @@ pub fn list_after(
     after: Option<PayoutId>,
     limit: i64,
 ) -> Result<Vec<Payout>, LedgerError> {
+    let limit = crate::input::positive_limit(limit)?;
     let mut query = payouts::table
         .select(Payout::as_select())
         .filter(payouts::id.gt(after.map_or(0, PayoutId::get)))

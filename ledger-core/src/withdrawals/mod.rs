@@ -308,13 +308,15 @@ pub(super) fn mark_rejected(tx: &mut Tx<'_>, id: WithdrawalId, reason: &str) -> 
     Ok(())
 }
 
-/// Lists withdrawals, newest first, optionally by status and account.
+/// Lists withdrawals, newest first, optionally by status and account. A `limit` below 1
+/// is refused.
 pub fn list(
     conn: &mut PgConnection,
     status: Option<WithdrawalStatus>,
     account: Option<AccountId>,
     limit: i64,
 ) -> Result<Vec<Withdrawal>, LedgerError> {
+    let limit = crate::input::positive_limit(limit)?;
     let mut query =
         withdrawals::table.select(Withdrawal::as_select()).order(withdrawals::id.desc()).limit(limit).into_boxed();
     if let Some(s) = status {
@@ -336,6 +338,7 @@ pub fn list_after(
     after: Option<WithdrawalId>,
     limit: i64,
 ) -> Result<Vec<Withdrawal>, LedgerError> {
+    let limit = crate::input::positive_limit(limit)?;
     let mut query = withdrawals::table
         .select(Withdrawal::as_select())
         .filter(withdrawals::id.gt(after.map_or(0, WithdrawalId::get)))

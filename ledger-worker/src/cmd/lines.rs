@@ -3,6 +3,7 @@
 //! in order and flushed after each chunk, and the summary's counts.
 
 use super::*;
+use ledger_core::batch::MAX_BATCH_ITEMS;
 
 /// Lines taken per chunk: one batch and a few round trips each, answers flushed after
 /// each so a long input shows progress. A chunk is extended until a linked chain closes.
@@ -83,6 +84,10 @@ pub(super) fn run<P>(
     let mut counts = Counts { done_name, ..Counts::default() };
     let mut chunk: Vec<Line<P>> = Vec::with_capacity(CHUNK_LINES);
     let mut blanks: Vec<u64> = Vec::new();
+    let mut answered: Vec<Answer> = Vec::new();
+    // The first line of a chain refused as too long while the chain is still open:
+    // every line up to its closing one is refused with it.
+    let mut overlong: Option<u64> = None;
     let mut read = 0;
     for (n, line) in input.split(b'\n').enumerate() {
         let (number, line) = (n as u64 + 1, line.context("reading stdin")?);
@@ -91,17 +96,32 @@ pub(super) fn run<P>(
             blanks.push(number);
         } else {
             let (parsed, linked) = parse(&line);
-            chunk.push(Line { number, parsed, linked });
+            match overlong {
+                Some(first) => {
+                    answered.push((number, overlong_refusal(&mut counts, number, first)));
+                    overlong = overlong.filter(|_| linked);
+                }
+                None => chunk.push(Line { number, parsed, linked }),
+            }
         }
-        // A chain longer than one batch may take is cut off so memory stays bounded;
-        // its open end is refused as a whole by `answer`.
-        let cut = chunk.len() > CHUNK_LINES + ledger_core::batch::MAX_BATCH_ITEMS;
-        if read >= CHUNK_LINES && (chunk.last().is_none_or(|l| !l.linked) || cut) {
-            flush(&ctx.out, &mut counts, std::mem::take(&mut chunk), &mut blanks, cut, &mut answer)?;
+        if chunk.len() > CHUNK_LINES + MAX_BATCH_ITEMS {
+            // A chunk ends after an unlinked line once it holds CHUNK_LINES, so its open
+            // tail is a chain longer than a batch may take: refused here, and the rest
+            // of it as it is read, so memory stays bounded.
+            let open = chunk.iter().rposition(|l| !l.linked).map_or(0, |i| i + 1);
+            let first = chunk[open].number;
+            for l in chunk.split_off(open) {
+                answered.push((l.number, overlong_refusal(&mut counts, l.number, first)));
+            }
+            overlong = Some(first);
+        }
+        if read >= CHUNK_LINES && chunk.last().is_none_or(|l| !l.linked) {
+            let (lines, pre) = (std::mem::take(&mut chunk), std::mem::take(&mut answered));
+            flush(&ctx.out, &mut counts, lines, &mut blanks, pre, false, &mut answer)?;
             read = 0;
         }
     }
-    flush(&ctx.out, &mut counts, chunk, &mut blanks, true, &mut answer)?;
+    flush(&ctx.out, &mut counts, chunk, &mut blanks, answered, true, &mut answer)?;
     ctx.out.print(counts.to_json(), || counts.to_string())?;
     if counts.refused > 0 {
         return Err(CliError::Refused { kind: "refused", message: counts.to_string() }.into());
@@ -109,34 +129,47 @@ pub(super) fn run<P>(
     Ok(ExitCode::SUCCESS)
 }
 
+/// A line's number and its (JSON, human) answer.
+type Answer = (u64, (Value, String));
+
+/// The answer to a line of a linked chain that grew longer than a batch may take.
+fn overlong_refusal(counts: &mut Counts, number: u64, first: u64) -> (Value, String) {
+    let reason = format!("its linked chain (from line {first}) has more than {MAX_BATCH_ITEMS} lines");
+    refusal(counts, number, &bad_line("linked", reason))
+}
+
+/// Answers a chunk's lines, its blank lines and the lines answered before (`pre`), all
+/// in input order, and flushes them. If `answer` fails (a lost connection: nothing can
+/// be said of the chunk's lines), none is printed and the error names them.
 fn flush<P>(
     out: &Output,
     counts: &mut Counts,
     chunk: Vec<Line<P>>,
     blanks: &mut Vec<u64>,
+    pre: Vec<Answer>,
     last: bool,
     answer: &mut impl FnMut(&mut Counts, Vec<Line<P>>, bool) -> Result<Vec<(Value, String)>>,
 ) -> Result<()> {
     let numbers: Vec<u64> = chunk.iter().map(|l| l.number).collect();
-    let mut answers = answer(counts, chunk, last)?.into_iter().zip(numbers).peekable();
-    let mut blank = blanks.drain(..).peekable();
+    let unanswered = numbers.iter().chain(pre.iter().map(|(n, _)| n)).chain(blanks.iter());
+    let (first, end) = (unanswered.clone().min().copied(), unanswered.max().copied());
+    let answers = answer(counts, chunk, last).with_context(|| {
+        let (first, end) = (first.unwrap_or(0), end.unwrap_or(0));
+        format!(
+            "lines {first} to {end} are not answered and their outcome is unknown (each may or may not be \
+             written); the lines before them are answered above, the lines after them were not read. Sending \
+             the same lines again is safe: each key is applied at most once"
+        )
+    })?;
+    let mut all: Vec<Answer> = numbers.into_iter().zip(answers).chain(pre).collect();
+    for b in blanks.drain(..) {
+        counts.skipped.push(b);
+        let value = json!({ "line": b, "outcome": "skipped", "reason": "blank line" });
+        all.push((b, (value, format!("line {b}: skipped (blank)"))));
+    }
+    all.sort_by_key(|(number, _)| *number);
     let mut text = String::new();
-    loop {
-        let next_blank = blank.peek().copied();
-        let next_line = answers.peek().map(|(_, n)| *n);
-        let (value, human) = match (next_blank, next_line) {
-            (Some(b), l) if l.is_none_or(|l| b < l) => {
-                blank.next();
-                counts.skipped.push(b);
-                (
-                    json!({ "line": b, "outcome": "skipped", "reason": "blank line" }),
-                    format!("line {b}: skipped (blank)"),
-                )
-            }
-            (_, Some(_)) => answers.next().expect("peeked").0,
-            (None, None) => break,
-            (Some(_), None) => unreachable!("matched by the first arm"),
-        };
+    for (_, (value, human)) in all {
         text.push_str(&if out.json { value.to_string() } else { human });
         text.push('\n');
     }

@@ -5,6 +5,7 @@
 use super::lines::{self, refusal, Counts, Line};
 use super::*;
 use ledger_core::batch::Item;
+use ledger_core::error::RetryClass;
 use ledger_core::withdrawals::RequestResult;
 
 pub fn run(ctx: Ctx) -> Result<ExitCode> {
@@ -38,31 +39,47 @@ fn submit_chunk(
     let currencies = currencies_of(conn, &ids)?;
     let numbers: Vec<u64> = chunk.iter().map(|l| l.number).collect();
     let requests = chunk.into_iter().map(|l| l.parsed.and_then(|p| p.request(&currencies))).collect();
-    let results = request_all(conn, requests);
+    let results = request_all(conn, requests)?;
     Ok(numbers.into_iter().zip(results).map(|(n, r)| answer(counts, n, r)).collect())
 }
 
 /// The valid requests in one batch, the others refused as they are; if the batch as a
-/// whole fails, each request on its own, so each line gets its own answer as before.
-fn request_all(conn: &mut PgConnection, requests: Vec<Result<WithdrawalRequest>>) -> Vec<Result<(WithdrawalId, bool)>> {
+/// whole fails, each request on its own, so each line gets its own answer as before. A
+/// transient failure (a lost connection: the commit may have happened) answers no line:
+/// it ends the chunk as an error, so no line is called refused that may be written.
+fn request_all(
+    conn: &mut PgConnection,
+    requests: Vec<Result<WithdrawalRequest>>,
+) -> Result<Vec<Result<(WithdrawalId, bool)>>> {
     let items: Vec<Item<WithdrawalRequest>> =
         requests.iter().filter_map(|r| r.as_ref().ok()).cloned().map(Item::single).collect();
-    let batch = withdrawals::request_batch(conn, &items);
-    let mut batched = batch.ok().map(Vec::into_iter);
-    requests
-        .into_iter()
-        .map(|r| {
-            let req = r?;
-            match batched.as_mut() {
-                Some(results) => match results.next().expect("one result per item") {
-                    RequestResult::Created { id } => Ok((id, false)),
-                    RequestResult::Replayed { id } => Ok((id, true)),
-                    RequestResult::Refused(e) => Err(e.into()),
-                },
-                None => Ok(withdrawals::request(conn, &req)?),
+    let mut batched = match withdrawals::request_batch(conn, &items) {
+        Ok(results) => Some(results.into_iter()),
+        Err(e) if e.transient().is_some() => return Err(e.into()),
+        Err(_) => None,
+    };
+    let mut answers = Vec::with_capacity(requests.len());
+    for r in requests {
+        let req = match r {
+            Ok(req) => req,
+            Err(e) => {
+                answers.push(Err(e));
+                continue;
             }
-        })
-        .collect()
+        };
+        answers.push(match batched.as_mut() {
+            Some(results) => match results.next().expect("one result per item") {
+                RequestResult::Created { id } => Ok((id, false)),
+                RequestResult::Replayed { id } => Ok((id, true)),
+                RequestResult::Refused(e) => Err(e.into()),
+            },
+            None => match withdrawals::request(conn, &req) {
+                Err(e) if e.transient().is_some() => return Err(e.into()),
+                other => other.map_err(Into::into),
+            },
+        });
+    }
+    Ok(answers)
 }
 
 /// The currency of every account named, in one query; an account not found is left

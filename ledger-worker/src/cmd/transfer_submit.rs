@@ -9,6 +9,7 @@ use super::lines::{self, bad_line, refusal, Counts, Line};
 use super::submit::currencies_of;
 use super::*;
 use ledger_core::batch::{Item, MAX_BATCH_ITEMS};
+use ledger_core::error::RetryClass;
 use ledger_core::metadata::Metadata;
 use ledger_core::transfers::TransferResult;
 
@@ -95,7 +96,7 @@ fn transfer_chunk(
         };
     }
     let good = refuse_bad_chains(&numbers, &linked, &items, &mut outcomes);
-    create_chains(conn, &numbers, &mut items, &good, &mut outcomes);
+    create_chains(conn, &numbers, &mut items, &good, &mut outcomes)?;
     let answers = numbers.iter().zip(outcomes);
     Ok(answers.map(|(n, o)| answer(counts, *n, o.expect("every line decided"))).collect())
 }
@@ -138,14 +139,17 @@ fn refuse_bad_chains(
 }
 
 /// The good chains in as few `create_batch` calls as a batch's limit allows; if a call
-/// fails as a whole, each of its chains on its own (a chain is never split).
+/// fails as a whole, each of its chains on its own (a chain is never split). A
+/// transient failure (a lost connection: the commit may have happened) is no answer for
+/// any line: it ends the chunk as an error, so no line is called refused that may
+/// have been written.
 fn create_chains(
     conn: &mut PgConnection,
     numbers: &[u64],
     items: &mut [Option<Item<Transfer>>],
     good: &[Range<usize>],
     outcomes: &mut [Option<Outcome>],
-) {
+) -> Result<()> {
     let mut groups: Vec<Vec<Range<usize>>> = Vec::new();
     let mut size = 0;
     for chain in good {
@@ -161,9 +165,10 @@ fn create_chains(
         let batch: Vec<Item<Transfer>> = index.iter().map(|&j| items[j].clone().expect("a good line")).collect();
         match transfers::create_batch(conn, &batch) {
             Ok(results) => record(numbers, &index, &batch, results, outcomes),
+            Err(e) if e.transient().is_some() => return Err(e.into()),
             Err(_) if group.len() > 1 => {
                 for chain in group {
-                    create_chains(conn, numbers, items, &[chain], outcomes);
+                    create_chains(conn, numbers, items, &[chain], outcomes)?;
                 }
             }
             Err(e) => {
@@ -174,6 +179,7 @@ fn create_chains(
             }
         }
     }
+    Ok(())
 }
 
 /// One batch's results put in their lines' places; a chain refused for another item's

@@ -1,5 +1,5 @@
 //! `transfer submit`: answers line by line with balances, linked chains all-or-nothing
-//! (also across the 1,000-line chunk boundary), bad lines refused with nothing written,
+//! (also across the 1,000-line chunk boundary, and an overlong chain refused to its closing line), bad lines refused with nothing written,
 //! and `transfer --metadata` on the single form.
 
 use super::*;
@@ -138,4 +138,102 @@ fn the_flag_form_still_works_and_metadata_round_trips() {
     assert!(err.contains("JSON object"), "{err}");
     let err = refused(&db, &["transfer", "--from", &a, "--amount", "1.00", "--key", "m-4"], None);
     assert!(err.contains("--to"), "{err}");
+}
+
+#[testing::test]
+fn a_chain_longer_than_a_batch_is_refused_to_its_closing_line_even_past_the_memory_cut() {
+    let (db, ids) = funded(2, "100000.00");
+    let (a, b) = (ids[0], ids[1]);
+    // 3 single lines, then a chain of 12,500 lines (the reader cuts after 11,000 kept in
+    // memory), a blank line inside it, then single lines again.
+    let mut input: Vec<String> = (1..=3).map(|n| line(a, b, "1.00", &format!("s-{n}"), false)).collect();
+    input.extend((1..=12_500).map(|n| line(b, a, "1.00", &format!("long-{n}"), n < 12_500)));
+    input.insert(5_000, String::new());
+    input.extend((1..=2).map(|n| line(a, b, "1.00", &format!("t-{n}"), false)));
+    let (code, results) = transfer_submit(db.url(), input.join("\n") + "\n");
+    assert_eq!(code, Some(1));
+    let got = outcomes(&results);
+    assert_eq!(got.len(), 12_506);
+    assert!(got[..3].iter().all(|o| *o == "created"), "{:?}", &got[..3]);
+    assert_eq!(got[5_000], "skipped");
+    let chain: Vec<usize> = (3..12_504).filter(|&i| i != 5_000).collect();
+    let not_refused: Vec<&Value> = chain.iter().map(|&i| &results[i]).filter(|r| r["outcome"] != "refused").collect();
+    assert!(not_refused.is_empty(), "every chain line refused, got {:?}", not_refused.first());
+    for i in [3, 11_000, 12_503] {
+        let error = results[i]["error"].as_str().unwrap();
+        assert!(error.contains("from line 4) has more than 10000 lines"), "line {}: {error}", i + 1);
+    }
+    assert!(got[12_504..].iter().all(|o| *o == "created"), "{:?}", &got[12_504..]);
+    let numbers: Vec<i64> = results[..12_506].iter().map(|r| r["line"].as_i64().unwrap()).collect();
+    assert_eq!(numbers, (1..=12_506).collect::<Vec<_>>(), "answers in input order");
+    assert_eq!(summary(&results), vec![12_506, 5, 0, 12_500, 1]);
+    assert_eq!((balance(db.url(), a), balance(db.url(), b)), ("99995.00".into(), "100005.00".into()));
+}
+
+/// The backend of the one connection in `db` that waits on a lock, once there is one.
+fn backend_waiting_on_a_lock(observer: &mut diesel::PgConnection) -> i32 {
+    use diesel::prelude::*;
+    #[derive(diesel::QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    let sql = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let mut found = None;
+    common::wait_for(std::time::Duration::from_secs(20), "transfer submit to wait on the held lock", || {
+        found = diesel::sql_query(sql).get_result::<Pid>(observer).optional().unwrap().map(|p| p.pid);
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+#[testing::test]
+fn a_connection_lost_in_a_batch_answers_its_lines_unknown_never_refused() {
+    use diesel::prelude::*;
+    use std::io::{Read, Write};
+    let (db, ids) = funded(2, "100.00");
+    let (a, b) = (ids[0], ids[1]);
+    let input: Vec<String> = (1..=3).map(|n| line(a, b, "1.00", &format!("lost-{n}"), false)).collect();
+    let mut holder = db.conn();
+    let (locked_tx, locked) = std::sync::mpsc::channel::<()>();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let mut child = std::thread::scope(|s| {
+        // The batch will wait on the payer's row lock, held here, and lose its connection.
+        s.spawn(move || {
+            ledger_core::transaction(&mut holder, &ledger_core::TxOptions::no_retry(), |tx| {
+                ledger_core::accounts::lock(tx, ledger_core::AccountId::new(a).unwrap())?;
+                locked_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+                Ok::<_, ledger_core::LedgerError>(())
+            })
+            .unwrap()
+        });
+        locked.recv().unwrap();
+        let _release_on_panic = release.clone();
+        let mut child: common::Daemon = common::worker_command()
+            .args(["--json", "transfer", "submit"])
+            .env("DATABASE_URL", db.url())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+            .into();
+        child.stdin.take().unwrap().write_all((input.join("\n") + "\n").as_bytes()).unwrap();
+        let mut observer = db.conn();
+        let waiting = backend_waiting_on_a_lock(&mut observer);
+        diesel::sql_query(format!("SELECT pg_terminate_backend({waiting})")).execute(&mut observer).unwrap();
+        drop(release);
+        child
+    });
+    common::wait_exit(&mut child, std::time::Duration::from_secs(20));
+    let (mut out, mut stderr) = (String::new(), String::new());
+    child.stdout.as_mut().unwrap().read_to_string(&mut out).unwrap();
+    child.stderr.as_mut().unwrap().read_to_string(&mut stderr).unwrap();
+    let status = child.try_wait().unwrap().expect("exited");
+    assert_eq!(out.trim(), "", "no line answered, not even as refused");
+    assert!(stderr.contains("lines 1 to 3 are not answered and their outcome is unknown"), "{stderr}");
+    assert!(stderr.contains("database_unreachable"), "{stderr}");
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert_eq!((balance(db.url(), a), balance(db.url(), b)), ("100.00".into(), "100.00".into()));
 }

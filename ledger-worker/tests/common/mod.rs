@@ -149,6 +149,13 @@ impl std::ops::DerefMut for Daemon {
     }
 }
 
+impl From<Child> for Daemon {
+    /// Any child process, killed and reaped when dropped.
+    fn from(child: Child) -> Daemon {
+        Daemon(child)
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {

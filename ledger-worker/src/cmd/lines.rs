@@ -104,10 +104,11 @@ pub(super) fn run<P>(
                 None => chunk.push(Line { number, parsed, linked }),
             }
         }
-        if chunk.len() > CHUNK_LINES + MAX_BATCH_ITEMS {
+        if chunk.len() > CHUNK_LINES + MAX_BATCH_ITEMS && chunk.last().is_some_and(|l| l.linked) {
             // A chunk ends after an unlinked line once it holds CHUNK_LINES, so its open
             // tail is a chain longer than a batch may take: refused here, and the rest
-            // of it as it is read, so memory stays bounded.
+            // of it as it is read, so memory stays bounded. (A chain that closes right
+            // here is whole in the chunk, and `answer` refuses it for its length.)
             let open = chunk.iter().rposition(|l| !l.linked).map_or(0, |i| i + 1);
             let first = chunk[open].number;
             for l in chunk.split_off(open) {

@@ -237,3 +237,19 @@ fn a_connection_lost_in_a_batch_answers_its_lines_unknown_never_refused() {
     assert_eq!(status.code(), Some(4), "{stderr}");
     assert_eq!((balance(db.url(), a), balance(db.url(), b)), ("100.00".into(), "100.00".into()));
 }
+
+#[testing::test]
+fn a_chain_that_closes_exactly_at_the_memory_cut_is_refused_whole() {
+    let (db, ids) = funded(2, "100000.00");
+    let (a, b) = (ids[0], ids[1]);
+    // 11,001 lines: the chunk reaches CHUNK_LINES + MAX_BATCH_ITEMS + 1 on the closing line.
+    let mut input: Vec<String> = (1..=11_001).map(|n| line(b, a, "1.00", &format!("edge-{n}"), n < 11_001)).collect();
+    input.push(line(a, b, "1.00", "after", false));
+    let (code, results) = transfer_submit(db.url(), input.join("\n") + "\n");
+    assert_eq!(code, Some(1));
+    let got = outcomes(&results);
+    assert!(got[..11_001].iter().all(|o| *o == "refused"), "{:?}", results.first());
+    assert!(results[0]["error"].as_str().unwrap().contains("11001 lines"), "{}", results[0]);
+    assert_eq!(got[11_001], "created");
+    assert_eq!(summary(&results), vec![11_002, 1, 0, 11_001, 0]);
+}

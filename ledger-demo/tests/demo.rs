@@ -1,22 +1,30 @@
-//! The demo never writes into a database it did not create.
+//! The demo binary as a user runs it: the demo never writes into a database it did not
+//! create, its figures agree, and the bench's intake scenario checks what it wrote.
 
 use std::process::{Command, Stdio};
 
 use ledger_testdb as testing;
+
+/// Runs this package's binary with `args`, no `DATABASE_URL` and no stdin: whether it
+/// succeeded, its stdout and its stderr.
+fn ledger_demo(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ledger-demo"))
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
 
 #[testing::test]
 fn the_demo_refuses_a_database_with_data_and_writes_nothing() {
     let db = testing::committed();
     let mut conn = db.conn();
     let before = testing::snapshot(&mut conn);
-    let out = Command::new(env!("CARGO_BIN_EXE_ledger-demo"))
-        .args(["demo", "--database-url", db.url()])
-        .env_remove("DATABASE_URL")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the demo must refuse a database that holds a ledger");
+    let (ok, _, stderr) = ledger_demo(&["demo", "--database-url", db.url()]);
+    assert!(!ok, "the demo must refuse a database that holds a ledger");
     assert!(stderr.contains("nothing was written"), "{stderr}");
     assert_eq!(testing::snapshot(&mut conn), before, "the demo wrote nothing");
 }
@@ -41,14 +49,8 @@ fn number_after(text: &str, prefix: &str) -> String {
 /// one source, so the figures agree.
 #[testing::test(600)]
 fn the_demos_figures_agree_with_each_other() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ledger-demo"))
-        .args(["demo", "--withdrawals", "400", "--accounts", "4", "--threads", "2"])
-        .env_remove("DATABASE_URL")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (ok, stdout, stderr) = ledger_demo(&["demo", "--withdrawals", "400", "--accounts", "4", "--threads", "2"]);
+    assert!(ok, "{stdout}\n{stderr}");
     // The last progress line (stderr is a pipe: a line per tenth) and the summary.
     let last = stderr.lines().rev().find(|l| l.contains("processed (")).unwrap_or_else(|| panic!("{stderr}"));
     assert_eq!(number_after(last, "   "), "400", "{last}");
@@ -74,4 +76,22 @@ fn every_argument_of_the_demo_binary_is_documented() {
     use ledger_worker::cmd::help;
     let tree = help::command::<ledger_demo::cmd::Cli>();
     assert_eq!(help::undocumented(&tree), Vec::<String>::new());
+}
+
+/// The intake scenario end to end: both child commands run against a throwaway server,
+/// and the table reports each, checked and audited.
+#[testing::test(600)]
+fn the_intake_scenario_feeds_both_commands_and_checks_what_they_wrote() {
+    let (ok, stdout, stderr) = ledger_demo(&["bench", "--scenario", "intake", "--lines", "1200"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    for (command, done) in [("submit", "1200 enqueued written"), ("transfer submit", "1200 created written")] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| intake | {command} |")))
+            .unwrap_or_else(|| panic!("no {command} row in {stdout}"));
+        assert!(row.ends_with("| clean |"), "{row}");
+        assert!(stderr.contains(&format!("== intake ({command}): 1200 lines")), "{stderr}");
+        assert!(stderr.contains(done), "{stderr}");
+    }
+    assert_eq!(stderr.matches("balances as the lines asked, total").count(), 2, "{stderr}");
 }

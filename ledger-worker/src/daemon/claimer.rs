@@ -112,10 +112,11 @@ fn queue_claimed(
     cursor: &mut i64,
 ) -> usize {
     let claimed = ids.len();
+    let lanes = lanes_for_round(claimed, shared.config.batch_size, senders.len());
     for (id, account) in ids {
         *cursor = (*cursor).max(id.get());
         shared.inflight().insert(id.get());
-        let lane = &senders[lane_of(account.get(), senders.len())];
+        let lane = &senders[lane_of(account.get(), lanes)];
         doing("queueing jobs");
         if !send_unless_stopping(shared, lane, id.get()) {
             shared.inflight().remove(&id.get());
@@ -123,6 +124,18 @@ fn queue_claimed(
     }
     shared.metrics.claimed.fetch_add(claimed as u64, Ordering::Relaxed);
     claimed
+}
+
+/// How many lanes a claimed round of `claimed` jobs is spread over: one per
+/// `batch_size / 4` jobs (at least one lane, at most all). A trickle goes to one worker
+/// in one batch, instead of a few jobs to each of them: on a machine with few cores,
+/// concurrent small batches cost more CPU per job and wait for each other's CPU, and
+/// that is the latency a user sees. A backlog still uses every lane. An account's jobs
+/// from rounds of different sizes can then sit in two lanes at once: the second batch
+/// waits for the first one's account lock (taken in id order, so never a deadlock).
+pub(super) fn lanes_for_round(claimed: usize, batch_size: usize, lanes: usize) -> usize {
+    let per_lane = (batch_size / 4).max(1);
+    claimed.div_ceil(per_lane).clamp(1, lanes.max(1))
 }
 
 /// Caught up. Idle when nothing is pending and nothing is in flight (checked only when
@@ -177,6 +190,32 @@ pub(super) fn send_unless_stopping(shared: &Shared, sender: &Sender<i64>, id: i6
             Err(SendTimeoutError::Disconnected(_)) => return false,
             Err(SendTimeoutError::Timeout(_)) if shared.stopping() => return false,
             Err(SendTimeoutError::Timeout(_)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lanes_for_round;
+
+    #[test]
+    fn a_trickle_goes_to_one_lane_and_a_backlog_to_all() {
+        // (claimed, batch size, lanes) -> lanes used
+        let table = [
+            ((0, 1_000, 4), 1),
+            ((1, 1_000, 4), 1),
+            ((250, 1_000, 4), 1),
+            ((251, 1_000, 4), 2),
+            ((700, 1_000, 4), 3),
+            ((4_000, 1_000, 4), 4),
+            ((64, 256, 4), 1),
+            ((65, 256, 4), 2),
+            ((1_000, 256, 4), 4),
+            ((5, 1, 4), 4),
+            ((5, 3, 1), 1),
+        ];
+        for ((claimed, batch, lanes), used) in table {
+            assert_eq!(lanes_for_round(claimed, batch, lanes), used, "{claimed} claimed, batch {batch}, {lanes} lanes");
         }
     }
 }

@@ -1,12 +1,13 @@
-//! Batch workers: one per lane (a lane per account, so batches never wait on each
+//! Batch workers: one per lane (lanes by account, so batches rarely wait on each
 //! other's locks); each batch is one transaction, its payouts claimed and handed to a
 //! dispatcher after commit.
 
 use super::*;
 
-/// Jobs of one account always go to the same worker's lane, so concurrent batches lock
-/// disjoint sets of accounts and never wait for each other; a hot account's jobs are
-/// all batched under one lock by one worker.
+/// The lane of an account's jobs among `lanes`: within one claimed round, an account's
+/// jobs share a lane, so concurrent batches mostly lock disjoint sets of accounts, and
+/// a hot account's jobs are batched under one lock by one worker. (Rounds of different
+/// sizes use different numbers of lanes, see `claimer::lanes_for_round`.)
 pub(super) fn lane_of(key: i64, lanes: usize) -> usize {
     (key.unsigned_abs() % lanes as u64) as usize
 }

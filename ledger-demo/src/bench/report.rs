@@ -34,24 +34,24 @@ pub(super) fn pgbench(
     Ok(tps)
 }
 
+/// One row of `--json` output.
+fn row_json(r: &Row) -> serde_json::Value {
+    json!({
+        "scenario": r.scenario, "mode": r.mode, "gateway": r.gateway, "threads": r.threads,
+        "operations": r.ops, "ops_per_sec": r.ops_per_sec,
+        "pgbench_scale": r.pgbench_scale, "pgbench_clients": r.pgbench_clients, "pgbench_tps": r.pgbench_tps,
+        "ratio": r.pgbench_tps.map(|p| r.ops_per_sec / p),
+        "debit_only_ops_per_sec": r.debit_only_ops_per_sec,
+        "ratio_to_debit_only": r.debit_only_ops_per_sec.map(|d| r.ops_per_sec / d),
+        "latency_rate": r.latency_rate, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "max_ms": r.max_ms,
+        "worker_rss_mb": r.rss_mb, "audit_clean": r.audit_clean, "bank": r.bank,
+        "payout_args": r.payout_args, "error": r.error,
+    })
+}
+
 pub(super) fn print_table(rows: &[Row], as_json: bool) {
     if as_json {
-        for r in rows {
-            println!(
-                "{}",
-                json!({
-                    "scenario": r.scenario, "mode": r.mode, "gateway": r.gateway, "threads": r.threads,
-                    "operations": r.ops, "ops_per_sec": r.ops_per_sec,
-                    "pgbench_scale": r.pgbench_scale, "pgbench_clients": r.pgbench_clients, "pgbench_tps": r.pgbench_tps,
-                    "ratio": r.pgbench_tps.map(|p| r.ops_per_sec / p),
-                    "debit_only_ops_per_sec": r.debit_only_ops_per_sec,
-                    "ratio_to_debit_only": r.debit_only_ops_per_sec.map(|d| r.ops_per_sec / d),
-                    "latency_rate": r.latency_rate, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "max_ms": r.max_ms,
-                    "worker_rss_mb": r.rss_mb, "audit_clean": r.audit_clean, "bank": r.bank,
-                    "payout_args": r.payout_args, "error": r.error,
-                })
-            );
-        }
+        rows.iter().for_each(|r| println!("{}", row_json(r)));
         return;
     }
     println!(

@@ -40,6 +40,20 @@ impl Counts {
     }
 }
 
+impl Counts {
+    /// The summary of an input that stopped with lines `first` to `end` unanswered.
+    fn stopped_json(&self, first: u64, end: u64) -> Value {
+        let mut value = self.to_json();
+        value["stopped"] = json!(true);
+        value["unknown_lines"] = json!({ "from": first, "to": end });
+        value
+    }
+
+    fn stopped_text(&self, first: u64, end: u64) -> String {
+        format!("stopped: {self}; lines {first} to {end}: outcome unknown, the rest not read")
+    }
+}
+
 impl std::fmt::Display for Counts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -156,6 +170,9 @@ fn flush<P>(
     let (first, end) = (unanswered.clone().min().copied(), unanswered.max().copied());
     let answers = answer(counts, chunk, last).with_context(|| {
         let (first, end) = (first.unwrap_or(0), end.unwrap_or(0));
+        // The last stdout line is a summary here too: what was answered, and which
+        // lines are not. (If stdout itself fails, the error below still says it.)
+        let _ = out.print(counts.stopped_json(first, end), || counts.stopped_text(first, end));
         format!(
             "lines {first} to {end} are not answered and their outcome is unknown (each may or may not be \
              written); the lines before them are answered above, the lines after them were not read. Sending \

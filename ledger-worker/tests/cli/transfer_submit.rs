@@ -231,7 +231,11 @@ fn a_connection_lost_in_a_batch_answers_its_lines_unknown_never_refused() {
     child.stdout.as_mut().unwrap().read_to_string(&mut out).unwrap();
     child.stderr.as_mut().unwrap().read_to_string(&mut stderr).unwrap();
     let status = child.try_wait().unwrap().expect("exited");
-    assert_eq!(out.trim(), "", "no line answered, not even as refused");
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(summary["lines"], 0, "no line answered, not even as refused: {out}");
+    assert_eq!((&summary["refused"], &summary["created"]), (&0.into(), &0.into()), "{out}");
+    assert_eq!(summary["stopped"], true, "{out}");
+    assert_eq!(summary["unknown_lines"], serde_json::json!({"from": 1, "to": 3}), "{out}");
     assert!(stderr.contains("lines 1 to 3 are not answered and their outcome is unknown"), "{stderr}");
     assert!(stderr.contains("database_unreachable"), "{stderr}");
     assert_eq!(status.code(), Some(4), "{stderr}");

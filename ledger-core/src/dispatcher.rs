@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::db::Pool;
-use crate::error::LedgerError;
+use crate::error::{InvalidInput, LedgerError};
 use crate::payouts::{self, PayoutGateway, PayoutRequest, Recorded, RetryPolicy, Verdict};
 
 /// Limits of one dispatcher. Every field is a bound; [`DispatchConfig::validate`]
@@ -63,27 +63,30 @@ impl Default for DispatchConfig {
 impl DispatchConfig {
     /// Checks the bounds of every field (see each). The lease must hold three whole
     /// calls, because a payout may need a lookup, a send and a confirming lookup under
-    /// one claim. The error says which bound is broken, naming the daemon's flag.
-    pub fn validate(&self) -> Result<(), String> {
+    /// one claim. The error names the field (`batch`, `concurrency`, `lease_ms`,
+    /// `call_timeout_ms`) and the bound it breaks.
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        let bad = |field, reason: String| Err(InvalidInput::BadField { field, reason });
         if !(1..=1_000).contains(&self.batch) {
-            return Err("--payout-batch must be 1..=1000".into());
+            return bad("batch", format!("must be 1..=1000, got {}", self.batch));
         }
         if !(1..=256).contains(&self.concurrency) {
-            return Err("--payout-concurrency must be 1..=256".into());
+            return bad("concurrency", format!("must be 1..=256, got {}", self.concurrency));
         }
         if self.lease_ms > MAX_LEASE_MS {
-            return Err(format!("--payout-lease-ms ({}) must be at most {MAX_LEASE_MS} (an hour)", self.lease_ms));
+            return bad("lease_ms", format!("({}) must be at most {MAX_LEASE_MS} (an hour)", self.lease_ms));
         }
         if self.call_timeout_ms == 0 {
-            return Err("the gateway call timeout must be positive".into());
+            return bad("call_timeout_ms", "the gateway call timeout must be positive".into());
         }
         // A payout may need three calls (lookup, send, confirming lookup) in one lease.
         let needed = self.call_timeout_ms.saturating_mul(3).saturating_add(LEASE_MARGIN_MS);
         if self.lease_ms < needed {
-            return Err(format!(
-                "--payout-lease-ms ({}) must be at least three gateway timeouts plus {LEASE_MARGIN_MS} ms ({needed})",
+            let reason = format!(
+                "({}) must be at least three gateway timeouts plus {LEASE_MARGIN_MS} ms ({needed})",
                 self.lease_ms
-            ));
+            );
+            return bad("lease_ms", reason);
         }
         Ok(())
     }
@@ -125,9 +128,7 @@ pub fn run_round(
     config: &DispatchConfig,
     stopping: &(dyn Fn() -> bool + Sync),
 ) -> Result<RoundReport, LedgerError> {
-    config.validate().map_err(|reason| {
-        LedgerError::Invalid(crate::error::InvalidInput::BadField { field: "dispatch config", reason })
-    })?;
+    config.validate()?;
     let claim = {
         let mut conn = pool.get()?;
         payouts::claim_due(&mut conn, config.batch as i64, config.lease_ms)?
@@ -147,9 +148,7 @@ pub fn run_claimed(
     claim: payouts::Claim,
     stopping: &(dyn Fn() -> bool + Sync),
 ) -> Result<RoundReport, LedgerError> {
-    config.validate().map_err(|reason| {
-        LedgerError::Invalid(crate::error::InvalidInput::BadField { field: "dispatch config", reason })
-    })?;
+    config.validate()?;
     if claim.requests.is_empty() {
         return Ok(RoundReport::default());
     }
@@ -214,4 +213,35 @@ pub fn resolve_all(
     }
     let verdicts = out.into_inner().unwrap_or_else(|e| e.into_inner());
     requests.iter().cloned().zip(verdicts).map(|(r, v)| (r, v.expect("every request was resolved"))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_broken_bound_names_its_field() {
+        let ok = DispatchConfig::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let cases: [(DispatchConfig, &str, &str); 5] = [
+            (DispatchConfig { batch: 0, ..ok.clone() }, "batch", "must be 1..=1000, got 0"),
+            (DispatchConfig { concurrency: 257, ..ok.clone() }, "concurrency", "must be 1..=256, got 257"),
+            (DispatchConfig { lease_ms: MAX_LEASE_MS + 1, ..ok.clone() }, "lease_ms", "must be at most"),
+            (DispatchConfig { call_timeout_ms: 0, ..ok.clone() }, "call_timeout_ms", "must be positive"),
+            (
+                DispatchConfig { lease_ms: 30_000, ..ok.clone() },
+                "lease_ms",
+                "three gateway timeouts plus 250 ms (30250)",
+            ),
+        ];
+        for (config, want_field, want_reason) in cases {
+            match config.validate() {
+                Err(InvalidInput::BadField { field, reason }) => {
+                    assert_eq!(field, want_field, "{reason}");
+                    assert!(reason.contains(want_reason), "{field}: {reason}");
+                }
+                other => panic!("{want_field}: {other:?}"),
+            }
+        }
+    }
 }

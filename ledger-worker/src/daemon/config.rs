@@ -126,8 +126,22 @@ impl WorkerConfig {
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, msg)) => Err(msg.to_string()),
-            None if self.payout_threads > 0 => self.dispatch_config().validate(),
+            None if self.payout_threads > 0 => self.dispatch_config().validate().map_err(|e| match e {
+                ledger_core::InvalidInput::BadField { field, reason } => format!("{} {reason}", flag_of(field)),
+                other => other.to_string(),
+            }),
             None => Ok(()),
         }
+    }
+}
+
+/// The daemon's flag for a [`ledger_core::dispatcher::DispatchConfig`] field named in its validation error.
+fn flag_of(field: &str) -> &str {
+    match field {
+        "batch" => "--payout-batch",
+        "concurrency" => "--payout-concurrency",
+        "lease_ms" => "--payout-lease-ms",
+        "call_timeout_ms" => "the gateway call timeout",
+        other => other,
     }
 }

@@ -79,6 +79,17 @@ fn every_failure_is_one_json_line_with_a_kind_and_a_documented_exit_code() {
         funds["message"].as_str().unwrap().contains("balance 11.50 EUR, floor 0.00 EUR, requested 100000.00 EUR"),
         "{funds}"
     );
+    // The payout settings are checked by ledger-core, which names its own fields; the
+    // daemon's message names the flag.
+    let lease = json_failure(&db, &["run", "--gateway", "log", "--payout-lease-ms", "1000"], 2);
+    assert_eq!(lease["kind"], "usage", "{lease}");
+    assert!(
+        lease["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("--payout-lease-ms (1000) must be at least three gateway timeouts"),
+        "{lease}"
+    );
     // Without --json the same failure is one human line.
     let out = cli(db.url(), &["account", "show", "424242"]);
     assert_eq!(String::from_utf8_lossy(&out.stderr), "error: unknown account 424242\n");

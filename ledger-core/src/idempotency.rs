@@ -28,6 +28,29 @@ pub enum Begun {
 
 /// Claims `key` for `operation` with a canonical description of the request.
 pub fn begin(tx: &mut Tx<'_>, key: &IdempotencyKey, operation: &str, fingerprint: &str) -> Result<Begun, LedgerError> {
+    // A key row can disappear while this waits for its lock: a batch gives back a key
+    // it claimed without a result (`batch_plan`). Then the key is free: claim it again.
+    for _ in 0..CLAIM_ATTEMPTS {
+        if let Some(begun) = claim_or_read(tx, key, operation, fingerprint)? {
+            return Ok(begun);
+        }
+    }
+    Err(LedgerError::Inconsistent(format!(
+        "idempotency key {:?} was given back {CLAIM_ATTEMPTS} times while this request waited for it",
+        key.as_str()
+    )))
+}
+
+/// How many times `begin` claims a key that keeps being given back meanwhile.
+const CLAIM_ATTEMPTS: usize = 8;
+
+/// One try of `begin`: `None` if the key's row was deleted while this waited for it.
+fn claim_or_read(
+    tx: &mut Tx<'_>,
+    key: &IdempotencyKey,
+    operation: &str,
+    fingerprint: &str,
+) -> Result<Option<Begun>, LedgerError> {
     let inserted = diesel::insert_into(idempotency_keys::table)
         .values((
             idempotency_keys::key.eq(key.as_str()),
@@ -37,15 +60,17 @@ pub fn begin(tx: &mut Tx<'_>, key: &IdempotencyKey, operation: &str, fingerprint
         .on_conflict_do_nothing()
         .execute(tx.conn())?;
     if inserted == 1 {
-        return Ok(Begun::Fresh);
+        return Ok(Some(Begun::Fresh));
     }
     // Locked, so two requests that both find a key without a result (below) take turns:
     // the second reads the first's result once the first commits.
-    let (stored_op, stored_fp, result_id): (String, String, Option<i64>) = idempotency_keys::table
+    let stored: Option<(String, String, Option<i64>)> = idempotency_keys::table
         .find(key.as_str())
         .select((idempotency_keys::operation, idempotency_keys::request_fingerprint, idempotency_keys::result_id))
         .for_update()
-        .first(tx.conn())?;
+        .first(tx.conn())
+        .optional()?;
+    let Some((stored_op, stored_fp, result_id)) = stored else { return Ok(None) };
     let Some(id) = result_id else {
         // A key without a result applied nothing: a `_tx` call under it was refused and
         // the caller's transaction committed anyway (or this transaction claimed it
@@ -54,12 +79,12 @@ pub fn begin(tx: &mut Tx<'_>, key: &IdempotencyKey, operation: &str, fingerprint
         diesel::update(idempotency_keys::table.find(key.as_str()))
             .set((idempotency_keys::operation.eq(operation), idempotency_keys::request_fingerprint.eq(fingerprint)))
             .execute(tx.conn())?;
-        return Ok(Begun::Fresh);
+        return Ok(Some(Begun::Fresh));
     };
     if stored_op != operation || stored_fp != fingerprint {
         return Err(LedgerError::IdempotencyConflict { key: key.as_str().to_string(), operation: stored_op });
     }
-    Ok(Begun::Replay(id))
+    Ok(Some(Begun::Replay(id)))
 }
 
 /// Records the result of the work done under `key` (same transaction as `begin`).

@@ -19,6 +19,9 @@ impl StaticSql for ClaimLock {
     const SQL: &'static str = include_str!("claim_lock.sql");
 }
 
+/// Every account of a batch as locked, or why it is unusable.
+pub(crate) type Locked = HashMap<AccountId, Result<LockedAccount, LedgerError>>;
+
 /// One row of `claim_lock.sql`: a claimed key, or a locked account.
 #[derive(QueryableByName)]
 struct ClaimedOrLocked {
@@ -40,7 +43,7 @@ pub(crate) fn claim_keys_and_lock<'a>(
     operation: &str,
     requests: impl Iterator<Item = (&'a str, String)>,
     lock: &LockSet,
-) -> Result<(HashMap<String, KeyBefore>, HashMap<AccountId, Result<LockedAccount, LedgerError>>), LedgerError> {
+) -> Result<(HashMap<String, KeyBefore>, Locked), LedgerError> {
     let (keys, fingerprints) = distinct_sorted(requests);
     let ids: Vec<i64> = lock.ids().map(AccountId::get).collect();
     let rows: Vec<ClaimedOrLocked> = Prepared::<ClaimLock>::new()

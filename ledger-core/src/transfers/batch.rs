@@ -100,7 +100,8 @@ pub(crate) fn create_planned(tx: &mut Tx<'_>, items: &[Item<Transfer>]) -> Resul
     let requests = items.iter().map(|i| (i.request.key.as_str(), i.request.fingerprint()));
     // Every item's accounts, locked with the claim in one round trip (see
     // `claim_keys_and_lock` for why a replayed item's accounts are locked too).
-    let lock_set: LockSet = items.iter().map(|i| &i.request).filter(|t| t.from != t.to).flat_map(|t| [t.from, t.to]).collect();
+    let lock_set: LockSet =
+        items.iter().map(|i| &i.request).filter(|t| t.from != t.to).flat_map(|t| [t.from, t.to]).collect();
     let (keys, mut locked) = batch_plan::claim_keys_and_lock(tx, "transfer", requests, &lock_set)?;
     let plan = plan(items, &keys, &mut locked);
     let entries = write(tx, items, &plan.items, &plan.balances, &plan.unused_keys)?;

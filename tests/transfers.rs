@@ -313,3 +313,61 @@ fn the_database_refuses_metadata_that_is_not_a_small_json_object() {
         }
     });
 }
+
+/// The planner settings batches run under, and the lock timeout, as one line.
+fn plan_settings(conn: &mut PgConnection) -> String {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Line {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        line: String,
+    }
+    let sql = "SELECT concat_ws(' ', current_setting('jit'), current_setting('enable_seqscan'),
+            current_setting('enable_bitmapscan'), current_setting('enable_hashjoin'),
+            current_setting('enable_mergejoin'), current_setting('plan_cache_mode'),
+            current_setting('lock_timeout')) AS line";
+    diesel::sql_query(sql).get_result::<Line>(conn).unwrap().line
+}
+
+#[testing::test]
+fn a_transaction_with_batch_plans_sets_them_with_its_begin_and_they_end_with_it() {
+    use ledger_core::tx;
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let before = plan_settings(&mut conn);
+    let opts = TxOptions { lock_timeout_ms: Some(1234), ..TxOptions::default() };
+    let inside = tx::transaction_with_batch_plans(&mut conn, &opts, |t| Ok(plan_settings(t.conn()))).unwrap();
+    assert_eq!(inside, "off off off off off force_generic_plan 1234ms");
+    assert_eq!(plan_settings(&mut conn), before, "SET LOCAL ended with the transaction");
+    // Inside a caller's transaction it is a savepoint: the caller's settings come back.
+    let (nested, after) = tx::transaction(&mut conn, &TxOptions::default(), |t| {
+        let nested = tx::transaction_with_batch_plans(t.conn(), &opts, |t| Ok(plan_settings(t.conn())))?;
+        Ok::<_, LedgerError>((nested, plan_settings(t.conn())))
+    })
+    .unwrap();
+    assert!(nested.starts_with("off off off off off force_generic_plan"), "{nested}");
+    assert_eq!(after, before);
+}
+
+#[testing::test]
+fn a_batch_in_its_own_transaction_replays_and_refuses_as_before_with_accounts_locked_at_the_claim() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let a = testing::funded_account(&mut conn, "a", Currency::EUR, "10.00");
+    let b = testing::funded_account(&mut conn, "b", Currency::EUR, "0.00");
+    let (k1, k2) = (testing::key("tc"), testing::key("tc"));
+    let first = transfers::create_batch(&mut conn, &[Item::single(transfer(a, b, "4.00", &k1))]).unwrap();
+    let entry = first[0].entry().expect("created");
+    // A replay, a conflict under the same key, and a fresh one on the same accounts.
+    let batch = [
+        Item::single(transfer(a, b, "4.00", &k1)),
+        Item::single(transfer(a, b, "5.00", &k1)),
+        Item::single(transfer(b, a, "1.00", &k2)),
+    ];
+    let results = transfers::create_batch(&mut conn, &batch).unwrap();
+    assert!(matches!(results[0], TransferResult::Replayed { entry: e } if e == entry), "{results:?}");
+    assert!(matches!(results[1], TransferResult::Refused(LedgerError::IdempotencyConflict { .. })), "{results:?}");
+    assert!(matches!(results[2], TransferResult::Created { from_balance_minor: 300, to_balance_minor: 700, .. }));
+    assert_eq!((balance(&mut conn, a), balance(&mut conn, b)), (700, 300));
+    assert_audit_clean(&mut conn);
+}

@@ -66,9 +66,10 @@ crate::text_column!(AccountStatus {
     Closed => "closed",
 });
 
-#[derive(Queryable, Selectable, Debug, Clone)]
+/// An account row as locked (also read by name from a batch's combined claim-and-lock).
+#[derive(Queryable, QueryableByName, Selectable, Debug, Clone)]
 #[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg))]
-struct AccountRow {
+pub(crate) struct AccountRow {
     id: AccountId,
     owner: String,
     currency: Currency,
@@ -394,16 +395,21 @@ pub fn lock_all(tx: &mut Tx<'_>, set: &LockSet) -> Result<Vec<Result<LockedAccou
         .select(AccountRow::as_select())
         .for_no_key_update()
         .load(tx.conn())?;
-    debug_assert!(rows.windows(2).all(|w| w[0].id < w[1].id), "locked out of order");
+    Ok(judge_locked(set, rows))
+}
+
+/// The rows `set` locked (in ascending id order), judged as [`lock_all`] judges them.
+pub(crate) fn judge_locked(set: &LockSet, rows: Vec<AccountRow>) -> Vec<Result<LockedAccount, LedgerError>> {
+    assert!(rows.windows(2).all(|w| w[0].id < w[1].id), "locked out of order");
     let mut rows = rows.into_iter().peekable();
-    let mut out = Vec::with_capacity(ids.len());
+    let mut out = Vec::with_capacity(set.len());
     for id in set.ids() {
         match rows.next_if(|r| r.id == id) {
             Some(row) => out.push(locked(row)),
             None => out.push(Err(LedgerError::UnknownAccount(id))),
         }
     }
-    Ok(out)
+    out
 }
 
 /// The refusal an unusable account gives every movement that names it, again: account

@@ -15,7 +15,10 @@ use crate::prepared::{Prepared, StaticSql};
 use crate::schema::idempotency_keys;
 use crate::tx::Tx;
 
+mod claim_lock;
 pub(crate) mod entries;
+
+pub(crate) use claim_lock::claim_keys_and_lock;
 
 /// What the database held under a batch item's key before the batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,19 +72,34 @@ pub(crate) fn claim_keys<'a>(
         #[diesel(sql_type = Text)]
         key: String,
     }
+    let (keys, fingerprints) = distinct_sorted(requests);
+    let claimed: Vec<Claimed> = Prepared::<ClaimKeys>::new()
+        .bind::<Array<Text>, _>(&keys)
+        .bind::<Array<Text>, _>(&fingerprints)
+        .bind::<Text, _>(operation)
+        .load(tx.conn())?;
+    read_used(tx, &keys, claimed.into_iter().map(|c| c.key))
+}
+
+/// Each distinct key with its first request's fingerprint, in ascending byte order.
+fn distinct_sorted<'a>(requests: impl Iterator<Item = (&'a str, String)>) -> (Vec<&'a str>, Vec<String>) {
     let mut first: HashMap<&str, String> = HashMap::new();
     for (key, fingerprint) in requests {
         first.entry(key).or_insert(fingerprint);
     }
     let mut sorted: Vec<(&str, String)> = first.into_iter().collect();
     sorted.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    let (keys, fingerprints): (Vec<&str>, Vec<String>) = sorted.into_iter().unzip();
-    let claimed: Vec<Claimed> = Prepared::<ClaimKeys>::new()
-        .bind::<Array<Text>, _>(&keys)
-        .bind::<Array<Text>, _>(&fingerprints)
-        .bind::<Text, _>(operation)
-        .load(tx.conn())?;
-    let mut out: HashMap<String, KeyBefore> = claimed.into_iter().map(|c| (c.key, KeyBefore::Fresh)).collect();
+    sorted.into_iter().unzip()
+}
+
+/// Every key of the batch as it stands: those this statement `claimed` are fresh, the
+/// others were used before and are read back (and taken over if they have no result).
+fn read_used(
+    tx: &mut Tx<'_>,
+    keys: &[&str],
+    claimed: impl Iterator<Item = String>,
+) -> Result<HashMap<String, KeyBefore>, LedgerError> {
+    let mut out: HashMap<String, KeyBefore> = claimed.map(|key| (key, KeyBefore::Fresh)).collect();
     let used: Vec<&str> = keys.iter().copied().filter(|k| !out.contains_key(*k)).collect();
     if !used.is_empty() {
         let stored: Vec<(String, String, String, Option<i64>)> =

@@ -18,6 +18,11 @@ use crate::error::{LedgerError, RetryClass, Transient};
 use crate::ids::AccountId;
 use crate::retry::{Backoff, Jitter};
 
+#[path = "tx_plans.rs"]
+mod plans;
+
+pub use plans::{transaction_with_batch_plans, with_batch_plans};
+
 /// How the outermost transaction retries transient failures.
 #[derive(Clone, Debug)]
 pub struct TxOptions {
@@ -94,93 +99,6 @@ impl<'c> Tx<'c> {
     }
 }
 
-/// Runs `f` with plans that stay O(batch) whatever the table statistics say, then puts
-/// the caller's planner settings back.
-///
-/// Our batch statements touch a list of rows by id (unnest of an array, joined to the
-/// table) or pop the head of a queue index. The right plan for them is always a nested
-/// loop of index probes. The planner does not always see that: right after a burst of
-/// intake its statistics still say "almost nothing is pending", so a full scan of the
-/// `WHERE status = 'pending'` partial index, a bitmap over it, or a hash join over a
-/// sequential scan looks cheaper than N probes, and every batch then reads the whole
-/// backlog (a batch of 800 over a backlog of 60,000 read all 60,000; throughput fell
-/// as the backlog grew). A bitmap scan also never marks the dead entries of a queue
-/// index, so each poll visits every row that left the queue since the last vacuum.
-/// Inside `f` sequential scans, bitmap scans, hash and merge joins are disabled (the
-/// statements are written not to need them), so the plan is probes by id. JIT is off
-/// too: a plan that must still use a disabled node (a one-row table) is costed at 10^10
-/// and would otherwise be JIT-compiled, tens of ms per statement.
-///
-/// Statements kept prepared (the crate's `prepared` module) reuse one generic plan
-/// inside `f` (`plan_cache_mode = force_generic_plan`): with these settings it is the
-/// same probes by id a custom plan would be, without planning each call. A statement
-/// inside `f` that needs a partial index must write the index's predicate as a literal
-/// (`status = 'pending'`), never as a bound value: a generic plan cannot prove a
-/// parameter equal to it (`withdrawals::claim_due`; `tests/plans.rs` checks).
-///
-/// If `f` panics, the settings stay changed until the transaction ends (rolling it
-/// back, as a panic should, ends them).
-pub fn with_batch_plans<T>(
-    tx: &mut Tx<'_>,
-    f: impl FnOnce(&mut Tx<'_>) -> Result<T, LedgerError>,
-) -> Result<T, LedgerError> {
-    use crate::prepared::{Prepared, StaticSql};
-    use diesel::sql_types::Text;
-    use diesel::RunQueryDsl;
-    #[derive(diesel::QueryableByName)]
-    struct Saved {
-        #[diesel(sql_type = Text)]
-        jit: String,
-        #[diesel(sql_type = Text)]
-        seqscan: String,
-        #[diesel(sql_type = Text)]
-        bitmapscan: String,
-        #[diesel(sql_type = Text)]
-        hashjoin: String,
-        #[diesel(sql_type = Text)]
-        mergejoin: String,
-        #[diesel(sql_type = Text)]
-        plan_cache: String,
-    }
-    // One round trip: the old values are read before the new ones are set (a target
-    // list is evaluated left to right), and SET LOCAL ends with the transaction at most.
-    enum Set {}
-    impl StaticSql for Set {
-        const SQL: &'static str = "SELECT current_setting('jit') AS jit, current_setting('enable_seqscan') AS seqscan,
-                current_setting('enable_bitmapscan') AS bitmapscan,
-                current_setting('enable_hashjoin') AS hashjoin, current_setting('enable_mergejoin') AS mergejoin,
-                current_setting('plan_cache_mode') AS plan_cache,
-                set_config('jit', 'off', true), set_config('enable_seqscan', 'off', true),
-                set_config('enable_bitmapscan', 'off', true),
-                set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
-                set_config('plan_cache_mode', 'force_generic_plan', true)";
-    }
-    enum Restore {}
-    impl StaticSql for Restore {
-        const SQL: &'static str = "SELECT set_config('jit', $1, true), set_config('enable_seqscan', $2, true),
-                set_config('enable_bitmapscan', $3, true),
-                set_config('enable_hashjoin', $4, true), set_config('enable_mergejoin', $5, true),
-                set_config('plan_cache_mode', $6, true)";
-    }
-    let saved: Saved = Prepared::<Set>::new().get_result(tx.conn())?;
-    let result = f(tx);
-    let restored = Prepared::<Restore>::new()
-        .bind::<Text, _>(&saved.jit)
-        .bind::<Text, _>(&saved.seqscan)
-        .bind::<Text, _>(&saved.bitmapscan)
-        .bind::<Text, _>(&saved.hashjoin)
-        .bind::<Text, _>(&saved.mergejoin)
-        .bind::<Text, _>(&saved.plan_cache)
-        .execute(tx.conn());
-    match (result, restored) {
-        (Ok(value), Ok(_)) => Ok(value),
-        (Ok(_), Err(e)) => Err(e.into()),
-        // The first error is the one that matters; an aborted transaction cannot take
-        // the restore, and rolling it back ends these settings anyway.
-        (Err(e), _) => Err(e),
-    }
-}
-
 /// The connection's current transaction depth (0: autocommit).
 pub fn depth(conn: &mut PgConnection) -> u32 {
     match AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth() {
@@ -210,15 +128,23 @@ where
     if depth(conn) > 0 {
         return conn.transaction(|conn| f(&mut Tx { conn }));
     }
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let result = conn.transaction(|conn| {
+    retrying(opts, || {
+        conn.transaction(|conn| {
             if let Some(ms) = opts.lock_timeout_ms {
                 diesel::RunQueryDsl::execute(diesel::sql_query(format!("SET LOCAL lock_timeout = {ms}")), conn)?;
             }
             f(&mut Tx { conn })
-        });
+        })
+    })
+}
+
+/// Runs `attempt` up to `opts.max_attempts` times while it fails transiently (not for a
+/// lost connection), with the options' backoff between attempts.
+fn retrying<T, E: RetryClass>(opts: &TxOptions, mut run: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = run();
         match result {
             Err(e) if attempt < opts.max_attempts => match e.transient() {
                 // A lost connection cannot be retried on the same connection.

@@ -1,20 +1,21 @@
 //! Many transfers in one transaction, one result per item ([`create_batch`]).
 //!
-//! 1. The batch's keys are claimed in one statement, in ascending order
-//!    (`batch_plan::claim_keys`); keys used before are read back for replays and conflicts.
-//! 2. Every account of every fresh item is locked at once, in ascending id order.
+//! 1. The batch's keys are claimed in ascending order, and then every account of every
+//!    item is locked in ascending id order, in one statement
+//!    (`batch_plan::claim_keys_and_lock`); keys used before are read back for replays
+//!    and conflicts (a second round trip, only when there are such keys).
 //! 3. Every item is decided in memory, in order ([`super::plan`]).
 //! 4. The decisions are written in one set-based statement (`batch_plan::entries`):
 //!    entries, postings, balances, and the keys' results.
 //!
-//! Four round trips (and the batch-plan settings) however many items: one commit per
-//! batch instead of per transfer.
+//! In a transaction of its own ([`create_batch`]) that is four round trips however many
+//! items (BEGIN with the batch-plan settings, claim-and-lock, write, COMMIT): one commit
+//! per batch instead of per transfer.
 
 use std::collections::HashMap;
 
 use diesel::pg::PgConnection;
 
-use crate::accounts;
 use crate::batch::{self, Item};
 use crate::batch_plan::{self, entries, entries::Columns, entries::Movement};
 use crate::error::LedgerError;
@@ -22,7 +23,7 @@ use crate::ids::{AccountId, EntryId};
 use crate::journal::EntryKind;
 use crate::tx::{self, LockSet, Tx, TxOptions};
 
-use super::plan::{plan, KeyBefore, Planned};
+use super::plan::{plan, Planned};
 use super::Transfer;
 
 /// What became of one transfer of a batch.
@@ -77,7 +78,7 @@ pub fn create_batch_with(
     items: &[Item<Transfer>],
 ) -> Result<Vec<TransferResult>, LedgerError> {
     batch::check_size(items)?;
-    tx::transaction(conn, opts, |tx| create_batch_tx(tx, items))
+    tx::transaction_with_batch_plans(conn, opts, |tx| create_planned(tx, items))
 }
 
 /// [`create_batch`] inside the caller's transaction.
@@ -89,16 +90,19 @@ pub fn create_batch_tx(tx: &mut Tx<'_>, items: &[Item<Transfer>]) -> Result<Vec<
     tx::with_batch_plans(tx, |tx| create_planned(tx, items))
 }
 
-fn create_planned(tx: &mut Tx<'_>, items: &[Item<Transfer>]) -> Result<Vec<TransferResult>, LedgerError> {
+/// The batch in a transaction already running under the batch-plan settings (the
+/// coalescer's groups, [`create_batch_with`]); empty batches are the caller's to skip.
+pub(crate) fn create_planned(tx: &mut Tx<'_>, items: &[Item<Transfer>]) -> Result<Vec<TransferResult>, LedgerError> {
+    batch::check_size(items)?;
+    if items.is_empty() {
+        return Ok(vec![]);
+    }
     let requests = items.iter().map(|i| (i.request.key.as_str(), i.request.fingerprint()));
-    let keys = batch_plan::claim_keys(tx, "transfer", requests)?;
-    let lock_set: LockSet = items
-        .iter()
-        .map(|i| &i.request)
-        .filter(|t| keys.get(t.key.as_str()) == Some(&KeyBefore::Fresh) && t.from != t.to)
-        .flat_map(|t| [t.from, t.to])
-        .collect();
-    let mut locked: HashMap<AccountId, _> = lock_set.ids().zip(accounts::lock_all(tx, &lock_set)?).collect();
+    // Every item's accounts, locked with the claim in one round trip (see
+    // `claim_keys_and_lock` for why a replayed item's accounts are locked too).
+    let lock_set: LockSet =
+        items.iter().map(|i| &i.request).filter(|t| t.from != t.to).flat_map(|t| [t.from, t.to]).collect();
+    let (keys, mut locked) = batch_plan::claim_keys_and_lock(tx, "transfer", requests, &lock_set)?;
     let plan = plan(items, &keys, &mut locked);
     let entries = write(tx, items, &plan.items, &plan.balances, &plan.unused_keys)?;
     let mut created = entries.into_iter();

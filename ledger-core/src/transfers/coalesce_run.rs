@@ -13,7 +13,8 @@ use crate::error::{LedgerError, RetryClass, Transient};
 use crate::journal::{Balance, Receipt};
 use crate::tx::{self, Tx, TxOptions};
 
-use super::super::{create_batch_tx, transfer_tx, Transfer, TransferResult};
+use super::super::batch::create_planned;
+use super::super::{transfer_tx, Transfer, TransferResult};
 use super::{Counters, Job, SubmitError};
 
 /// Attempts of one group whose connection was lost before its commit (nothing was
@@ -71,7 +72,7 @@ impl Committer {
                     return false;
                 }
             };
-            match tracked(&mut conn, |tx| create_batch_tx(tx, &items)) {
+            match tracked(&mut conn, true, |tx| create_planned(tx, &items)) {
                 Ok(results) => {
                     answer(&mut conn, &items, replies, results);
                     return true;
@@ -95,7 +96,7 @@ impl Committer {
         for (item, reply) in items.iter().zip(replies) {
             let answer = match self.pool.get() {
                 Err(e) => Err(LedgerError::Pool(e.to_string()).into()),
-                Ok(mut conn) => match tracked(&mut conn, |tx| transfer_tx(tx, &item.request)) {
+                Ok(mut conn) => match tracked(&mut conn, false, |tx| transfer_tx(tx, &item.request)) {
                     Ok(receipt) => Ok(receipt),
                     Err(Failure::Unknown(why)) => Err(SubmitError::OutcomeUnknown(why)),
                     Err(Failure::Definite(e)) => Err(e.into()),
@@ -120,15 +121,26 @@ enum Failure {
 }
 
 /// Runs `f` in a transaction of its own (retried on transient errors, as every
-/// transaction runner here), telling a lost COMMIT from a failure before it.
-fn tracked<T>(conn: &mut PgConnection, mut f: impl FnMut(&mut Tx<'_>) -> Result<T, LedgerError>) -> Result<T, Failure> {
+/// transaction runner here; with the batch-plan settings if `batch_plans`), telling a
+/// lost COMMIT from a failure before it.
+fn tracked<T>(
+    conn: &mut PgConnection,
+    batch_plans: bool,
+    mut f: impl FnMut(&mut Tx<'_>) -> Result<T, LedgerError>,
+) -> Result<T, Failure> {
     let mut body_done = false;
-    let result = tx::transaction(conn, &TxOptions::default(), |tx| {
+    let mut body = |tx: &mut Tx<'_>| {
         body_done = false;
         let out = f(tx);
         body_done = out.is_ok();
         out
-    });
+    };
+    let opts = TxOptions::default();
+    let result = if batch_plans {
+        tx::transaction_with_batch_plans(conn, &opts, &mut body)
+    } else {
+        tx::transaction(conn, &opts, &mut body)
+    };
     classify(result, body_done)
 }
 

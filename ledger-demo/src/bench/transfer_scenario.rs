@@ -37,9 +37,17 @@ pub(super) fn run_transfer_scenario(url: &str, calls: TransferCalls, row: &mut R
     let n = row.ops;
     eprintln!("== transfers ({}): {n} operations, 1000 account(s), {} thread(s)", row.mode, row.threads);
     let (mut conn, accounts) = setup(url, 1_000, n)?;
+    let profiled = profiling(&mut conn) && start_profile(&mut conn);
+    let (cpu_before, server_before) = (cpu_seconds(std::process::id()), server_cpu_seconds(&mut conn));
     let started = Instant::now();
     run_transfers(url, &accounts, n, row.threads, calls)?;
-    row.ops_per_sec = n as f64 / started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
+    row.ops_per_sec = n as f64 / elapsed.as_secs_f64();
+    if profiled {
+        let cpu = cpu_seconds(std::process::id()).zip(cpu_before).map_or(0.0, |(a, b)| a - b);
+        let server = server_cpu_seconds(&mut conn).zip(server_before).map(|(a, b)| a - b);
+        print_profile(&mut conn, calls.label(), n, elapsed, cpu, server)?;
+    }
     row.rss_mb = rss_mb(std::process::id()).unwrap_or(0.0);
     audit_into(&mut conn, row)
 }
@@ -124,6 +132,17 @@ fn coalescer(url: &str) -> Result<Coalescer> {
     let pool_config = db::PoolConfig { max_size: COALESCE_COMMITTERS as u32, ..db::PoolConfig::default() };
     let config = CoalescerConfig { committers: COALESCE_COMMITTERS, ..CoalescerConfig::default() };
     Ok(Coalescer::new(db::pool(url, &pool_config)?, config)?)
+}
+
+/// Whether `bench --profile` started the server with pg_stat_statements.
+fn profiling(conn: &mut PgConnection) -> bool {
+    #[derive(QueryableByName)]
+    struct Preload {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        libs: String,
+    }
+    let sql = diesel::sql_query("SELECT current_setting('shared_preload_libraries') AS libs");
+    sql.get_result::<Preload>(conn).is_ok_and(|p| p.libs.contains("pg_stat_statements"))
 }
 
 /// Transfer `i` of the run: between two random accounts, in either direction.

@@ -1,0 +1,27 @@
+-- claim_keys.sql and then accounts::lock_all in one statement (batch_plan::claim_keys_and_lock):
+-- $1 the distinct keys in ascending byte order, $2 their first request's fingerprint, $3 the
+-- operation, $4 the accounts to lock in ascending id order. The keys are claimed first: the
+-- Append of a UNION ALL runs its branches in order, and the first reads the INSERT to its
+-- end; then the accounts are locked (FOR NO KEY UPDATE, ascending id), as the single path
+-- locks after its key. Rows: one per key this call inserted (fresh; account columns NULL),
+-- then one per account found, by ascending id (claimed NULL).
+WITH claimed AS (
+    INSERT INTO idempotency_keys (key, operation, request_fingerprint)
+    SELECT k, $3, f
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(k, f, n)
+    ORDER BY n
+    ON CONFLICT DO NOTHING
+    RETURNING key
+), locked AS MATERIALIZED (
+    SELECT a.id, a.owner, a.currency, a.kind, a.balance_minor, a.overdraft_limit_minor, a.status
+    FROM accounts a
+    WHERE a.id = ANY($4::int8[])
+    ORDER BY a.id
+    FOR NO KEY UPDATE
+)
+SELECT 0 AS part, key AS claimed, NULL::int8 AS id, NULL::text AS owner, NULL::text AS currency,
+       NULL::text AS kind, NULL::int8 AS balance_minor, NULL::int8 AS overdraft_limit_minor, NULL::text AS status
+FROM claimed
+UNION ALL
+SELECT 1, NULL, id, owner, currency, kind, balance_minor, overdraft_limit_minor, status
+FROM locked

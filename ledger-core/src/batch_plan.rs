@@ -11,6 +11,7 @@ use crate::accounts::{rebuild_refusal, LockedAccount};
 use crate::batch::{self, Item};
 use crate::error::LedgerError;
 use crate::ids::AccountId;
+use crate::idempotency::CLAIM_ATTEMPTS;
 use crate::prepared::{Prepared, StaticSql};
 use crate::schema::idempotency_keys;
 use crate::tx::Tx;
@@ -67,18 +68,24 @@ pub(crate) fn claim_keys<'a>(
     operation: &str,
     requests: impl Iterator<Item = (&'a str, String)>,
 ) -> Result<HashMap<String, KeyBefore>, LedgerError> {
+    let (keys, fingerprints) = distinct_sorted(requests);
+    let claimed = claim(tx, operation, &keys, &fingerprints)?;
+    read_used(tx, operation, &keys, &fingerprints, claimed)
+}
+
+/// Inserts the rows of `keys` (ascending byte order) that are free; returns those inserted.
+fn claim(tx: &mut Tx<'_>, operation: &str, keys: &[&str], fingerprints: &[String]) -> Result<Vec<String>, LedgerError> {
     #[derive(QueryableByName)]
     struct Claimed {
         #[diesel(sql_type = Text)]
         key: String,
     }
-    let (keys, fingerprints) = distinct_sorted(requests);
     let claimed: Vec<Claimed> = Prepared::<ClaimKeys>::new()
-        .bind::<Array<Text>, _>(&keys)
-        .bind::<Array<Text>, _>(&fingerprints)
+        .bind::<Array<Text>, _>(keys)
+        .bind::<Array<Text>, _>(fingerprints)
         .bind::<Text, _>(operation)
         .load(tx.conn())?;
-    read_used(tx, &keys, claimed.into_iter().map(|c| c.key))
+    Ok(claimed.into_iter().map(|c| c.key).collect())
 }
 
 /// Each distinct key with its first request's fingerprint, in ascending byte order.
@@ -92,36 +99,61 @@ fn distinct_sorted<'a>(requests: impl Iterator<Item = (&'a str, String)>) -> (Ve
     sorted.into_iter().unzip()
 }
 
-/// Every key of the batch as it stands: those this statement `claimed` are fresh, the
-/// others were used before and are read back (and taken over if they have no result).
+/// Every key of the batch as it stands: those `claimed` are fresh, the others were used
+/// before and are read back (and taken over if they have no result). A key row can
+/// disappear between the claim and the read, or while this waits for its lock: a
+/// concurrent batch gives back a key it claimed without a result. Such a key is free:
+/// it is claimed again (as `idempotency::begin` does), never judged by a stale read.
 fn read_used(
     tx: &mut Tx<'_>,
+    operation: &str,
     keys: &[&str],
-    claimed: impl Iterator<Item = String>,
+    fingerprints: &[String],
+    claimed: Vec<String>,
 ) -> Result<HashMap<String, KeyBefore>, LedgerError> {
-    let mut out: HashMap<String, KeyBefore> = claimed.map(|key| (key, KeyBefore::Fresh)).collect();
-    let used: Vec<&str> = keys.iter().copied().filter(|k| !out.contains_key(*k)).collect();
-    if !used.is_empty() {
+    let mut out: HashMap<String, KeyBefore> = claimed.into_iter().map(|key| (key, KeyBefore::Fresh)).collect();
+    for _ in 0..CLAIM_ATTEMPTS {
+        let used: Vec<&str> = keys.iter().copied().filter(|k| !out.contains_key(*k)).collect();
+        if used.is_empty() {
+            return Ok(out);
+        }
         let stored: Vec<(String, String, String, Option<i64>)> =
             idempotency_keys::table.filter(idempotency_keys::key.eq_any(&used)).select(STORED).load(tx.conn())?;
         let mut resultless = Vec::new();
         for (key, operation, fingerprint, result) in stored {
-            if result.is_none() {
-                resultless.push(key.clone());
+            match result {
+                None => resultless.push(key),
+                Some(_) => {
+                    out.insert(key, KeyBefore::Stored { operation, fingerprint, result });
+                }
             }
-            out.insert(key, KeyBefore::Stored { operation, fingerprint, result });
         }
         take_over(tx, &resultless, &mut out)?;
+        // What is still missing was deleted meanwhile: claim it again, in byte order.
+        let (gone, gone_fingerprints): (Vec<&str>, Vec<String>) = keys
+            .iter()
+            .zip(fingerprints)
+            .filter(|(k, _)| !out.contains_key(**k))
+            .map(|(k, f)| (*k, f.clone()))
+            .unzip();
+        if !gone.is_empty() {
+            out.extend(claim(tx, operation, &gone, &gone_fingerprints)?.into_iter().map(|k| (k, KeyBefore::Fresh)));
+        }
     }
-    // Pair the claim with the batch: every key is either ours now or was used before.
-    assert_eq!(out.len(), keys.len(), "a key neither claimed nor stored");
-    Ok(out)
+    if out.len() == keys.len() {
+        return Ok(out);
+    }
+    Err(LedgerError::Inconsistent(format!(
+        "{} idempotency key(s) of this batch were given back {CLAIM_ATTEMPTS} times while it waited for them",
+        keys.len() - out.len()
+    )))
 }
 
 /// Keys stored without a result applied nothing (a refused `_tx` call whose caller
 /// committed anyway): as in `idempotency::begin`, this batch takes them over as fresh,
 /// under their row locks (taken in ascending byte order), so two takers go one after the
-/// other and the second sees the first's result.
+/// other and the second sees the first's result. A key deleted while this waited for its
+/// lock is left out of `out` (the caller claims it again).
 fn take_over(tx: &mut Tx<'_>, keys: &[String], out: &mut HashMap<String, KeyBefore>) -> Result<(), LedgerError> {
     if keys.is_empty() {
         return Ok(());

@@ -41,8 +41,8 @@ pub fn begin(tx: &mut Tx<'_>, key: &IdempotencyKey, operation: &str, fingerprint
     )))
 }
 
-/// How many times `begin` claims a key that keeps being given back meanwhile.
-const CLAIM_ATTEMPTS: usize = 8;
+/// How many times `begin` (and a batch, `batch_plan`) claims a key that keeps being given back meanwhile.
+pub(crate) const CLAIM_ATTEMPTS: usize = 8;
 
 /// One try of `begin`: `None` if the key's row was deleted while this waited for it.
 fn claim_or_read(

@@ -63,5 +63,5 @@ pub(crate) fn claim_keys_and_lock<'a>(
         }
     }
     let locked = lock.ids().zip(judge_locked(lock, accounts)).collect();
-    Ok((read_used(tx, &keys, claimed.into_iter())?, locked))
+    Ok((read_used(tx, operation, &keys, &fingerprints, claimed)?, locked))
 }

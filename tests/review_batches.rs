@@ -251,3 +251,65 @@ fn batches_moving_money_both_ways_never_deadlock() {
     assert_eq!(balance(&mut setup, ids[3]), 10_000);
     assert_audit_clean(&mut setup);
 }
+
+/// A failed chain that moved accounts in memory is undone before the next item is
+/// decided: the next item sees the balances from before the chain (a left-over credit
+/// would let `b` overspend, a left-over debit would refuse `a`).
+#[testing::test]
+fn an_item_after_a_failed_chain_sees_the_balances_from_before_the_chain() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let a = testing::funded_account(&mut conn, "a", Currency::EUR, "10.00");
+    let b = testing::funded_account(&mut conn, "b", Currency::EUR, "0.00");
+    let c = testing::funded_account(&mut conn, "c", Currency::EUR, "0.00");
+    let k = |s: &str| testing::key(s);
+    let items = vec![
+        Item::linked(transfer(a, b, "5.00", &k("ch0"))),
+        Item::linked(transfer(b, c, "5.00", &k("ch1"))),
+        Item::single(transfer(a, c, "100.00", &k("ch2"))),
+        Item::single(transfer(b, c, "0.01", &k("ch3"))),
+        Item::single(transfer(c, a, "0.01", &k("ch4"))),
+        Item::single(transfer(a, c, "10.00", &k("ch5"))),
+        // The chain's first key applied nothing: a later item may use it for another transfer.
+        Item::single(transfer(c, b, "1.00", &k("ch0"))),
+    ];
+    let r = transfers::create_batch(&mut conn, &items).unwrap();
+    let codes: Vec<_> = r.iter().map(result_code).collect();
+    assert_eq!(
+        codes,
+        [
+            "linked_item_failed",
+            "linked_item_failed",
+            "insufficient_funds",
+            "insufficient_funds",
+            "insufficient_funds",
+            "created",
+            "created"
+        ]
+    );
+    assert_eq!((balance(&mut conn, a), balance(&mut conn, b), balance(&mut conn, c)), (0, 100, 900));
+    assert_audit_clean(&mut conn);
+}
+
+/// A key used by one operation is a conflict for every other operation's batch, and
+/// nothing is written under it.
+#[testing::test]
+fn a_key_used_by_a_deposit_is_a_conflict_for_a_transfer_batch_and_a_withdrawal_batch() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let a = testing::funded_account(&mut conn, "a", Currency::EUR, "10.00");
+    let b = testing::funded_account(&mut conn, "b", Currency::EUR, "0.00");
+    let shared = testing::key("h4-shared");
+    let r = deposits::create_batch(&mut conn, &[Item::single(deposit(a, "1.00", &shared))]).unwrap();
+    assert_eq!(deposit_code(&r[0]), "created");
+    let before = testing::snapshot(&mut conn);
+    let t = transfers::create_batch(&mut conn, &[Item::single(transfer(a, b, "1.00", &shared))]).unwrap();
+    assert_eq!(result_code(&t[0]), "idempotency_conflict");
+    let mut w = withdrawal(a, "1.00", "unused");
+    w.key = shared.clone();
+    let wr = withdrawals::request_batch(&mut conn, &[Item::single(w)]).unwrap();
+    assert!(matches!(&wr[0], RequestResult::Refused(LedgerError::IdempotencyConflict { .. })), "{:?}", wr[0]);
+    assert_eq!(testing::snapshot(&mut conn), before, "nothing written");
+    let again = deposits::create_batch(&mut conn, &[Item::single(deposit(a, "1.00", &shared))]).unwrap();
+    assert_eq!(deposit_code(&again[0]), "replayed");
+}

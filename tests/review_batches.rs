@@ -28,8 +28,14 @@ fn resultless_key(conn: &mut PgConnection, from: AccountId, to: AccountId, key: 
         Ok::<_, LedgerError>(())
     })
     .unwrap();
-    let mut probe = |sql: &str| conn.batch_execute(sql);
-    probe(&format!("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = '{key}' AND result_id IS NULL) THEN RAISE 'no resultless key'; END IF; END $$")).unwrap();
+    let stored: Count = diesel::RunQueryDsl::get_result(
+        diesel::sql_query(format!(
+            "SELECT count(*) AS n FROM idempotency_keys WHERE key = '{key}' AND result_id IS NULL"
+        )),
+        conn,
+    )
+    .unwrap();
+    assert_eq!(stored.n, 1, "the refused transfer left its key without a result");
 }
 
 /// Opens a transaction on `conn` that holds `account`'s row lock until `COMMIT`.

@@ -12,6 +12,8 @@ mod history;
 mod holds;
 #[path = "cli/lists.rs"]
 mod lists;
+#[path = "cli/review_transfer_submit.rs"]
+mod review_transfer_submit;
 #[path = "cli/submit_chunks.rs"]
 mod submit_chunks;
 #[path = "cli/transfer_submit.rs"]

@@ -66,12 +66,19 @@ fn race_on_a_given_back_key<R: Send>(
     let refused_first = vec![Item::single(transfer(a, b, "500.00", &k))];
     let (r1, r2) = thread::scope(|s| {
         let h1 = s.spawn(|| transfers::create_batch_with(&mut c1, &TxOptions::no_retry(), &refused_first).unwrap());
-        testing::wait_until_blocked(&mut observer, p1, p3, WAIT).unwrap();
         let k2 = k.clone();
-        let h2 = s.spawn(move || second(&mut c2, c, b, &k2));
-        testing::wait_until_blocked(&mut observer, p2, p1, WAIT).unwrap();
+        let arranged = testing::wait_until_blocked(&mut observer, p1, p3, WAIT).map(|()| {
+            let h2 = s.spawn(move || second(&mut c2, c, b, &k2));
+            (testing::wait_until_blocked(&mut observer, p2, p1, WAIT), h2)
+        });
+        // Released also when the race could not be arranged: T1 waits for this lock, and a
+        // panic here with T1 still waiting would hang the scope until the test's deadline.
         AnsiTransactionManager::commit_transaction(&mut c3).unwrap();
-        (h1.join().unwrap(), h2.join().unwrap())
+        let (waited, h2) = arranged.unwrap_or_else(|e| panic!("T1 did not wait for the held account: {e}"));
+        let r1 = h1.join().unwrap();
+        let r2 = h2.join().unwrap();
+        waited.unwrap_or_else(|e| panic!("the second request did not wait for T1's key lock: {e}"));
+        (r1, r2)
     });
     assert_audit_clean(&mut setup);
     (result_code(&r1[0]).to_string(), r2, balance(&mut setup, b))
@@ -80,7 +87,6 @@ fn race_on_a_given_back_key<R: Send>(
 /// T2 is a batch: its locked re-read finds no row, it keeps the stale pre-lock read, and
 /// refuses its good, fresh transfer as an idempotency conflict although the key is free.
 #[testing::test]
-#[ignore = "bug: batch_plan::take_over keeps the stale read when the key was deleted meanwhile"]
 fn a_resultless_key_given_back_by_a_concurrent_batch_is_free_for_the_batch_waiting_on_it() {
     let (first, second, b_minor) = race_on_a_given_back_key("h4-stale", |conn, c, b, k| {
         let r = transfers::create_batch_with(conn, &TxOptions::no_retry(), &[Item::single(transfer(c, b, "2.00", k))]);
@@ -94,7 +100,6 @@ fn a_resultless_key_given_back_by_a_concurrent_batch_is_free_for_the_batch_waiti
 /// The same race, with the single path waiting: `idempotency::begin` locks the key it
 /// found, and the row is gone when the lock is granted.
 #[testing::test]
-#[ignore = "bug: idempotency::begin fails (NotFound) when a batch gave the key back meanwhile"]
 fn a_resultless_key_given_back_by_a_concurrent_batch_is_free_for_a_waiting_single_transfer() {
     let (first, second, b_minor) = race_on_a_given_back_key("h4-stale1", |conn, c, b, k| {
         transfers::transfer_with(conn, &TxOptions::no_retry(), &transfer(c, b, "2.00", k))

@@ -10,8 +10,8 @@ use diesel::sql_types::{Array, Text};
 use crate::accounts::{rebuild_refusal, LockedAccount};
 use crate::batch::{self, Item};
 use crate::error::LedgerError;
-use crate::ids::AccountId;
 use crate::idempotency::CLAIM_ATTEMPTS;
+use crate::ids::AccountId;
 use crate::prepared::{Prepared, StaticSql};
 use crate::schema::idempotency_keys;
 use crate::tx::Tx;
@@ -130,12 +130,8 @@ fn read_used(
         }
         take_over(tx, &resultless, &mut out)?;
         // What is still missing was deleted meanwhile: claim it again, in byte order.
-        let (gone, gone_fingerprints): (Vec<&str>, Vec<String>) = keys
-            .iter()
-            .zip(fingerprints)
-            .filter(|(k, _)| !out.contains_key(**k))
-            .map(|(k, f)| (*k, f.clone()))
-            .unzip();
+        let (gone, gone_fingerprints): (Vec<&str>, Vec<String>) =
+            keys.iter().zip(fingerprints).filter(|(k, _)| !out.contains_key(**k)).map(|(k, f)| (*k, f.clone())).unzip();
         if !gone.is_empty() {
             out.extend(claim(tx, operation, &gone, &gone_fingerprints)?.into_iter().map(|k| (k, KeyBefore::Fresh)));
         }

@@ -34,7 +34,8 @@ struct ClaimedOrLocked {
 }
 
 /// A batch's keys as [`claim_keys`](super::claim_keys) claims them (ascending byte
-/// order), then every account of `lock` locked as `accounts::lock_all` locks them
+/// order), then its keys stored without a result locked (ascending byte order, as
+/// `idempotency::begin` locks one before its accounts), then every account of `lock` locked as `accounts::lock_all` locks them
 /// (ascending id, judged the same way), in one statement. The caller locks the accounts
 /// of every item (also those whose key turns out used before): it cannot know the fresh
 /// ones before the claim, and an extra lock held to commit changes no decision.
@@ -56,10 +57,12 @@ pub(crate) fn claim_keys_and_lock<'a>(
     let mut claimed = Vec::new();
     let mut accounts = Vec::with_capacity(ids.len());
     for row in rows {
-        match (row.claimed, row.account) {
-            (Some(key), None) => claimed.push(key),
-            (None, Some(account)) => accounts.push(account),
-            _ => unreachable!("a row is a claimed key or a locked account"),
+        match (row.part, row.claimed, row.account) {
+            (0, Some(key), None) => claimed.push(key),
+            // Locked before the accounts; `read_used` reads it again under that lock.
+            (1, Some(_), None) => {}
+            (2, None, Some(account)) => accounts.push(account),
+            _ => unreachable!("a row is a claimed key, a locked resultless key or a locked account"),
         }
     }
     let locked = lock.ids().zip(judge_locked(lock, accounts)).collect();

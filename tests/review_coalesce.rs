@@ -24,7 +24,6 @@ struct Pid {
 /// lost. The transfer stands (it was committed earlier), so the caller must not hear a
 /// definite failure: a receipt, or "outcome unknown" (retry with the same key).
 #[testing::test]
-#[ignore = "bug: coalesce_run::answer turns a failed replay read after commit into SubmitError::Ledger"]
 fn a_replay_whose_receipt_read_loses_its_connection_is_not_answered_as_a_definite_failure() {
     let db = testing::committed();
     let mut setup = db.conn();

@@ -178,8 +178,17 @@ fn answer(conn: &mut PgConnection, items: &[Item<Transfer>], replies: Vec<Reply>
         };
         let _ = reply.send(answer);
     }
+    // The group committed and a replay's transfer stood before it: a failed read of its
+    // receipt is no failure of the transfer, so the caller hears "unknown, ask again under
+    // the same key" (which replays it), never a definite error.
     for (entry, reply) in replays {
-        let _ = reply.send(Receipt::replayed(conn, entry).map_err(SubmitError::from));
+        let answer = Receipt::replayed(conn, entry).map_err(|e| {
+            SubmitError::OutcomeUnknown(format!(
+                "the transfer stands (a replay of entry {entry}), but reading its receipt failed: {e}; \
+                 submit it again under the same key to read it"
+            ))
+        });
+        let _ = reply.send(answer);
     }
 }
 

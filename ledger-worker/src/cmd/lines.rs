@@ -92,7 +92,7 @@ pub(super) fn run<P>(
     ctx: &Ctx,
     done_name: &'static str,
     input: impl BufRead,
-    parse: impl Fn(&[u8]) -> (P, bool),
+    mut parse: impl FnMut(&[u8]) -> (P, bool),
     mut answer: impl FnMut(&mut Counts, Vec<Line<P>>, bool) -> Result<Vec<(Value, String)>>,
 ) -> Result<ExitCode> {
     let mut counts = Counts { done_name, ..Counts::default() };

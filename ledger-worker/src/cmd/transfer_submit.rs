@@ -15,7 +15,13 @@ use ledger_core::transfers::TransferResult;
 
 pub fn run(ctx: Ctx) -> Result<ExitCode> {
     let mut conn = connect(ctx.database_url.clone())?;
-    lines::run(&ctx, "created", std::io::stdin().lock(), parse_line, |counts, chunk, _| {
+    let mut in_chain = false;
+    let parse = move |line: &[u8]| {
+        let (parsed, linked) = parse_line(line, in_chain);
+        in_chain = linked;
+        (parsed, linked)
+    };
+    lines::run(&ctx, "created", std::io::stdin().lock(), parse, |counts, chunk, _| {
         transfer_chunk(&mut conn, counts, chunk)
     })
 }
@@ -42,9 +48,12 @@ struct ParsedLine {
     metadata: Option<Metadata>,
 }
 
-/// A line and whether it is linked to the next. A line that is not a valid transfer
-/// still counts as linked when it says so, so its whole chain is refused with it.
-fn parse_line(line: &[u8]) -> (Result<ParsedLine>, bool) {
+/// A line and whether it is linked to the next (`in_chain`: the line before it was). A
+/// line that is not a valid transfer still counts as linked when it says so, so its whole
+/// chain is refused with it; one so broken that whether it was linked cannot be read
+/// counts as linked inside a chain (the chain may have gone on: it is refused up to the
+/// next readable unlinked line, never partly applied) and as unlinked outside one.
+fn parse_line(line: &[u8], in_chain: bool) -> (Result<ParsedLine>, bool) {
     match lines::parse_json::<TransferLine>(line) {
         Ok(t) => {
             let linked = t.linked;
@@ -52,7 +61,7 @@ fn parse_line(line: &[u8]) -> (Result<ParsedLine>, bool) {
         }
         Err(e) => {
             let linked = serde_json::from_slice::<Value>(line).ok().and_then(|v| v["linked"].as_bool());
-            (Err(e), linked.unwrap_or(false))
+            (Err(e), linked.unwrap_or(in_chain))
         }
     }
 }

@@ -15,13 +15,7 @@ use ledger_core::transfers::TransferResult;
 
 pub fn run(ctx: Ctx) -> Result<ExitCode> {
     let mut conn = connect(ctx.database_url.clone())?;
-    let mut in_chain = false;
-    let parse = move |line: &[u8]| {
-        let (parsed, linked) = parse_line(line, in_chain);
-        in_chain = linked;
-        (parsed, linked)
-    };
-    lines::run(&ctx, "created", std::io::stdin().lock(), parse, |counts, chunk, _| {
+    lines::run(&ctx, "created", std::io::stdin().lock(), parse_line, |counts, chunk, _| {
         transfer_chunk(&mut conn, counts, chunk)
     })
 }
@@ -48,20 +42,24 @@ struct ParsedLine {
     metadata: Option<Metadata>,
 }
 
-/// A line and whether it is linked to the next (`in_chain`: the line before it was). A
-/// line that is not a valid transfer still counts as linked when it says so, so its whole
-/// chain is refused with it; one so broken that whether it was linked cannot be read
-/// counts as linked inside a chain (the chain may have gone on: it is refused up to the
-/// next readable unlinked line, never partly applied) and as unlinked outside one.
-fn parse_line(line: &[u8], in_chain: bool) -> (Result<ParsedLine>, bool) {
+/// A line and whether it is linked to the next. A line that is not a valid transfer
+/// still counts as linked when it says so, so its whole chain is refused with it. One
+/// whose `linked` cannot be read (not JSON, cut off, not an object, `linked` not a
+/// boolean) counts as linked: it may have opened or continued a chain, so the lines up
+/// to the next readable unlinked one are refused with it, never partly applied. Only a
+/// readable object without `linked` is unlinked, as its default says.
+fn parse_line(line: &[u8]) -> (Result<ParsedLine>, bool) {
     match lines::parse_json::<TransferLine>(line) {
         Ok(t) => {
             let linked = t.linked;
             (parsed(t), linked)
         }
         Err(e) => {
-            let linked = serde_json::from_slice::<Value>(line).ok().and_then(|v| v["linked"].as_bool());
-            (Err(e), linked.unwrap_or(in_chain))
+            let linked = match serde_json::from_slice::<Value>(line) {
+                Ok(Value::Object(fields)) => fields.get("linked").map_or(Some(false), Value::as_bool),
+                _ => None,
+            };
+            (Err(e), linked.unwrap_or(true))
         }
     }
 }

@@ -5,8 +5,10 @@
 -- reads its CTE to its end: the keys are claimed first; then the keys stored before
 -- without a result are locked (FOR UPDATE, ascending byte order), as idempotency::begin
 -- locks such a key before its accounts; then the accounts are locked (FOR NO KEY UPDATE,
--- ascending id). So a batch and a single request sharing a key take key, then accounts,
--- in one order and cannot deadlock. Rows: part 0, one per key this call inserted (fresh;
+-- ascending id). So a batch and a single request sharing a key stored before this
+-- statement began take key, then accounts, in one order. A key committed or given back
+-- while the statement waited is not in its snapshot: batch_plan::read_used locks or
+-- claims it after the accounts, a rare inversion PostgreSQL breaks (40P01, retried). Rows: part 0, one per key this call inserted (fresh;
 -- account columns NULL); part 1, one per resultless key now locked (read again by the
 -- caller under the lock); part 2, one per account found, by ascending id (claimed NULL).
 WITH claimed AS (

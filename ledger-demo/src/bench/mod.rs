@@ -39,6 +39,7 @@ mod latency;
 mod modes;
 mod profile;
 mod report;
+pub use report::pgbench;
 mod transfer_scenario;
 mod worker;
 
@@ -302,7 +303,7 @@ fn run_all(database: &Database, opts: &BenchOptions, modes: &ModeOptions, flags:
                 &format!("ledger_bench_{}_pgbench_{}", scenario_name(s), std::process::id()),
                 base.pgbench_scale,
                 base.pgbench_clients,
-                opts,
+                opts.pgbench_seconds,
             )?;
             these.iter_mut().for_each(|r| r.pgbench_tps = Some(tps));
         }

@@ -2,14 +2,11 @@
 
 use super::*;
 
-/// pgbench's TPC-B-like transaction at the same concurrency on the same server.
-pub(super) fn pgbench(
-    database: &Database,
-    dbname: &str,
-    scale: u32,
-    clients: usize,
-    opts: &BenchOptions,
-) -> Result<f64> {
+/// pgbench's TPC-B-like transaction at the same concurrency on the same server: runs
+/// `clients` clients for `seconds` in a scratch database `dbname` beside `database`
+/// (created and dropped here), and answers its tps. Durability is the server's own
+/// (fsync and synchronous_commit on, as for the ledger it is compared with).
+pub fn pgbench(database: &Database, dbname: &str, scale: u32, clients: usize, seconds: u64) -> Result<f64> {
     let bin = ledger_testdb::cluster::find_bindir()?.join("pgbench");
     let url = database.create_sibling(dbname)?;
     let init = Command::new(&bin).args(["-i", "-q", "-s", &scale.to_string(), &url]).output()?;
@@ -18,7 +15,7 @@ pub(super) fn pgbench(
     }
     let jobs = clients.min(2).to_string();
     let out = Command::new(&bin)
-        .args(["-n", "-c", &clients.to_string(), "-j", &jobs, "-T", &opts.pgbench_seconds.to_string(), &url])
+        .args(["-n", "-c", &clients.to_string(), "-j", &jobs, "-T", &seconds.to_string(), &url])
         .output()?;
     database.drop_sibling(dbname)?;
     let text = String::from_utf8_lossy(&out.stdout);

@@ -6,6 +6,7 @@
 mod common;
 mod decisions;
 mod expiry;
+mod list;
 
 use std::sync::Barrier;
 use std::thread;

@@ -87,12 +87,14 @@ use crate::tx::{self, LockSet, Tx, TxOptions};
 
 mod decide;
 mod expire;
+mod list;
 pub(crate) mod status;
 mod store;
 mod timeout;
 
 pub use decide::{decide_hold, decide_resolution, Action, Resolution};
 pub use expire::{expire_due, expire_due_tx, expire_due_with, Expired, MAX_EXPIRY_BATCH};
+pub use list::{list, HoldQuery, MAX_HOLD_PAGE};
 pub use status::HoldStatus;
 pub use timeout::Timeout;
 

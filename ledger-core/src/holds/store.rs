@@ -99,6 +99,28 @@ pub(super) fn lock(tx: &mut Tx<'_>, id: HoldId) -> Result<Hold, LedgerError> {
     rows.into_iter().next().map(Hold::from).ok_or(LedgerError::UnknownHold(id))
 }
 
+/// Up to `limit` holds of `account` (payer or payee), optionally of one status, with
+/// ids above `after`, in id order.
+pub(super) fn list(
+    conn: &mut PgConnection,
+    account: AccountId,
+    status: Option<HoldStatus>,
+    after: Option<HoldId>,
+    limit: i64,
+) -> Result<Vec<Hold>, LedgerError> {
+    let rows: Vec<Row> = diesel::sql_query(format!(
+        "SELECT {COLUMNS} FROM holds
+         WHERE (payer_id = $1 OR payee_id = $1) AND ($2::text IS NULL OR status = $2) AND id > $3
+         ORDER BY id LIMIT $4"
+    ))
+    .bind::<BigInt, _>(account.get())
+    .bind::<Nullable<Text>, _>(status.map(HoldStatus::as_str))
+    .bind::<BigInt, _>(after.map_or(0, HoldId::get))
+    .bind::<BigInt, _>(limit)
+    .load(conn)?;
+    Ok(rows.into_iter().map(Hold::from).collect())
+}
+
 /// Locks up to `limit` pending holds whose timeout has passed, the earliest first,
 /// skipping the ones another transaction holds (a post in progress, another expiry
 /// round): from the head of the partial index `holds_due_idx`.

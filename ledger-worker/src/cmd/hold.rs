@@ -4,8 +4,8 @@
 
 use super::*;
 use ledger_core::history;
-use ledger_core::holds::{self, Balance, Hold, HoldReceipt, HoldRequest, Timeout};
-use ledger_core::HoldId;
+use ledger_core::holds::{self, Balance, Hold, HoldQuery, HoldReceipt, HoldRequest, HoldStatus, Timeout};
+use ledger_core::{HoldId, InvalidInput};
 
 #[derive(Subcommand, Debug)]
 pub enum HoldCommand {
@@ -55,6 +55,23 @@ pub enum HoldCommand {
     Show {
         /// The hold's id.
         id: i64,
+    },
+    /// List an account's holds (as payer or payee), oldest first; all of them unless
+    /// --limit; page with --after (the last hold id you saw). Printed as they are read.
+    List {
+        /// The account's id.
+        #[arg(long)]
+        account: i64,
+        /// Only holds in this status: pending, posted, voided or expired.
+        #[arg(long)]
+        status: Option<String>,
+        /// Start after this hold id (exclusive; 0 = from the first): the cursor of the
+        /// next page.
+        #[arg(long)]
+        after: Option<i64>,
+        /// Print at most this many (default: all).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
     },
 }
 
@@ -121,8 +138,36 @@ pub fn run(ctx: Ctx, command: HoldCommand) -> Result<ExitCode> {
             let h = holds::get(&mut conn, id)?;
             ctx.out.print(hold_json(&h), || hold_line(&h))?;
         }
+        HoldCommand::List { account, status, after, limit } => list(ctx, account, status, after, limit)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn list(ctx: Ctx, account: i64, status: Option<String>, after: Option<i64>, limit: Option<u64>) -> Result<()> {
+    let account = account_id(account)?;
+    let status = match status.as_deref() {
+        None => None,
+        Some(text) => Some(HoldStatus::parse(text).ok_or_else(|| InvalidInput::BadField {
+            field: "status",
+            reason: format!("{text:?} is not one of pending, posted, voided, expired"),
+        })?),
+    };
+    // 0 is the cursor before the first hold, as a script starts its loop.
+    let after = after.filter(|a| *a != 0).map(HoldId::new).transpose()?;
+    let mut conn = connect(ctx.database_url)?;
+    let fetch = |after: Option<i64>, limit: i64| -> Result<Vec<Hold>> {
+        let after = after.map(HoldId::new).transpose()?;
+        Ok(holds::list(&mut conn, &HoldQuery { account, status, after, limit })?)
+    };
+    // An account without holds prints nothing; one that does not exist is not_found.
+    stream_pages(
+        after.map(HoldId::get),
+        limit,
+        fetch,
+        |h| h.id.get(),
+        |h| ctx.out.print(hold_json(h), || hold_line(h)),
+    )?;
+    Ok(())
 }
 
 fn replayed(r: &HoldReceipt) -> &'static str {
@@ -165,11 +210,11 @@ fn hold_json(h: &Hold) -> Value {
 fn hold_line(h: &Hold) -> String {
     let c = h.currency;
     let detail = match h.status {
-        holds::HoldStatus::Pending => match h.expires_at {
+        HoldStatus::Pending => match h.expires_at {
             Some(t) => format!(", expires {}", history::format_rfc3339(t)),
             None => ", no timeout".to_string(),
         },
-        holds::HoldStatus::Posted => format!(
+        HoldStatus::Posted => format!(
             ": {} {c} posted, {} {c} returned",
             c.format_minor(h.posted_minor),
             c.format_minor(h.returned_minor())

@@ -136,5 +136,19 @@ fn holds_are_created_posted_in_part_replayed_voided_and_shown() {
     assert_eq!((voided["status"].as_str(), voided["balances"][0]["balance"].as_str()), (Some("voided"), Some("80.00")));
     let human = cli(url, &["hold", "show", &id(&other)]);
     assert!(String::from_utf8_lossy(&human.stdout).contains("voided 80.00 EUR from account 117"), "{human:?}");
+
+    // `hold list`: both of alice's holds, oldest first, by status, paged by the cursor.
+    let listed = |args: &[&str]| -> Vec<String> {
+        let out = cli(url, &[&["--json", "hold", "list", "--account", &alice], args].concat());
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        json_lines(&out.stdout).iter().map(id).collect()
+    };
+    assert_eq!(listed(&[]), [hold.clone(), id(&other)]);
+    assert_eq!(listed(&["--status", "voided"]), [id(&other)]);
+    assert_eq!(listed(&["--limit", "1"]), std::slice::from_ref(&hold));
+    assert_eq!(listed(&["--after", &hold]), [id(&other)]);
+    assert!(listed(&["--status", "pending"]).is_empty());
+    let bad = hold_failure(&db, &["hold", "list", "--account", &alice, "--status", "gone"], 2);
+    assert_eq!((bad["kind"].as_str(), bad["field"].as_str()), (Some("invalid_input"), Some("status")), "{bad}");
     assert_eq!(ok_json(url, &["audit"])["clean"], true);
 }

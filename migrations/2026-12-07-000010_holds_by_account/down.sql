@@ -1,0 +1,2 @@
+DROP INDEX holds_payee_idx;
+DROP INDEX holds_payer_idx;

@@ -11,7 +11,7 @@ use crate::money::{Amount, Currency};
 use crate::schema::accounts;
 use crate::tx::{LockSet, Tx};
 
-/// A customer account whose row this transaction holds `FOR UPDATE`. Only the lock
+/// A customer account whose row this transaction holds `FOR NO KEY UPDATE`. Only the lock
 /// functions below make one, so a balance can only be written under its lock.
 #[derive(Clone, Debug)]
 pub struct LockedAccount {

@@ -1,4 +1,4 @@
-//! Accounts: opening, reading, locking (`FOR UPDATE`, in ascending id order) and
+//! Accounts: opening, reading, locking (`FOR NO KEY UPDATE`, in ascending id order) and
 //! writing a locked account's balance.
 
 use diesel::pg::PgConnection;

@@ -100,7 +100,8 @@ pub(super) fn lock(tx: &mut Tx<'_>, id: HoldId) -> Result<Hold, LedgerError> {
 }
 
 /// Up to `limit` holds of `account` (payer or payee), optionally of one status, with
-/// ids above `after`, in id order.
+/// ids above `after`, in id order: the first `limit` of each side, each from its
+/// `(payer_id, id)` or `(payee_id, id)` index, merged.
 pub(super) fn list(
     conn: &mut PgConnection,
     account: AccountId,
@@ -109,8 +110,12 @@ pub(super) fn list(
     limit: i64,
 ) -> Result<Vec<Hold>, LedgerError> {
     let rows: Vec<Row> = diesel::sql_query(format!(
-        "SELECT {COLUMNS} FROM holds
-         WHERE (payer_id = $1 OR payee_id = $1) AND ($2::text IS NULL OR status = $2) AND id > $3
+        "SELECT {COLUMNS} FROM holds WHERE id IN (
+           (SELECT id FROM holds WHERE payer_id = $1 AND id > $3 AND ($2::text IS NULL OR status = $2)
+             ORDER BY id LIMIT $4)
+           UNION ALL
+           (SELECT id FROM holds WHERE payee_id = $1 AND id > $3 AND ($2::text IS NULL OR status = $2)
+             ORDER BY id LIMIT $4))
          ORDER BY id LIMIT $4"
     ))
     .bind::<BigInt, _>(account.get())

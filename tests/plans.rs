@@ -6,6 +6,7 @@ mod common;
 use diesel::pg::PgConnection;
 use diesel::sql_types::{BigInt, Text};
 use diesel::{QueryableByName, RunQueryDsl};
+use ledger_core::tx::PlannerSettings as Settings;
 use ledger_core::withdrawals;
 use ledger_core::{Currency, TxOptions, WithdrawalId};
 use ledger_testdb as testing;
@@ -126,30 +127,8 @@ fn the_sweep_for_due_jobs_reads_the_pending_jobs_not_every_withdrawal_ever_made(
     );
 }
 
-#[derive(QueryableByName, Debug, PartialEq, Eq)]
-struct Settings {
-    #[diesel(sql_type = Text)]
-    jit: String,
-    #[diesel(sql_type = Text)]
-    seqscan: String,
-    #[diesel(sql_type = Text)]
-    bitmapscan: String,
-    #[diesel(sql_type = Text)]
-    hashjoin: String,
-    #[diesel(sql_type = Text)]
-    mergejoin: String,
-    #[diesel(sql_type = Text)]
-    plan_cache: String,
-}
-
 fn settings(conn: &mut PgConnection) -> Settings {
-    diesel::sql_query(
-        "SELECT current_setting('jit') AS jit, current_setting('enable_seqscan') AS seqscan,
-                current_setting('enable_bitmapscan') AS bitmapscan, current_setting('enable_hashjoin') AS hashjoin,
-                current_setting('enable_mergejoin') AS mergejoin, current_setting('plan_cache_mode') AS plan_cache",
-    )
-    .get_result(conn)
-    .unwrap()
+    ledger_core::tx::planner_settings(conn).unwrap()
 }
 
 #[testing::test]

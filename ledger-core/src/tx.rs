@@ -21,7 +21,7 @@ use crate::retry::{Backoff, Jitter};
 #[path = "tx_plans.rs"]
 mod plans;
 
-pub use plans::{transaction_with_batch_plans, with_batch_plans};
+pub use plans::{planner_settings, transaction_with_batch_plans, with_batch_plans, PlannerSettings};
 
 /// How the outermost transaction retries transient failures.
 #[derive(Clone, Debug)]

@@ -46,21 +46,6 @@ pub fn with_batch_plans<T>(
     use crate::prepared::{Prepared, StaticSql};
     use diesel::sql_types::Text;
     use diesel::RunQueryDsl;
-    #[derive(diesel::QueryableByName)]
-    struct Saved {
-        #[diesel(sql_type = Text)]
-        jit: String,
-        #[diesel(sql_type = Text)]
-        seqscan: String,
-        #[diesel(sql_type = Text)]
-        bitmapscan: String,
-        #[diesel(sql_type = Text)]
-        hashjoin: String,
-        #[diesel(sql_type = Text)]
-        mergejoin: String,
-        #[diesel(sql_type = Text)]
-        plan_cache: String,
-    }
     // One round trip: the old values are read before the new ones are set (a target
     // list is evaluated left to right), and SET LOCAL ends with the transaction at most.
     enum Set {}
@@ -81,7 +66,7 @@ pub fn with_batch_plans<T>(
                 set_config('enable_hashjoin', $4, true), set_config('enable_mergejoin', $5, true),
                 set_config('plan_cache_mode', $6, true)";
     }
-    let saved: Saved = Prepared::<Set>::new().get_result(tx.conn())?;
+    let saved: PlannerSettings = Prepared::<Set>::new().get_result(tx.conn())?;
     let result = f(tx);
     let restored = Prepared::<Restore>::new()
         .bind::<Text, _>(&saved.jit)
@@ -98,6 +83,40 @@ pub fn with_batch_plans<T>(
         // the restore, and rolling it back ends these settings anyway.
         (Err(e), _) => Err(e),
     }
+}
+
+/// The planner settings [`with_batch_plans`] changes, as the session sees them now.
+#[derive(diesel::QueryableByName, Debug, Clone, PartialEq, Eq)]
+pub struct PlannerSettings {
+    /// `jit`.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub jit: String,
+    /// `enable_seqscan`.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub seqscan: String,
+    /// `enable_bitmapscan`.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub bitmapscan: String,
+    /// `enable_hashjoin`.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub hashjoin: String,
+    /// `enable_mergejoin`.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub mergejoin: String,
+    /// `plan_cache_mode`.
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub plan_cache: String,
+}
+
+/// Reads the settings [`with_batch_plans`] changes (to check they are put back).
+pub fn planner_settings(conn: &mut PgConnection) -> Result<PlannerSettings, LedgerError> {
+    use diesel::RunQueryDsl;
+    Ok(diesel::sql_query(
+        "SELECT current_setting('jit') AS jit, current_setting('enable_seqscan') AS seqscan,
+                current_setting('enable_bitmapscan') AS bitmapscan, current_setting('enable_hashjoin') AS hashjoin,
+                current_setting('enable_mergejoin') AS mergejoin, current_setting('plan_cache_mode') AS plan_cache",
+    )
+    .get_result(conn)?)
 }
 
 /// [`transaction`](super::transaction) whose body runs with the settings of

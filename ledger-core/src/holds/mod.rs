@@ -85,6 +85,7 @@ use crate::journal::{self, EntryKind, Leg};
 use crate::money::{Amount, Currency, Money};
 use crate::tx::{self, LockSet, Tx, TxOptions};
 
+mod balance;
 mod decide;
 mod expire;
 mod list;
@@ -92,6 +93,7 @@ pub(crate) mod status;
 mod store;
 mod timeout;
 
+pub use balance::{balance, pending_minor, Balance};
 pub use decide::{decide_hold, decide_resolution, Action, Resolution};
 pub use expire::{expire_due, expire_due_tx, expire_due_with, Expired, MAX_EXPIRY_BATCH};
 pub use list::{list, HoldQuery, MAX_HOLD_PAGE};
@@ -175,34 +177,6 @@ impl Hold {
     }
 }
 
-/// An account's balance with its pending holds (see the module doc).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Balance {
-    /// The account.
-    pub account: AccountId,
-    /// Its currency.
-    pub currency: Currency,
-    /// Its stored balance: what it may spend now (held money has already left it).
-    pub balance_minor: i64,
-    /// The sum of its pending holds as payer: its money, held for someone else.
-    pub pending_debits_minor: i64,
-    /// The sum of its pending holds as payee: money a post may bring, not yet its own.
-    pub pending_credits_minor: i64,
-}
-
-impl Balance {
-    /// The balance by posted movements only (TigerBeetle's posted balance): the stored
-    /// balance plus the pending debits, which are the payer's until posted.
-    pub fn posted_minor(&self) -> i64 {
-        self.balance_minor.saturating_add(self.pending_debits_minor)
-    }
-
-    /// What the account may spend now: its stored balance (its floor aside).
-    pub fn available_minor(&self) -> i64 {
-        self.balance_minor
-    }
-}
-
 /// What a hold, post or void answers: the hold, the entry the write made, whether it
 /// was a replay, and the resulting balances of both parties. For a fresh write they are
 /// read in its transaction, right after it; a replay returns the first call's hold and
@@ -224,26 +198,6 @@ pub struct HoldReceipt {
 /// Reads a hold (no lock); [`LedgerError::UnknownHold`] if there is none.
 pub fn get(conn: &mut PgConnection, id: HoldId) -> Result<Hold, LedgerError> {
     store::find(conn, id)
-}
-
-/// The sum of the pending holds from `account` (its pending debits), in minor units: 0
-/// for an account without any.
-pub fn pending_minor(conn: &mut PgConnection, account: AccountId) -> Result<i64, LedgerError> {
-    Ok(store::pending_sums(conn, account)?.0)
-}
-
-/// An account's balance with its pending debits and credits. For a system account the
-/// balance is the sum of its postings (and it has no holds).
-pub fn balance(conn: &mut PgConnection, account: AccountId) -> Result<Balance, LedgerError> {
-    let a = accounts::get(conn, account)?;
-    let (pending_debits_minor, pending_credits_minor) = store::pending_sums(conn, account)?;
-    Ok(Balance {
-        account,
-        currency: a.currency,
-        balance_minor: a.balance_minor,
-        pending_debits_minor,
-        pending_credits_minor,
-    })
 }
 
 /// Holds `req.amount` from `req.from` for `req.to`, in a transaction of its own.

@@ -10,7 +10,7 @@ use diesel::pg::PgConnection;
 use diesel::prelude::*;
 
 use crate::accounts::{self, AccountStatus, SystemRole};
-use crate::error::{InvalidInput, LedgerError, RetryClass};
+use crate::error::{LedgerError, RetryClass};
 use crate::idempotency::{self, Begun};
 use crate::ids::{AccountId, EntryId, IdempotencyKey, PayoutId, WithdrawalId};
 use crate::journal::{self, EntryKind, Leg};
@@ -21,6 +21,7 @@ use crate::tx::{self, Tx, TxOptions};
 
 mod batch;
 mod decide;
+mod iban;
 mod intake;
 mod queue;
 
@@ -29,6 +30,7 @@ use crate::accounts::rebuild_refusal;
 pub(crate) use batch::WritePlan;
 pub use batch::{process_batch_fast_claiming_tx, process_batch_fast_tx, process_batch_tx, BatchItem, JobOutcome};
 pub use decide::{decide, Decision};
+pub use iban::Iban;
 pub use intake::{request_batch, request_batch_tx, request_batch_with, RequestResult};
 pub use queue::{claim_after, claim_due, fail_now, pending_count, record_failed_attempt};
 
@@ -36,47 +38,6 @@ pub use queue::{claim_after, claim_due, fail_now, pending_count, record_failed_a
 /// start), as a nullable timestamptz (Diesel's `now` is a plain timestamp).
 pub(crate) fn now_tz() -> diesel::expression::SqlLiteral<diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>> {
     diesel::dsl::sql("clock_timestamp()")
-}
-
-/// An IBAN, checked for shape and its ISO 7064 mod-97 check digits. Spaces are removed
-/// and letters upper-cased, so "de89 3704 ..." and "DE893704..." are the same account.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Iban(String);
-
-impl Iban {
-    /// Checks length, country code and the mod-97 check digits; refuses with which part
-    /// is wrong.
-    pub fn parse(text: &str) -> Result<Iban, InvalidInput> {
-        let bad = |reason: &str| InvalidInput::BadField { field: "IBAN", reason: reason.to_string() };
-        let compact: String = text.chars().filter(|c| *c != ' ').collect::<String>().to_ascii_uppercase();
-        if !(15..=34).contains(&compact.len()) {
-            return Err(bad("expected 15 to 34 letters and digits"));
-        }
-        let b = compact.as_bytes();
-        if !b[..2].iter().all(u8::is_ascii_uppercase) || !b[2..4].iter().all(u8::is_ascii_digit) {
-            return Err(bad("expected a country code and two check digits, like DE89..."));
-        }
-        if !b.iter().all(u8::is_ascii_alphanumeric) {
-            return Err(bad("only letters and digits are allowed"));
-        }
-        // Move the first four characters to the end, letters become 10..35, mod 97 == 1.
-        let remainder = b[4..].iter().chain(&b[..4]).fold(0_u32, |acc, &c| {
-            if c.is_ascii_digit() {
-                (acc * 10 + u32::from(c - b'0')) % 97
-            } else {
-                (acc * 100 + u32::from(c - b'A' + 10)) % 97
-            }
-        });
-        if remainder != 1 {
-            return Err(bad("check digits do not match"));
-        }
-        Ok(Iban(compact))
-    }
-
-    /// The normalized form: no spaces, upper case.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 /// A customer's request to send money from their account to an external bank account.

@@ -67,6 +67,27 @@ fn each_check_reports_the_corruption_it_is_for() {
             },
         ),
         (
+            "a posting whose account does not exist in its currency",
+            &[
+                "ALTER TABLE postings DISABLE TRIGGER USER",
+                "INSERT INTO postings (entry_id, account_id, currency, amount_minor)
+                 VALUES ({entry}, {account}, 'USD', 1), ({entry}, {account}, 'USD', -1)",
+            ],
+            |v| {
+                matches!(v, Violation::PostingWithoutReference { currency, .. } if currency == "USD")
+                    && v.to_string().contains("does not exist")
+            },
+        ),
+        (
+            "a posting whose entry does not exist",
+            &[
+                "ALTER TABLE postings DISABLE TRIGGER USER",
+                "INSERT INTO postings (entry_id, account_id, currency, amount_minor)
+                 VALUES (-7, {account}, 'EUR', 1), (-7, {account}, 'EUR', -1)",
+            ],
+            |v| matches!(v, Violation::PostingWithoutReference { entry: -7, .. }),
+        ),
+        (
             "a completed withdrawal whose payout is still pending",
             &["UPDATE withdrawals SET status = 'completed' WHERE id = {withdrawal}"],
             |v| matches!(v, Violation::PayoutStateMismatch { .. }),

@@ -102,6 +102,18 @@ pub enum Violation {
         /// Its payout's stored status.
         payout_status: String,
     },
+    /// A posting whose entry does not exist, or whose account does not exist in the
+    /// posting's currency (the database refuses both when a posting is written).
+    PostingWithoutReference {
+        /// The posting.
+        posting: i64,
+        /// The entry it names.
+        entry: i64,
+        /// The account it names.
+        account: i64,
+        /// Its currency.
+        currency: String,
+    },
     /// A debited withdrawal without exactly one payout.
     WithdrawalWithoutPayout {
         /// The withdrawal.
@@ -164,6 +176,9 @@ impl fmt::Display for Violation {
             }
             Violation::PayoutStateMismatch { withdrawal, withdrawal_status, payout_status } => {
                 write!(f, "withdrawal {withdrawal} is {withdrawal_status} but its payout is {payout_status}")
+            }
+            Violation::PostingWithoutReference { posting, entry, account, currency } => {
+                write!(f, "posting {posting}: entry {entry} or account {account} in {currency} does not exist")
             }
             Violation::WithdrawalWithoutPayout { withdrawal } => {
                 write!(f, "withdrawal {withdrawal}: debited without exactly one payout")

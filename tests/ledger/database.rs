@@ -30,6 +30,18 @@ fn the_database_itself_refuses_overdrafts_edits_and_unbalanced_entries() {
                 format!("INSERT INTO postings (entry_id, account_id, currency, amount_minor) SELECT max(id), {id}, 'USD', 1 FROM journal_entries"),
                 "postings_account_currency_fkey",
             ),
+            (
+                format!("INSERT INTO postings (entry_id, account_id, currency, amount_minor) VALUES (-1, {id}, 'EUR', 1), (-1, {id}, 'EUR', -1)"),
+                "postings_entry_id_fkey",
+            ),
+            (
+                format!("INSERT INTO postings (entry_id, account_id, currency, amount_minor) SELECT max(id), -{id}, 'EUR', 1 FROM journal_entries"),
+                "postings_account_currency_fkey",
+            ),
+            (format!("DELETE FROM accounts WHERE id = {id}"), "never removed"),
+            (format!("UPDATE accounts SET currency = 'USD' WHERE id = {id}"), "keep their id and currency"),
+            (format!("UPDATE accounts SET id = -{id} WHERE id = {id}"), "keep their id and currency"),
+            ("TRUNCATE accounts CASCADE".to_string(), "never removed"),
             ("INSERT INTO accounts (owner, currency, balance_minor) VALUES ('x', 'XXX', 0)".to_string(), "currency"),
             (
                 format!("INSERT INTO withdrawals (account_id, currency, amount_minor, destination, idempotency_key, status)

@@ -22,6 +22,18 @@ struct Counts {
 }
 
 #[derive(QueryableByName)]
+struct PostingRefs {
+    #[diesel(sql_type = BigInt)]
+    posting: i64,
+    #[diesel(sql_type = BigInt)]
+    entry: i64,
+    #[diesel(sql_type = BigInt)]
+    account: i64,
+    #[diesel(sql_type = Text)]
+    currency: String,
+}
+
+#[derive(QueryableByName)]
 struct EntrySum {
     #[diesel(sql_type = BigInt)]
     entry: i64,
@@ -110,10 +122,11 @@ const MAX_REPORTED: i64 = 100;
 type Check = fn(&mut PgConnection) -> Result<Vec<Violation>, LedgerError>;
 
 /// Every check, in the order the report lists what they find.
-const CHECKS: [Check; 12] = [
+const CHECKS: [Check; 13] = [
     // 1. Entries.
     unbalanced_entries,
     entries_with_too_few_postings,
+    postings_off_their_references,
     // 2. Customer balances.
     balances_off_their_postings,
     running_balances_wrong,
@@ -172,6 +185,21 @@ fn entries_with_too_few_postings(conn: &mut PgConnection) -> Result<Vec<Violatio
          FROM journal_entries e LEFT JOIN postings p ON p.entry_id = e.id
          GROUP BY e.id HAVING COUNT(p.id) < 2 ORDER BY e.id";
     found(conn, sql, |r: EntryPostings| Violation::TooFewPostings { entry: r.entry, postings: r.postings })
+}
+
+fn postings_off_their_references(conn: &mut PgConnection) -> Result<Vec<Violation>, LedgerError> {
+    let sql = "SELECT p.id AS posting, p.entry_id AS entry, p.account_id AS account, p.currency
+         FROM postings p
+         LEFT JOIN journal_entries e ON e.id = p.entry_id
+         LEFT JOIN accounts a ON a.id = p.account_id AND a.currency = p.currency
+         WHERE e.id IS NULL OR a.id IS NULL
+         ORDER BY p.id";
+    found(conn, sql, |r: PostingRefs| Violation::PostingWithoutReference {
+        posting: r.posting,
+        entry: r.entry,
+        account: r.account,
+        currency: r.currency,
+    })
 }
 
 fn balances_off_their_postings(conn: &mut PgConnection) -> Result<Vec<Violation>, LedgerError> {

@@ -5,6 +5,7 @@ DROP TRIGGER accounts_no_truncate ON accounts;
 DROP TRIGGER accounts_kept ON accounts;
 DROP FUNCTION ledger_keep_accounts();
 
+ALTER FUNCTION ledger_check_postings_balanced() RESET ALL;
 CREATE OR REPLACE FUNCTION ledger_check_postings_balanced() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE

@@ -58,6 +58,12 @@ BEGIN
 END
 $$;
 
+-- Its tables resolved in public only (a session's temporary table named accounts or
+-- journal_entries must not stand in for them; pg_temp last), and its lookups always
+-- index probes, whatever plan a session would otherwise cache for a tiny table.
+ALTER FUNCTION ledger_check_postings_balanced() SET search_path = public, pg_temp;
+ALTER FUNCTION ledger_check_postings_balanced() SET enable_seqscan = off;
+
 -- Accounts are closed, never removed: postings name them for ever. Their id and
 -- currency never change (a posting's currency is its account's).
 CREATE FUNCTION ledger_keep_accounts() RETURNS trigger

@@ -54,8 +54,9 @@ struct PlanColumns<'a> {
 
 /// Writes a planned batch in one statement: data-modifying CTEs insert the entries,
 /// their postings, the payouts, and update the balances and job statuses. One round
-/// trip per batch instead of several per job; the postings trigger checks every entry
-/// is balanced and the foreign keys are checked as usual at the end of the statement.
+/// trip per batch instead of several per job; at the end of the statement the postings
+/// trigger checks every entry is balanced and names an existing entry and account, and
+/// the other foreign keys are checked as usual.
 pub(super) fn write_plan(
     tx: &mut Tx<'_>,
     jobs: &[LockedJob],

@@ -88,6 +88,46 @@ fn each_check_reports_the_corruption_it_is_for() {
             |v| matches!(v, Violation::PostingWithoutReference { entry: -7, .. }),
         ),
         (
+            "a withdrawal whose account does not exist in its currency",
+            &[
+                "ALTER TABLE withdrawals DISABLE TRIGGER USER",
+                "UPDATE withdrawals SET currency = 'USD' WHERE id = {withdrawal}",
+            ],
+            |v| matches!(v, Violation::WithdrawalWithoutReference { .. }) && v.to_string().contains("does not exist"),
+        ),
+        (
+            "a withdrawal whose entry does not exist",
+            &[
+                "ALTER TABLE withdrawals DISABLE TRIGGER USER",
+                "UPDATE withdrawals SET entry_id = -4 WHERE id = {withdrawal}",
+            ],
+            |v| matches!(v, Violation::WithdrawalWithoutReference { .. }),
+        ),
+        (
+            "a payout whose withdrawal does not exist",
+            &[
+                "ALTER TABLE payouts DISABLE TRIGGER USER",
+                "UPDATE payouts SET withdrawal_id = -4 WHERE withdrawal_id = {withdrawal}",
+            ],
+            |v| matches!(v, Violation::PayoutWithoutReference { .. }) && v.to_string().contains("does not exist"),
+        ),
+        (
+            "a payout whose account does not exist in its currency",
+            &[
+                "ALTER TABLE payouts DISABLE TRIGGER USER",
+                "UPDATE payouts SET account_id = -{account} WHERE withdrawal_id = {withdrawal}",
+            ],
+            |v| matches!(v, Violation::PayoutWithoutReference { .. }),
+        ),
+        (
+            "a payout whose resolution entry does not exist",
+            &[
+                "ALTER TABLE payouts DISABLE TRIGGER USER",
+                "UPDATE payouts SET status = 'settled', resolution_entry_id = -4 WHERE withdrawal_id = {withdrawal}",
+            ],
+            |v| matches!(v, Violation::PayoutWithoutReference { .. }),
+        ),
+        (
             "a completed withdrawal whose payout is still pending",
             &["UPDATE withdrawals SET status = 'completed' WHERE id = {withdrawal}"],
             |v| matches!(v, Violation::PayoutStateMismatch { .. }),

@@ -114,6 +114,18 @@ pub enum Violation {
         /// Its currency.
         currency: String,
     },
+    /// A withdrawal whose account does not exist in its currency, or whose journal
+    /// entry does not exist (the database refuses both when the row is written).
+    WithdrawalWithoutReference {
+        /// The withdrawal.
+        withdrawal: i64,
+    },
+    /// A payout whose withdrawal, account in its currency, or resolution entry does not
+    /// exist (the database refuses each when the row is written).
+    PayoutWithoutReference {
+        /// The payout.
+        payout: i64,
+    },
     /// A debited withdrawal without exactly one payout.
     WithdrawalWithoutPayout {
         /// The withdrawal.
@@ -179,6 +191,12 @@ impl fmt::Display for Violation {
             }
             Violation::PostingWithoutReference { posting, entry, account, currency } => {
                 write!(f, "posting {posting}: entry {entry} or account {account} in {currency} does not exist")
+            }
+            Violation::WithdrawalWithoutReference { withdrawal } => {
+                write!(f, "withdrawal {withdrawal}: its account in its currency or its entry does not exist")
+            }
+            Violation::PayoutWithoutReference { payout } => {
+                write!(f, "payout {payout}: its withdrawal, its account in its currency or its resolution entry does not exist")
             }
             Violation::WithdrawalWithoutPayout { withdrawal } => {
                 write!(f, "withdrawal {withdrawal}: debited without exactly one payout")

@@ -48,27 +48,102 @@ fn the_database_itself_refuses_overdrafts_edits_and_unbalanced_entries() {
                 "withdrawals_entry_matches_status",
             ),
         ];
-        for (sql, expected) in &attempts {
-            let msg = ledger_core::transaction(conn, &TxOptions::default(), |tx| {
-                tx.savepoint(|tx| tx.conn().batch_execute(sql))
-            })
-            .expect_err(sql)
-            .to_string();
-            assert!(msg.contains(expected), "{sql}: {msg}");
-        }
+        refused(conn, &attempts);
         assert_audit_clean(conn);
     });
+}
+
+/// The withdrawal queue's and the payout outbox's references, checked once per
+/// statement by a trigger (migration 2026-12-07-000030): the same errors and constraint
+/// names the foreign keys gave, and the rows they name kept.
+#[testing::test]
+fn the_database_refuses_queue_rows_that_name_nothing() {
+    testing::with_rollback(|conn| {
+        let a = testing::funded_account(conn, "queue", Currency::EUR, "1.00");
+        let w = withdrawals::withdraw(conn, &withdrawal(a, "0.40", "queue-refs")).unwrap();
+        let (id, wid) = (a.get(), w.id.get());
+        let pending = withdrawals::request(conn, &withdrawal(a, "0.10", "queue-pending")).unwrap().0.get();
+        let new_payout = |withdrawal: i64, account: i64, currency: &str| {
+            format!(
+                "INSERT INTO payouts (withdrawal_id, account_id, currency, amount_minor, destination, idempotency_key)
+                 VALUES ({withdrawal}, {account}, '{currency}', 10, 'x', 'queue-payout-key')"
+            )
+        };
+        let attempts = [
+            (
+                format!(
+                    "INSERT INTO withdrawals (account_id, currency, amount_minor, destination, idempotency_key)
+                         VALUES ({id}, 'USD', 100, 'x', 'k-currency')"
+                ),
+                "withdrawals_account_currency_fkey",
+            ),
+            (
+                "INSERT INTO withdrawals (account_id, currency, amount_minor, destination, idempotency_key)
+                 VALUES (-5, 'EUR', 100, 'x', 'k-account')"
+                    .to_string(),
+                "withdrawals_account_currency_fkey",
+            ),
+            (
+                format!("UPDATE withdrawals SET status = 'paying_out', entry_id = -9 WHERE id = {pending}"),
+                "withdrawals_entry_id_fkey",
+            ),
+            (new_payout(-3, id, "EUR"), "payouts_withdrawal_id_fkey"),
+            (new_payout(pending, id, "USD"), "payouts_account_currency_fkey"),
+            (
+                format!("UPDATE payouts SET status = 'settled', resolution_entry_id = -9 WHERE withdrawal_id = {wid}"),
+                "payouts_resolution_entry_id_fkey",
+            ),
+            (format!("DELETE FROM withdrawals WHERE id = {pending}"), "withdrawals are never removed"),
+            (format!("UPDATE withdrawals SET currency = 'USD' WHERE id = {pending}"), "keeps its id, account"),
+            (format!("UPDATE withdrawals SET account_id = -{id} WHERE id = {pending}"), "keeps its id, account"),
+            (format!("UPDATE withdrawals SET id = -{wid} WHERE id = {wid}"), "keeps its id, account"),
+            (
+                format!("UPDATE payouts SET withdrawal_id = {pending} WHERE withdrawal_id = {wid}"),
+                "keeps its id, account",
+            ),
+            (format!("UPDATE payouts SET currency = 'USD' WHERE withdrawal_id = {wid}"), "keeps its id, account"),
+        ];
+        refused(conn, &attempts);
+        // What the checks let through: a payout naming a real withdrawal and its
+        // account, and an entry that exists (the UPDATE names the same columns).
+        let fine = [
+            new_payout(pending, id, "EUR"),
+            format!(
+                "UPDATE payouts SET withdrawal_id = withdrawal_id, currency = currency WHERE withdrawal_id = {wid}"
+            ),
+        ];
+        for sql in &fine {
+            ledger_core::transaction(conn, &TxOptions::default(), |tx| tx.savepoint(|tx| tx.conn().batch_execute(sql)))
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+    });
+}
+
+/// Runs each statement in a savepoint of its own; each must fail with an error that
+/// contains its text.
+fn refused(conn: &mut PgConnection, attempts: &[(String, &str)]) {
+    for (sql, expected) in attempts {
+        let msg =
+            ledger_core::transaction(conn, &TxOptions::default(), |tx| tx.savepoint(|tx| tx.conn().batch_execute(sql)))
+                .expect_err(sql)
+                .to_string();
+        assert!(msg.contains(expected), "{sql}: {msg}");
+    }
 }
 
 /// On a database of its own: TRUNCATE takes exclusive locks on every table it
 /// cascades to before the trigger refuses it, which would stall other tests.
 #[testing::test]
-fn accounts_cannot_be_truncated() {
+fn accounts_and_withdrawals_cannot_be_truncated() {
     let db = testing::committed();
     let mut conn = db.conn();
-    testing::funded_account(&mut conn, "kept", Currency::EUR, "1.00");
-    let msg = conn.batch_execute("TRUNCATE accounts CASCADE").expect_err("TRUNCATE accounts").to_string();
-    assert!(msg.contains("never removed"), "{msg}");
+    let a = testing::funded_account(&mut conn, "kept", Currency::EUR, "1.00");
+    withdrawals::withdraw(&mut conn, &withdrawal(a, "0.40", "kept")).unwrap();
+    for table in ["accounts", "withdrawals"] {
+        let sql = format!("TRUNCATE {table} CASCADE");
+        let msg = conn.batch_execute(&sql).expect_err(&sql).to_string();
+        assert!(msg.contains("never removed"), "{sql}: {msg}");
+    }
     assert_audit_clean(&mut conn);
 }
 

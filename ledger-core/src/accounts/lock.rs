@@ -81,8 +81,8 @@ fn locked(row: AccountRow) -> Result<LockedAccount, LedgerError> {
 /// The lock is `FOR NO KEY UPDATE`, the row lock PostgreSQL's own UPDATE of a non-key
 /// column takes. It excludes every other writer and locker of the row exactly like
 /// `FOR UPDATE`, but not the `FOR KEY SHARE` locks that foreign-key checks take when a
-/// withdrawal, payout or hold referencing the account is inserted (a posting's account
-/// is checked by the postings trigger, without a lock). With plain `FOR UPDATE`,
+/// hold referencing the account is inserted (a posting's, withdrawal's or payout's
+/// account is checked by a statement trigger, without a lock). With plain `FOR UPDATE`,
 /// a transaction that first inserted such a row (taking KEY SHARE) and then locked the
 /// account would have to upgrade its lock past other transactions' KEY SHARE locks: a
 /// deadlock that the 200-withdrawal race test reproduces.

@@ -99,6 +99,15 @@ pub(super) fn role_off_rows<V>(
     Ok(rows.into_iter().map(violation).collect())
 }
 
+/// A row of one of two tables, named by `kind`.
+#[derive(QueryableByName)]
+struct KindAndId {
+    #[diesel(sql_type = Text)]
+    kind: String,
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
 #[derive(QueryableByName)]
 struct OneId {
     #[diesel(sql_type = BigInt)]
@@ -122,7 +131,7 @@ const MAX_REPORTED: i64 = 100;
 type Check = fn(&mut PgConnection) -> Result<Vec<Violation>, LedgerError>;
 
 /// Every check, in the order the report lists what they find.
-const CHECKS: [Check; 13] = [
+const CHECKS: [Check; 14] = [
     // 1. Entries.
     unbalanced_entries,
     entries_with_too_few_postings,
@@ -132,6 +141,7 @@ const CHECKS: [Check; 13] = [
     running_balances_wrong,
     balances_below_floor,
     // 3. Payouts and withdrawals.
+    queue_off_its_references,
     in_transit_off_open_payouts,
     withdrawals_without_one_payout,
     settlement_off_settled_payouts,
@@ -199,6 +209,28 @@ fn postings_off_their_references(conn: &mut PgConnection) -> Result<Vec<Violatio
         entry: r.entry,
         account: r.account,
         currency: r.currency,
+    })
+}
+
+/// Withdrawals and payouts naming what does not exist: the references the database
+/// checks when each row is written (`ledger_check_queue_references`).
+fn queue_off_its_references(conn: &mut PgConnection) -> Result<Vec<Violation>, LedgerError> {
+    let sql = "SELECT 'withdrawal' AS kind, w.id
+         FROM withdrawals w
+         LEFT JOIN accounts a ON a.id = w.account_id AND a.currency = w.currency
+         LEFT JOIN journal_entries e ON e.id = w.entry_id
+         WHERE a.id IS NULL OR (w.entry_id IS NOT NULL AND e.id IS NULL)
+         UNION ALL
+         SELECT 'payout', p.id
+         FROM payouts p
+         LEFT JOIN withdrawals w ON w.id = p.withdrawal_id
+         LEFT JOIN accounts a ON a.id = p.account_id AND a.currency = p.currency
+         LEFT JOIN journal_entries e ON e.id = p.resolution_entry_id
+         WHERE w.id IS NULL OR a.id IS NULL OR (p.resolution_entry_id IS NOT NULL AND e.id IS NULL)
+         ORDER BY kind DESC, id";
+    found(conn, sql, |r: KindAndId| match r.kind.as_str() {
+        "withdrawal" => Violation::WithdrawalWithoutReference { withdrawal: r.id },
+        _ => Violation::PayoutWithoutReference { payout: r.id },
     })
 }
 

@@ -54,9 +54,10 @@ struct PlanColumns<'a> {
 
 /// Writes a planned batch in one statement: data-modifying CTEs insert the entries,
 /// their postings, the payouts, and update the balances and job statuses. One round
-/// trip per batch instead of several per job; at the end of the statement the postings
+/// trip per batch instead of several per job. At the end of the statement the postings
 /// trigger checks every entry is balanced and names an existing entry and account, and
-/// the other foreign keys are checked as usual.
+/// the queue's triggers check each payout's withdrawal and account and each job's
+/// entry: one pass per table, no row locks (migration 2026-12-07-000030).
 pub(super) fn write_plan(
     tx: &mut Tx<'_>,
     jobs: &[LockedJob],

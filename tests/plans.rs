@@ -72,8 +72,8 @@ fn a_batch_reads_its_own_rows_not_the_backlog_even_with_stale_statistics() {
     .unwrap();
     assert_eq!(items.len(), BATCH);
     assert!(items.iter().all(|i| matches!(i.outcome, withdrawals::JobOutcome::Debited { .. })), "{items:?}");
-    // Each job's row is read a few times (the lock, the update, foreign-key checks from
-    // its entry and payout); reading the backlog would be BACKLOG rows per statement.
+    // Each job's row is read a few times (the lock, the update, the reference check of
+    // its payout); reading the backlog would be BACKLOG rows per statement.
     let total = read.seq + read.idx;
     assert!(
         total <= 8 * BATCH as i64,
@@ -88,7 +88,8 @@ fn a_batch_reads_its_own_rows_not_the_backlog_even_with_stale_statistics() {
 /// A round of settlements reads its own withdrawals, not every withdrawal paying out:
 /// with statistics from when none was paying out, the settle statement once scanned the
 /// whole paying_out partial index in every round (found by the bench, whose latency
-/// phase then fell behind for good).
+/// phase then fell behind for good). With that statement (`x.status = 'paying_out'`)
+/// this test read 2,975 rows for a round of 25 and failed (checked by hand).
 #[testing::test]
 fn a_settlement_reads_its_own_withdrawals_not_the_backlog_paying_out() {
     const HISTORY: i64 = 2_000;
@@ -96,6 +97,10 @@ fn a_settlement_reads_its_own_withdrawals_not_the_backlog_paying_out() {
     const ROUND: usize = 50;
     let db = testing::committed();
     let mut conn = db.conn();
+    // The statistics below must stay stale: no automatic ANALYZE on this database.
+    for table in ["withdrawals", "payouts"] {
+        diesel::sql_query(format!("ALTER TABLE {table} SET (autovacuum_enabled = false)")).execute(&mut conn).unwrap();
+    }
     let account = testing::funded_account(&mut conn, "settle", Currency::EUR, "1000.00");
     // A history of completed withdrawals, and statistics taken then: the planner
     // believes almost none is ever paying out.
@@ -118,7 +123,7 @@ fn a_settlement_reads_its_own_withdrawals_not_the_backlog_paying_out() {
     assert_eq!(claim.requests.len(), ROUND);
     let paid: Vec<_> = claim.requests.iter().map(|r| (r.clone(), Verdict::Paid { reference: None })).collect();
     let (recorded, read) = ledger_core::tx::transaction(&mut conn, &TxOptions::default(), |tx| {
-        // Twice (half each): a cached generic plan is used from the second call on.
+        // Twice (half each), counting the second: the plan cached by the first is reused.
         let mut recorded = payouts::record_all_tx(tx, &paid[..ROUND / 2], &RetryPolicy::PAYOUTS)?;
         let before = reads(tx.conn(), "withdrawals");
         recorded.extend(payouts::record_all_tx(tx, &paid[ROUND / 2..], &RetryPolicy::PAYOUTS)?);

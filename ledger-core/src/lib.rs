@@ -63,6 +63,7 @@ pub mod retry;
 #[rustfmt::skip]
 #[allow(missing_docs)]
 pub mod schema;
+mod schema_joins;
 pub mod sqlstate;
 pub mod stats;
 pub mod transfers;

@@ -123,10 +123,6 @@ diesel::table! {
 }
 
 diesel::joinable!(accounts -> currencies (currency));
-diesel::joinable!(payouts -> journal_entries (resolution_entry_id));
-diesel::joinable!(payouts -> withdrawals (withdrawal_id));
-diesel::joinable!(postings -> journal_entries (entry_id));
-diesel::joinable!(withdrawals -> journal_entries (entry_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     accounts,

@@ -1,3 +1,4 @@
+DROP TRIGGER payouts_no_truncate ON payouts;
 DROP TRIGGER payouts_kept ON payouts;
 DROP TRIGGER withdrawals_no_truncate ON withdrawals;
 DROP TRIGGER withdrawals_kept ON withdrawals;

@@ -104,27 +104,37 @@ CREATE TRIGGER payouts_references_inserted AFTER INSERT ON payouts
 CREATE TRIGGER payouts_references_updated AFTER UPDATE ON payouts
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION ledger_check_queue_references();
 
--- A withdrawal is a customer's request and a payout names it: withdrawals are never
--- removed. Neither a withdrawal nor a payout changes its account or currency, nor a
--- payout its withdrawal, after insert (the checks above run at insert only). A row
--- trigger on named columns fires only for an UPDATE that sets them: never on the hot
--- paths.
+-- A withdrawal is a customer's request and a payout names it; a payout is the record
+-- of money leaving: neither is ever removed. Neither changes its account or currency,
+-- nor a payout its withdrawal, after insert (the checks above run at insert only). A
+-- row trigger on named columns fires only for an UPDATE that sets them: never on the
+-- hot paths.
 CREATE FUNCTION ledger_keep_queue_rows() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'UPDATE' AND NEW.id = OLD.id AND NEW.account_id = OLD.account_id AND NEW.currency = OLD.currency
-       AND (TG_TABLE_NAME = 'withdrawals' OR (to_jsonb(NEW) -> 'withdrawal_id') = (to_jsonb(OLD) -> 'withdrawal_id')) THEN
-        RETURN NEW;
+    IF TG_OP = 'UPDATE' AND NEW.id = OLD.id AND NEW.account_id = OLD.account_id AND NEW.currency = OLD.currency THEN
+        IF TG_TABLE_NAME = 'withdrawals' THEN
+            RETURN NEW;
+        END IF;
+        -- Reached for payouts only: a withdrawal row has no such field.
+        IF NEW.withdrawal_id = OLD.withdrawal_id THEN
+            RETURN NEW;
+        END IF;
     END IF;
-    RAISE EXCEPTION '% of % %: withdrawals are never removed, and a withdrawal or payout keeps its id, account, currency and withdrawal',
+    RAISE EXCEPTION '% of % %: withdrawals and payouts are never removed, and keep their id, account, currency and withdrawal',
         TG_OP, TG_TABLE_NAME, COALESCE(OLD.id::text, 'rows')
         USING ERRCODE = 'restrict_violation';
 END
 $$;
+-- Built-in functions and operators only (pg_catalog first): nothing a user creates
+-- elsewhere can stand in for them.
+ALTER FUNCTION ledger_keep_queue_rows() SET search_path = pg_catalog, pg_temp;
 
 CREATE TRIGGER withdrawals_kept BEFORE DELETE OR UPDATE OF id, account_id, currency ON withdrawals
     FOR EACH ROW EXECUTE FUNCTION ledger_keep_queue_rows();
 CREATE TRIGGER withdrawals_no_truncate BEFORE TRUNCATE ON withdrawals
     FOR EACH STATEMENT EXECUTE FUNCTION ledger_keep_queue_rows();
-CREATE TRIGGER payouts_kept BEFORE UPDATE OF id, withdrawal_id, account_id, currency ON payouts
+CREATE TRIGGER payouts_kept BEFORE DELETE OR UPDATE OF id, withdrawal_id, account_id, currency ON payouts
     FOR EACH ROW EXECUTE FUNCTION ledger_keep_queue_rows();
+CREATE TRIGGER payouts_no_truncate BEFORE TRUNCATE ON payouts
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_keep_queue_rows();

@@ -93,15 +93,18 @@ fn the_database_refuses_queue_rows_that_name_nothing() {
                 format!("UPDATE payouts SET status = 'settled', resolution_entry_id = -9 WHERE withdrawal_id = {wid}"),
                 "payouts_resolution_entry_id_fkey",
             ),
-            (format!("DELETE FROM withdrawals WHERE id = {pending}"), "withdrawals are never removed"),
-            (format!("UPDATE withdrawals SET currency = 'USD' WHERE id = {pending}"), "keeps its id, account"),
-            (format!("UPDATE withdrawals SET account_id = -{id} WHERE id = {pending}"), "keeps its id, account"),
-            (format!("UPDATE withdrawals SET id = -{wid} WHERE id = {wid}"), "keeps its id, account"),
+            (format!("DELETE FROM withdrawals WHERE id = {pending}"), "never removed"),
+            (format!("UPDATE withdrawals SET currency = 'USD' WHERE id = {pending}"), "keep their id, account"),
+            (format!("UPDATE withdrawals SET account_id = -{id} WHERE id = {pending}"), "keep their id, account"),
+            (format!("UPDATE withdrawals SET id = -{wid} WHERE id = {wid}"), "keep their id, account"),
             (
                 format!("UPDATE payouts SET withdrawal_id = {pending} WHERE withdrawal_id = {wid}"),
-                "keeps its id, account",
+                "keep their id, account",
             ),
-            (format!("UPDATE payouts SET currency = 'USD' WHERE withdrawal_id = {wid}"), "keeps its id, account"),
+            (format!("UPDATE payouts SET currency = 'USD' WHERE withdrawal_id = {wid}"), "keep their id, account"),
+            (format!("UPDATE payouts SET account_id = -{id} WHERE withdrawal_id = {wid}"), "keep their id, account"),
+            (format!("UPDATE payouts SET id = -id WHERE withdrawal_id = {wid}"), "keep their id, account"),
+            (format!("DELETE FROM payouts WHERE withdrawal_id = {wid}"), "never removed"),
         ];
         refused(conn, &attempts);
         // What the checks let through: a payout naming a real withdrawal and its
@@ -111,6 +114,7 @@ fn the_database_refuses_queue_rows_that_name_nothing() {
             format!(
                 "UPDATE payouts SET withdrawal_id = withdrawal_id, currency = currency WHERE withdrawal_id = {wid}"
             ),
+            format!("UPDATE withdrawals SET account_id = account_id, currency = currency WHERE id = {pending}"),
         ];
         for sql in &fine {
             ledger_core::transaction(conn, &TxOptions::default(), |tx| tx.savepoint(|tx| tx.conn().batch_execute(sql)))
@@ -134,12 +138,12 @@ fn refused(conn: &mut PgConnection, attempts: &[(String, &str)]) {
 /// On a database of its own: TRUNCATE takes exclusive locks on every table it
 /// cascades to before the trigger refuses it, which would stall other tests.
 #[testing::test]
-fn accounts_and_withdrawals_cannot_be_truncated() {
+fn accounts_withdrawals_and_payouts_cannot_be_truncated() {
     let db = testing::committed();
     let mut conn = db.conn();
     let a = testing::funded_account(&mut conn, "kept", Currency::EUR, "1.00");
     withdrawals::withdraw(&mut conn, &withdrawal(a, "0.40", "kept")).unwrap();
-    for table in ["accounts", "withdrawals"] {
+    for table in ["accounts", "withdrawals", "payouts"] {
         let sql = format!("TRUNCATE {table} CASCADE");
         let msg = conn.batch_execute(&sql).expect_err(&sql).to_string();
         assert!(msg.contains("never removed"), "{sql}: {msg}");

@@ -6,11 +6,11 @@
 -- and one per withdrawal at intake. Each was an index probe and a FOR KEY SHARE lock on
 -- the row it names. The locks on accounts met the batches' own FOR NO KEY UPDATE locks
 -- on the same rows and became multixacts. Together they were about a third of a debit
--- batch's time, and half of the p99 latency at a steady rate (README, "Latency").
+-- batch's time (auto_explain with its triggers).
 -- What they protect is kept, enforced by the structure instead:
 --   - what they name never goes away or changes its key: journal entries are
 --     append-only (2026-11-22-000002), accounts are kept (2026-12-07-000020), and
---     withdrawals are never deleted and keep their id (below);
+--     withdrawals and payouts are never deleted and keep their id (below);
 --   - a withdrawal's or a payout's account and currency, and a payout's withdrawal,
 --     never change after insert (below), so checking them when the row is inserted is
 --     enough for ever;

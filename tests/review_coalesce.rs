@@ -31,7 +31,7 @@ fn a_replay_whose_receipt_read_loses_its_connection_is_not_answered_as_a_definit
     let b = testing::funded_account(&mut setup, "b", Currency::EUR, "0.00");
     let tr = transfer(a, b, "1.00", &testing::key("h4-replay"));
     transfers::transfer(&mut setup, &tr).unwrap();
-    let config = CoalescerConfig { max_batch: 10, queue_capacity: 10, committers: 1 };
+    let config = CoalescerConfig { max_batch: 10, queue_capacity: 10, committers: 1, ..CoalescerConfig::default() };
     let c = Coalescer::new(db.pool().clone(), config).unwrap();
     let mut holder = db.conn();
     let holder_pid = testing::backend_pid(&mut holder);

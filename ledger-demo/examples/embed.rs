@@ -2,7 +2,7 @@
 //! crate's public API only, from several threads, against a real PostgreSQL.
 //!
 //! `cargo run --release -p ledger-demo --example embed -- [--transfers N] [--threads T]
-//! [--committers C] [--pgbench-seconds S]` starts its own throwaway cluster, then:
+//! [--committers C] [--linger-us L] [--pgbench-seconds S]` starts its own throwaway cluster, then:
 //! 1. opens accounts and funds them with one deposit batch;
 //! 2. moves money with single transfers (one transaction each), the same through a
 //!    `Coalescer` (group commit), and `create_batch` (one transaction per batch), each
@@ -19,7 +19,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use ledger_core::accounts::{self, NewAccount};
@@ -46,6 +46,8 @@ pub struct Config {
     pub holds_per_thread: usize,
     /// The `Coalescer`'s committer threads (each with its own pooled connection).
     pub committers: usize,
+    /// The `Coalescer`'s linger (`CoalescerConfig::linger`), in microseconds.
+    pub linger_us: u64,
     /// How long pgbench runs; 0 skips it (the rates are then printed without a ratio).
     pub pgbench_seconds: u64,
 }
@@ -59,6 +61,7 @@ impl Default for Config {
             batch: 500,
             holds_per_thread: 200,
             committers: 2,
+            linger_us: CoalescerConfig::default().linger.as_micros() as u64,
             pgbench_seconds: 10,
         }
     }
@@ -71,6 +74,10 @@ pub struct Rate {
     pub mode: &'static str,
     /// Transfers committed per second.
     pub per_sec: f64,
+    /// Median time of one call, in milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile time of one call, in milliseconds.
+    pub p99_ms: f64,
 }
 
 /// What a run measured and checked.
@@ -127,21 +134,24 @@ where
 {
     let next = AtomicUsize::new(0);
     let started = Instant::now();
-    thread::scope(|s| -> Result<()> {
+    let mut calls: Vec<Duration> = thread::scope(|s| -> Result<Vec<Duration>> {
         let workers: Vec<_> = (0..cfg.threads)
             .map(|_| {
-                s.spawn(|| -> Result<()> {
+                s.spawn(|| -> Result<Vec<Duration>> {
                     let mut conn = None;
+                    let mut calls = vec![];
                     loop {
                         let first = next.fetch_add(per_call, Ordering::Relaxed);
                         if first >= cfg.transfers {
-                            return Ok(());
+                            return Ok(calls);
                         }
                         let slice = (first..(first + per_call).min(cfg.transfers))
                             .map(|i| random_transfer(ex, format!("{}-{i}", mode.replace(' ', "-"))))
                             .collect::<Result<Vec<_>>>()?;
                         let requests: Vec<Transfer> = slice.iter().map(|(_, _, t)| t.clone()).collect();
+                        let call = Instant::now();
                         let created = send(&mut conn, &requests)?;
+                        calls.push(call.elapsed());
                         ensure!(
                             created.len() == slice.len(),
                             "{mode}: {} answers for {} transfers",
@@ -156,11 +166,22 @@ where
                 })
             })
             .collect();
-        workers.into_iter().try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("{mode}: a thread panicked"))?)
+        let mut all = vec![];
+        for w in workers {
+            all.extend(w.join().map_err(|_| anyhow::anyhow!("{mode}: a thread panicked"))??);
+        }
+        Ok(all)
     })?;
     let per_sec = cfg.transfers as f64 / started.elapsed().as_secs_f64();
-    eprintln!("   {mode}: {} transfers, {per_sec:.0}/s", cfg.transfers);
-    Ok(Rate { mode, per_sec })
+    calls.sort();
+    let at = |q: f64| calls.get(((calls.len() as f64 * q) as usize).min(calls.len().saturating_sub(1)));
+    let ms = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    let (p50_ms, p99_ms) = (ms(at(0.50)), ms(at(0.99)));
+    eprintln!(
+        "   {mode}: {} transfers, {per_sec:.0}/s, per call p50 {p50_ms:.2} ms, p99 {p99_ms:.2} ms",
+        cfg.transfers
+    );
+    Ok(Rate { mode, per_sec, p50_ms, p99_ms })
 }
 
 fn connection<'c>(url: &str, conn: &'c mut Option<diesel::PgConnection>) -> Result<&'c mut diesel::PgConnection> {
@@ -179,12 +200,26 @@ fn transfer_modes(url: &str, cfg: &Config, ex: &Expected) -> Result<Vec<Rate>> {
         Ok(vec![true])
     })?;
     let pool = db::pool(url, &db::PoolConfig { max_size: cfg.committers as u32, ..db::PoolConfig::default() })?;
-    let coalescer = Coalescer::new(pool, CoalescerConfig { committers: cfg.committers, ..CoalescerConfig::default() })?;
+    let config = CoalescerConfig {
+        committers: cfg.committers,
+        linger: Duration::from_micros(cfg.linger_us),
+        ..CoalescerConfig::default()
+    };
+    let coalescer = Coalescer::new(pool, config)?;
     let coalesced = timed(cfg, ex, "transfer coalesced", 1, |_, ts| {
         let receipt = coalescer.submit(&ts[0])?;
         ensure!(!receipt.replayed && receipt.balances.len() == 2, "unexpected receipt {receipt:?}");
         Ok(vec![true])
     })?;
+    let stats = coalescer.stats();
+    eprintln!(
+        "   coalesced: {} groups ({:.2} transfers each, largest {}), {} waited for company (linger {} us)",
+        stats.groups,
+        stats.transfers as f64 / stats.groups.max(1) as f64,
+        stats.largest_group,
+        stats.lingered,
+        cfg.linger_us
+    );
     drop(coalescer);
     let batch = timed(cfg, ex, "transfer batch", cfg.batch, |conn, ts| {
         let items: Vec<Item<Transfer>> = ts.iter().cloned().map(Item::single).collect();
@@ -378,8 +413,11 @@ fn parse_args() -> Result<Config> {
             "--transfers" => cfg.transfers = n,
             "--threads" => cfg.threads = n,
             "--committers" => cfg.committers = n,
+            "--linger-us" => cfg.linger_us = n as u64,
             "--pgbench-seconds" => cfg.pgbench_seconds = n as u64,
-            _ => bail!("unknown flag {flag} (--transfers N, --threads T, --committers C, --pgbench-seconds S)"),
+            _ => bail!(
+                "unknown flag {flag} (--transfers N, --threads T, --committers C, --linger-us L, --pgbench-seconds S)"
+            ),
         }
     }
     Ok(cfg)
@@ -393,14 +431,14 @@ fn main() -> Result<()> {
     let outcome = run_on(&url, &cfg, Some(&database));
     database.shutdown()?;
     let outcome = outcome?;
-    println!("| mode | transfers/s | ratio to pgbench ({} clients) |", cfg.threads);
-    println!("|---|---|---|");
+    println!("| mode | transfers/s | ratio to pgbench ({} clients) | per call p50 / p99 |", cfg.threads);
+    println!("|---|---|---|---|");
     for r in &outcome.rates {
         let ratio = outcome.pgbench_tps.map_or("-".to_string(), |p| format!("{:.2}x", r.per_sec / p));
-        println!("| {} | {:.0} | {ratio} |", r.mode, r.per_sec);
+        println!("| {} | {:.0} | {ratio} | {:.2} / {:.2} ms |", r.mode, r.per_sec, r.p50_ms, r.p99_ms);
     }
     if let Some(p) = outcome.pgbench_tps {
-        println!("| pgbench TPC-B-like | {p:.0} | 1.00x |");
+        println!("| pgbench TPC-B-like | {p:.0} | 1.00x | |");
     }
     println!("{} balances exact, per-item results as expected, audit clean", outcome.balances_checked);
     Ok(())

@@ -18,6 +18,7 @@ fn the_embedding_example_runs_and_its_balance_check_can_fail() {
         batch: 50,
         holds_per_thread: 12,
         committers: 2,
+        linger_us: 1_000,
         pgbench_seconds: 0,
     };
     let outcome = embed::run_on(db.url(), &cfg, None).expect("the example's checks pass");

@@ -17,7 +17,7 @@ use std::time::Duration;
 use common::{assert_audit_clean, balance};
 use diesel::connection::SimpleConnection;
 use ledger_core::journal::Receipt;
-use ledger_core::transfers::{self, SubmitError, Transfer};
+use ledger_core::transfers::{self, CoalescerConfig, SubmitError, Transfer, MAX_LINGER};
 use ledger_core::{AccountId, Currency, IdempotencyKey, LedgerError};
 use ledger_testdb as testing;
 use plug::*;
@@ -345,5 +345,88 @@ fn a_connection_lost_before_commit_fails_only_the_transfer_to_blame() {
     }
     assert!(answers.iter().filter(|x| x.result.is_ok()).all(|x| x.visible_at_return));
     assert_eq!((balance(&mut setup, a), balance(&mut setup, b)), (950, 150));
+    assert_audit_clean(&mut setup);
+}
+
+/// A lone caller sending one transfer after another: every group holds one transfer,
+/// none is smaller than the one before, so no group waits for company, however long
+/// the linger allowed.
+#[testing::test]
+fn a_lone_sequential_caller_never_waits_for_company() {
+    let db = testing::committed();
+    let mut setup = db.conn();
+    let a = testing::funded_account(&mut setup, "a", Currency::EUR, "100.00");
+    let b = testing::funded_account(&mut setup, "b", Currency::EUR, "0.00");
+    let config = CoalescerConfig { committers: 2, linger: MAX_LINGER, ..CoalescerConfig::default() };
+    let c = coalescer_with(&db, config);
+    for i in 0..20 {
+        let receipt = c.submit(&t(a, b, "1.00", &testing::key(&format!("lone-{i}")))).expect("committed");
+        assert_eq!(receipt.balance_of(b), Some(100 * (i + 1)));
+    }
+    let stats = c.stats();
+    assert_eq!((stats.groups, stats.transfers, stats.largest_group, stats.lingered), (20, 20, 1, 0));
+    assert_audit_clean(&mut setup);
+}
+
+/// After a group of three, a transfer arriving alone waits for company: the next two
+/// callers join its group (one transaction for the three). A group as large as the
+/// previous one never waits, nor one after the queue stood empty for longer than the
+/// linger. (That a wait ends once the group is large enough is the unit test
+/// `gathering_ends_once_the_group_is_as_large_as_wanted_or_the_queue_closes`.)
+#[testing::test]
+fn a_group_smaller_than_the_previous_one_waits_and_is_joined() {
+    let db = testing::committed();
+    let mut setup = db.conn();
+    let (a, b, p) = (
+        testing::funded_account(&mut setup, "a", Currency::EUR, "100.00"),
+        testing::funded_account(&mut setup, "b", Currency::EUR, "100.00"),
+        testing::funded_account(&mut setup, "plug", Currency::EUR, "100.00"),
+    );
+    let config = CoalescerConfig { committers: 1, linger: MAX_LINGER, ..CoalescerConfig::default() };
+    let c = coalescer_with(&db, config);
+    let mut observer = db.conn();
+    let key = |k: &str| testing::key(k);
+    thread::scope(|s| {
+        let (c, db) = (&c, &db);
+        let spawn = |tr: Transfer| s.spawn(move || c.submit(&tr));
+        // The plug (a group of 1) holds the committer while three transfers queue up;
+        // their group (3, larger: no wait) is then held on a's lock for longer than the
+        // linger, so the next group's wait is bounded by the linger alone.
+        let plug_lock = RowLock::take(db, p);
+        let plug = spawn(t(p, b, "1.00", &key("plug")));
+        plug_lock.wait_for_a_waiter(&mut observer);
+        let a_lock = RowLock::take(db, a);
+        let three: Vec<_> = (0..3)
+            .map(|n| {
+                let h = spawn(t(a, b, "1.00", &key(&format!("three-{n}"))));
+                testing::wait_until(Duration::from_secs(30), || c.queued() == n + 1);
+                h
+            })
+            .collect();
+        plug_lock.release();
+        a_lock.wait_for_a_waiter(&mut observer);
+        thread::sleep(MAX_LINGER + Duration::from_millis(100));
+        a_lock.release();
+        assert!(plug.join().unwrap().is_ok());
+        three.into_iter().for_each(|h| assert!(h.join().unwrap().is_ok()));
+        assert_eq!((c.stats().groups, c.stats().largest_group, c.stats().lingered), (2, 3, 0));
+        // One transfer alone: smaller than 3, so its committer waits; two more join it.
+        let first = spawn(t(b, a, "1.00", &key("joined-0")));
+        testing::wait_until(Duration::from_secs(30), || c.stats().lingered == 1);
+        let rest: Vec<_> = (1..3).map(|n| spawn(t(b, a, "1.00", &key(&format!("joined-{n}"))))).collect();
+        assert!(first.join().unwrap().is_ok());
+        rest.into_iter().for_each(|h| assert!(h.join().unwrap().is_ok()));
+    });
+    let stats = c.stats();
+    assert_eq!((stats.groups, stats.transfers, stats.lingered), (3, 7, 1), "the three joined one group: {stats:?}");
+    // Alone again after a group of 3, but only after the queue stood empty for longer
+    // than the linger: that group's callers did not come straight back, so it is
+    // forgotten and neither lone transfer waits.
+    thread::sleep(MAX_LINGER + Duration::from_millis(200));
+    c.submit(&t(b, a, "1.00", &key("alone-0"))).expect("committed");
+    c.submit(&t(b, a, "1.00", &key("alone-1"))).expect("committed");
+    let stats = c.stats();
+    assert_eq!((stats.groups, stats.transfers, stats.lingered), (5, 9, 1), "{stats:?}");
+    assert_eq!((balance(&mut setup, a), balance(&mut setup, b)), (10_200, 9_900));
     assert_audit_clean(&mut setup);
 }

@@ -17,7 +17,10 @@ pub fn t(from: AccountId, to: AccountId, amount: &str, key: &IdempotencyKey) -> 
 }
 
 pub fn coalescer(db: &TestDb, committers: usize, queue_capacity: usize) -> Coalescer {
-    let config = CoalescerConfig { max_batch: 1_000, queue_capacity, committers };
+    coalescer_with(db, CoalescerConfig { max_batch: 1_000, queue_capacity, committers, ..CoalescerConfig::default() })
+}
+
+pub fn coalescer_with(db: &TestDb, config: CoalescerConfig) -> Coalescer {
     Coalescer::new(db.pool().clone(), config).expect("a valid config")
 }
 

@@ -5,13 +5,20 @@
 //! the [`Receipt`] that [`transfer`](super::transfer) would give; a refused item fails
 //! alone, with the error `transfer` would give.
 //!
-//! A committer never waits for company: it takes the first transfer as soon as one is
-//! queued, plus whatever else is queued at that moment. While its commit is in flight
-//! the next callers queue up, and become the next group.
+//! One committer at a time gathers a group while the others commit theirs: it takes the
+//! first transfer as soon as one is queued, plus whatever else is queued at that
+//! moment. If that is fewer than its previous group held (the callers it just answered
+//! are still on their way back), it waits for them a little: at most
+//! [`CoalescerConfig::linger`], never longer than the previous group's run, and not at
+//! all if no committer took from the queue for longer than the linger first. It stops
+//! waiting as soon as the group is as large as the previous one. So a lone sequential
+//! caller, whose groups are all of one transfer, waits only right after larger groups
+//! (at most once per committer) and never after the queue stood idle.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
 
@@ -31,6 +38,9 @@ pub const MAX_COMMITTERS: usize = 16;
 /// The largest queue a [`Coalescer`] takes (its slots are allocated up front).
 pub const MAX_QUEUE_CAPACITY: usize = 1_000_000;
 
+/// The longest [`CoalescerConfig::linger`] a [`Coalescer`] takes.
+pub const MAX_LINGER: Duration = Duration::from_secs(1);
+
 /// Limits of a [`Coalescer`], checked by [`Coalescer::new`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CoalescerConfig {
@@ -42,11 +52,17 @@ pub struct CoalescerConfig {
     /// Committer threads (1 to [`MAX_COMMITTERS`]), each with a pooled connection while
     /// it commits: the pool needs at least as many connections.
     pub committers: usize,
+    /// The longest a group smaller than its committer's previous group waits for more
+    /// transfers before it commits (0 to [`MAX_LINGER`]; zero never waits). The wait is
+    /// also never longer than the previous group's run; a group as large as the previous
+    /// one, or gathered after the queue stood empty for longer than `linger`, does not
+    /// wait at all. Each transfer waits at most this long, once.
+    pub linger: Duration,
 }
 
 impl Default for CoalescerConfig {
     fn default() -> Self {
-        CoalescerConfig { max_batch: 1_000, queue_capacity: 10_000, committers: 2 }
+        CoalescerConfig { max_batch: 1_000, queue_capacity: 10_000, committers: 2, linger: Duration::from_millis(1) }
     }
 }
 
@@ -62,6 +78,9 @@ impl CoalescerConfig {
         }
         if !(1..=MAX_COMMITTERS).contains(&self.committers) {
             return bad("committers", format!("{}; must be 1 to {MAX_COMMITTERS}", self.committers));
+        }
+        if self.linger > MAX_LINGER {
+            return bad("linger", format!("{:?}; must be at most {MAX_LINGER:?}", self.linger));
         }
         Ok(())
     }
@@ -109,6 +128,9 @@ pub struct CoalescerStats {
     pub transfers: u64,
     /// The most transfers one committed group held.
     pub largest_group: u64,
+    /// Groups that waited for more transfers before committing (see
+    /// [`CoalescerConfig::linger`]), committed or not.
+    pub lingered: u64,
 }
 
 /// Counters the committers update (they hold these, never a [`Coalescer`]).
@@ -117,6 +139,7 @@ struct Counters {
     groups: AtomicU64,
     transfers: AtomicU64,
     largest_group: AtomicU64,
+    lingered: AtomicU64,
 }
 
 /// One submitted transfer and where its answer goes.
@@ -167,8 +190,15 @@ impl Coalescer {
         let (tx, rx) = bounded::<Job>(config.queue_capacity);
         let counters = Arc::new(Counters::default());
         let mut threads = Vec::with_capacity(config.committers);
+        let gate = Arc::new(Mutex::new(std::time::Instant::now()));
         for n in 0..config.committers {
-            let committer = run::Committer { pool: pool.clone(), queue: rx.clone(), max: config.max_batch };
+            let committer = run::Committer {
+                pool: pool.clone(),
+                queue: rx.clone(),
+                gate: Arc::clone(&gate),
+                max: config.max_batch,
+                linger: config.linger,
+            };
             let counters = Arc::clone(&counters);
             let spawned = std::thread::Builder::new()
                 .name(format!("ledger-coalesce-{n}"))
@@ -225,6 +255,7 @@ impl Coalescer {
             groups: c.groups.load(Ordering::Relaxed),
             transfers: c.transfers.load(Ordering::Relaxed),
             largest_group: c.largest_group.load(Ordering::Relaxed),
+            lingered: c.lingered.load(Ordering::Relaxed),
         }
     }
 
@@ -273,6 +304,7 @@ mod tests {
             (CoalescerConfig { queue_capacity: MAX_QUEUE_CAPACITY + 1, ..ok.clone() }, "queue_capacity"),
             (CoalescerConfig { committers: 0, ..ok.clone() }, "committers"),
             (CoalescerConfig { committers: MAX_COMMITTERS + 1, ..ok.clone() }, "committers"),
+            (CoalescerConfig { linger: MAX_LINGER + Duration::from_nanos(1), ..ok.clone() }, "linger"),
         ];
         for (config, field) in cases {
             match config.check() {
@@ -280,9 +312,15 @@ mod tests {
                 other => panic!("{config:?}: {other:?}"),
             }
         }
-        let edge = CoalescerConfig { max_batch: MAX_BATCH_ITEMS, queue_capacity: 1, committers: MAX_COMMITTERS };
+        let edge = CoalescerConfig {
+            max_batch: MAX_BATCH_ITEMS,
+            queue_capacity: 1,
+            committers: MAX_COMMITTERS,
+            linger: MAX_LINGER,
+        };
         assert!(edge.check().is_ok());
-        let edge = CoalescerConfig { max_batch: 1, queue_capacity: MAX_QUEUE_CAPACITY, committers: 1 };
+        let edge =
+            CoalescerConfig { max_batch: 1, queue_capacity: MAX_QUEUE_CAPACITY, committers: 1, linger: Duration::ZERO };
         assert!(edge.check().is_ok());
     }
 

@@ -3,8 +3,10 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use diesel::pg::PgConnection;
 
 use crate::batch::Item;
@@ -27,38 +29,92 @@ type Reply = Sender<Result<Receipt, SubmitError>>;
 pub(super) struct Committer {
     pub(super) pool: Pool,
     pub(super) queue: Receiver<Job>,
+    /// Held by the one committer gathering a group (the others are committing theirs,
+    /// or waiting their turn), so a committer waiting for company is not robbed of it
+    /// by an idle one, and groups form while the previous ones commit. It holds when the
+    /// queue last stood empty for longer than the linger (the end of a gatherer's wait
+    /// for a first job that long), whichever committer waited then.
+    pub(super) gate: Arc<Mutex<Instant>>,
     pub(super) max: usize,
+    /// The longest a group waits for company ([`CoalescerConfig::linger`](super::CoalescerConfig::linger)).
+    pub(super) linger: Duration,
+}
+
+/// What a committer remembers of its previous group, to decide whether to wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Previous {
+    /// Its transfers (0 before the first group: the first never waits).
+    size: usize,
+    /// Its run, from asking for a connection to answering its callers (not counting
+    /// its own wait, so waits cannot grow on each other).
+    took: Duration,
+    /// When its callers were answered.
+    answered: Instant,
+}
+
+impl Default for Previous {
+    /// No previous group: the next one does not wait.
+    fn default() -> Self {
+        Previous { size: 0, took: Duration::ZERO, answered: Instant::now() }
+    }
+}
+
+impl Previous {
+    /// How long the next group, holding `size` transfers so far, may still wait for
+    /// more: only while it is smaller than the previous group (whose callers, just
+    /// answered, are likely sending again), and at most the shorter of `linger` and the
+    /// previous group's run, so waiting never costs more than the commit it saves.
+    /// A lone sequential caller's groups are all of 1: after the first, none waits.
+    fn wait_for(&self, size: usize, linger: Duration) -> Option<Duration> {
+        (size < self.size).then(|| linger.min(self.took)).filter(|d| !d.is_zero())
+    }
 }
 
 impl Committer {
-    /// Takes the first queued job as soon as there is one (never waiting for more),
-    /// plus whatever else is queued then, up to `max`, and commits them as one group.
-    /// Ends when the queue is closed and empty.
+    /// Gathers a group (under the gate) and commits it, until the queue is closed and
+    /// empty. A group is the first queued job, taken as soon as there is one, plus
+    /// whatever else is queued then, up to `max`; if that is fewer than this
+    /// committer's previous group held, it waits a little for the rest
+    /// ([`Previous::wait_for`]). If the queue stood empty for longer than `linger`
+    /// since this committer's previous group was answered (whichever committer waited
+    /// then), that group is forgotten: its callers did not come straight back.
     pub(super) fn run(self, counters: &Counters) {
-        while let Ok(first) = self.queue.recv() {
-            let mut jobs = vec![first];
-            while jobs.len() < self.max {
-                match self.queue.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
+        let mut previous = Previous::default();
+        loop {
+            let jobs = {
+                let mut last_idle = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+                let waiting = Instant::now();
+                let Ok(first) = self.queue.recv() else { return };
+                if waiting.elapsed() > self.linger {
+                    *last_idle = Instant::now();
                 }
-            }
-            let size = jobs.len() as u64;
+                if *last_idle >= previous.answered {
+                    previous = Previous::default();
+                }
+                let mut jobs = vec![first];
+                take_queued(&self.queue, &mut jobs, self.max);
+                if let Some(wait) = previous.wait_for(jobs.len(), self.linger) {
+                    counters.lingered.fetch_add(1, Ordering::Relaxed);
+                    gather(&self.queue, &mut jobs, previous.size.min(self.max), Instant::now() + wait);
+                }
+                jobs
+            };
+            let size = jobs.len();
+            let started = Instant::now();
             // A panic drops the group's reply senders: its callers hear "outcome
             // unknown", and this thread goes on with the next group.
-            if let Ok(true) = std::panic::catch_unwind(AssertUnwindSafe(|| self.group(jobs))) {
-                counters.groups.fetch_add(1, Ordering::Relaxed);
-                counters.transfers.fetch_add(size, Ordering::Relaxed);
-                counters.largest_group.fetch_max(size, Ordering::Relaxed);
-            }
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| self.group(jobs, counters)));
+            previous = Previous { size, took: started.elapsed(), answered: Instant::now() };
         }
     }
 
     /// Runs the group as one `create_batch` transaction and answers each caller after
-    /// its commit; true if it committed as a group. If the group cannot run as a whole
+    /// its commit. If the group cannot run as a whole
     /// (nothing was written), each transfer runs alone, so each caller gets the answer
-    /// `transfer` gives for it.
-    fn group(&self, jobs: Vec<Job>) -> bool {
+    /// `transfer` gives for it. A committed group is counted before its callers hear
+    /// of it.
+    fn group(&self, jobs: Vec<Job>, counters: &Counters) {
+        let size = jobs.len() as u64;
         let (items, replies): (Vec<Item<Transfer>>, Vec<Reply>) =
             jobs.into_iter().map(|j| (Item::single(j.transfer), j.reply)).unzip();
         let mut attempt = 0;
@@ -69,23 +125,26 @@ impl Committer {
                 Err(e) => {
                     let text = e.to_string();
                     replies.iter().for_each(|r| drop(r.send(Err(LedgerError::Pool(text.clone()).into()))));
-                    return false;
+                    return;
                 }
             };
             match tracked(&mut conn, true, |tx| create_planned(tx, &items)) {
                 Ok(results) => {
+                    counters.groups.fetch_add(1, Ordering::Relaxed);
+                    counters.transfers.fetch_add(size, Ordering::Relaxed);
+                    counters.largest_group.fetch_max(size, Ordering::Relaxed);
                     answer(&mut conn, &items, replies, results);
-                    return true;
+                    return;
                 }
                 Err(Failure::Unknown(why)) => {
                     replies.iter().for_each(|r| drop(r.send(Err(SubmitError::OutcomeUnknown(why.clone())))));
-                    return false;
+                    return;
                 }
                 Err(Failure::Definite(e)) if lost(&e) && attempt < GROUP_ATTEMPTS => continue,
                 Err(Failure::Definite(_)) => {
                     drop(conn);
                     self.one_by_one(&items, replies);
-                    return false;
+                    return;
                 }
             }
         }
@@ -103,6 +162,30 @@ impl Committer {
                 },
             };
             let _ = reply.send(answer);
+        }
+    }
+}
+
+/// Adds whatever is queued now, without waiting, up to `max` in all.
+fn take_queued<T>(queue: &Receiver<T>, jobs: &mut Vec<T>, max: usize) {
+    while jobs.len() < max {
+        match queue.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Waits until `jobs` holds `target`, or `deadline`, or the queue is closed, whichever
+/// is first (a closed queue still hands out what it holds); never beyond `target`.
+fn gather<T>(queue: &Receiver<T>, jobs: &mut Vec<T>, target: usize, deadline: Instant) {
+    while jobs.len() < target {
+        match queue.recv_deadline(deadline) {
+            Ok(job) => {
+                jobs.push(job);
+                take_queued(queue, jobs, target);
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
         }
     }
 }
@@ -202,6 +285,53 @@ mod tests {
             DatabaseErrorKind::ClosedConnection,
             Box::new("gone".to_string()),
         ))
+    }
+
+    #[test]
+    fn a_group_waits_only_while_smaller_than_the_previous_one_and_never_longer_than_it_took() {
+        let ms = Duration::from_millis;
+        let linger = ms(2);
+        // The first group, and a lone caller's groups of 1, never wait.
+        assert_eq!(Previous::default().wait_for(1, linger), None);
+        assert_eq!(Previous { size: 1, took: ms(5), answered: Instant::now() }.wait_for(1, linger), None);
+        // As large as the previous group, or larger: no wait.
+        assert_eq!(Previous { size: 3, took: ms(5), answered: Instant::now() }.wait_for(3, linger), None);
+        assert_eq!(Previous { size: 3, took: ms(5), answered: Instant::now() }.wait_for(4, linger), None);
+        // Smaller: the shorter of linger and the previous group's time.
+        assert_eq!(Previous { size: 3, took: ms(5), answered: Instant::now() }.wait_for(1, linger), Some(ms(2)));
+        assert_eq!(Previous { size: 3, took: ms(1), answered: Instant::now() }.wait_for(2, linger), Some(ms(1)));
+        // Lingering off.
+        assert_eq!(Previous { size: 3, took: ms(5), answered: Instant::now() }.wait_for(1, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn gathering_ends_once_the_group_is_as_large_as_wanted_or_the_queue_closes() {
+        let far = Instant::now() + Duration::from_secs(60);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        // Three more arrive from another thread while it waits: it returns with four,
+        // long before its deadline, and leaves the fifth queued.
+        let mut jobs = vec![0];
+        let started = Instant::now();
+        let sender = {
+            let tx = tx.clone();
+            std::thread::spawn(move || (1..=4).for_each(|n| tx.send(n).unwrap()))
+        };
+        gather(&rx, &mut jobs, 4, far);
+        sender.join().unwrap();
+        assert_eq!(jobs, [0, 1, 2, 3]);
+        assert!(started.elapsed() < Duration::from_secs(30), "it waited out its deadline");
+        assert_eq!(rx.len(), 1);
+        // Closed: what is queued is handed out, then it returns at once.
+        drop(tx);
+        let mut jobs = vec![];
+        gather(&rx, &mut jobs, 3, far);
+        assert_eq!(jobs, [4]);
+        assert!(started.elapsed() < Duration::from_secs(30), "a closed queue kept it waiting");
+        // Past its deadline with nothing queued: returns as it is.
+        let (_tx, rx) = crossbeam_channel::unbounded::<u8>();
+        let mut jobs = vec![];
+        gather(&rx, &mut jobs, 2, Instant::now());
+        assert!(jobs.is_empty());
     }
 
     #[test]

@@ -22,7 +22,9 @@ mod coalesce;
 mod plan;
 
 pub use batch::{create_batch, create_batch_tx, create_batch_with, TransferResult};
-pub use coalesce::{Coalescer, CoalescerConfig, CoalescerStats, SubmitError, MAX_COMMITTERS, MAX_QUEUE_CAPACITY};
+pub use coalesce::{
+    Coalescer, CoalescerConfig, CoalescerStats, SubmitError, MAX_COMMITTERS, MAX_LINGER, MAX_QUEUE_CAPACITY,
+};
 
 /// A request to move money from one customer account to another.
 #[derive(Clone, Debug)]

@@ -119,8 +119,11 @@ pub(super) fn run_transfers(
             let st = c.stats();
             let average = st.transfers as f64 / st.groups.max(1) as f64;
             eprintln!(
-                "   coalesced: {} groups, {average:.1} transfers per group, largest {}",
-                st.groups, st.largest_group
+                "   coalesced: {} groups, {average:.1} transfers per group, largest {}, {} waited for company (linger {:?})",
+                st.groups,
+                st.largest_group,
+                st.lingered,
+                CoalescerConfig::default().linger
             );
         }
         Ok(())

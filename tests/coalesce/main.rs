@@ -88,11 +88,7 @@ fn many_callers_on_few_accounts_each_get_their_own_receipt_and_exact_balances() 
 fn transfers_queued_behind_a_commit_in_flight_commit_together_and_only_then_answer() {
     let db = testing::committed();
     let mut setup = db.conn();
-    let (a, b, p) = (
-        testing::funded_account(&mut setup, "a", Currency::EUR, "100.00"),
-        testing::funded_account(&mut setup, "b", Currency::EUR, "100.00"),
-        testing::funded_account(&mut setup, "plug", Currency::EUR, "100.00"),
-    );
+    let (a, b, p) = three_accounts(&mut setup);
     let c = coalescer(&db, 1, 100);
     let plug = t(p, a, "1.00", &testing::key("plug"));
     let group: Vec<Transfer> = (0..5)
@@ -377,39 +373,14 @@ fn a_lone_sequential_caller_never_waits_for_company() {
 fn a_group_smaller_than_the_previous_one_waits_and_is_joined() {
     let db = testing::committed();
     let mut setup = db.conn();
-    let (a, b, p) = (
-        testing::funded_account(&mut setup, "a", Currency::EUR, "100.00"),
-        testing::funded_account(&mut setup, "b", Currency::EUR, "100.00"),
-        testing::funded_account(&mut setup, "plug", Currency::EUR, "100.00"),
-    );
+    let (a, b, p) = three_accounts(&mut setup);
     let config = CoalescerConfig { committers: 1, linger: MAX_LINGER, ..CoalescerConfig::default() };
     let c = coalescer_with(&db, config);
-    let mut observer = db.conn();
     let key = |k: &str| testing::key(k);
+    a_group_of_three_held_past(&db, &c, (a, b, p), MAX_LINGER);
     thread::scope(|s| {
-        let (c, db) = (&c, &db);
+        let c = &c;
         let spawn = |tr: Transfer| s.spawn(move || c.submit(&tr));
-        // The plug (a group of 1) holds the committer while three transfers queue up;
-        // their group (3, larger: no wait) is then held on a's lock for longer than the
-        // linger, so the next group's wait is bounded by the linger alone.
-        let plug_lock = RowLock::take(db, p);
-        let plug = spawn(t(p, b, "1.00", &key("plug")));
-        plug_lock.wait_for_a_waiter(&mut observer);
-        let a_lock = RowLock::take(db, a);
-        let three: Vec<_> = (0..3)
-            .map(|n| {
-                let h = spawn(t(a, b, "1.00", &key(&format!("three-{n}"))));
-                testing::wait_until(Duration::from_secs(30), || c.queued() == n + 1);
-                h
-            })
-            .collect();
-        plug_lock.release();
-        a_lock.wait_for_a_waiter(&mut observer);
-        thread::sleep(MAX_LINGER + Duration::from_millis(100));
-        a_lock.release();
-        assert!(plug.join().unwrap().is_ok());
-        three.into_iter().for_each(|h| assert!(h.join().unwrap().is_ok()));
-        assert_eq!((c.stats().groups, c.stats().largest_group, c.stats().lingered), (2, 3, 0));
         // One transfer alone: smaller than 3, so its committer waits; two more join it.
         let first = spawn(t(b, a, "1.00", &key("joined-0")));
         testing::wait_until(Duration::from_secs(30), || c.stats().lingered == 1);
@@ -428,5 +399,30 @@ fn a_group_smaller_than_the_previous_one_waits_and_is_joined() {
     let stats = c.stats();
     assert_eq!((stats.groups, stats.transfers, stats.lingered), (5, 9, 1), "{stats:?}");
     assert_eq!((balance(&mut setup, a), balance(&mut setup, b)), (10_200, 9_900));
+    assert_audit_clean(&mut setup);
+}
+
+/// Shutdown while a committer waits for company: the waiting transfer is committed and
+/// answered, shutdown returns, and later submits are refused.
+#[testing::test]
+fn shutdown_during_a_wait_for_company_commits_and_answers_the_waiting_transfer() {
+    let db = testing::committed();
+    let mut setup = db.conn();
+    let (a, b, p) = three_accounts(&mut setup);
+    let config = CoalescerConfig { committers: 1, linger: MAX_LINGER, ..CoalescerConfig::default() };
+    let c = coalescer_with(&db, config);
+    a_group_of_three_held_past(&db, &c, (a, b, p), MAX_LINGER);
+    let lone = thread::scope(|s| {
+        let lone = s.spawn(|| c.submit(&t(b, a, "1.00", &testing::key("lone"))));
+        testing::wait_until(Duration::from_secs(30), || c.stats().lingered == 1);
+        c.shutdown();
+        lone.join().expect("the waiting caller panicked")
+    });
+    let receipt = lone.expect("the waiting transfer is committed at shutdown");
+    assert_eq!(receipt.balance_of(a), Some(9_800), "a sent 3.00 and got 1.00 back");
+    assert!(matches!(c.submit(&t(b, a, "1.00", &testing::key("late"))), Err(SubmitError::ShutDown)));
+    let stats = c.stats();
+    assert_eq!((stats.groups, stats.transfers, stats.lingered), (3, 5, 1), "{stats:?}");
+    assert_eq!((balance(&mut setup, a), balance(&mut setup, b)), (9_800, 10_300), "b got the plug and the three");
     assert_audit_clean(&mut setup);
 }

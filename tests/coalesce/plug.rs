@@ -16,6 +16,14 @@ pub fn t(from: AccountId, to: AccountId, amount: &str, key: &IdempotencyKey) -> 
     Transfer::new(from, to, eur(amount), key.clone())
 }
 
+/// Accounts `a` and `b` and a `plug` account (whose row lock holds a committer), each
+/// with 100.00 EUR.
+pub fn three_accounts(conn: &mut PgConnection) -> (AccountId, AccountId, AccountId) {
+    let funded =
+        |conn: &mut PgConnection, name| testing::funded_account(conn, name, ledger_core::Currency::EUR, "100.00");
+    (funded(conn, "a"), funded(conn, "b"), funded(conn, "plug"))
+}
+
 pub fn coalescer(db: &TestDb, committers: usize, queue_capacity: usize) -> Coalescer {
     coalescer_with(db, CoalescerConfig { max_batch: 1_000, queue_capacity, committers, ..CoalescerConfig::default() })
 }
@@ -126,4 +134,39 @@ pub fn kill_backend_writing(conn: &mut PgConnection, key: &IdempotencyKey, defer
          FOR EACH ROW WHEN (NEW.reference = 'transfer:{key}') EXECUTE FUNCTION die();"
     ))
     .unwrap();
+}
+
+/// With one committer: commits the plug (`p` to `b`, a group of 1) and then three
+/// transfers from `a` to `b` that queued behind it (a group of 3, larger: no wait),
+/// holding that group on `a`'s row lock for longer than `linger`, so the next smaller
+/// group's wait is bounded by the linger alone. Every caller is answered on return.
+pub fn a_group_of_three_held_past(
+    db: &TestDb,
+    c: &Coalescer,
+    (a, b, p): (AccountId, AccountId, AccountId),
+    linger: Duration,
+) {
+    let mut observer = db.conn();
+    thread::scope(|s| {
+        let spawn = |tr: Transfer| s.spawn(move || c.submit(&tr));
+        let plug_lock = RowLock::take(db, p);
+        let plug = spawn(t(p, b, "1.00", &testing::key("plug")));
+        plug_lock.wait_for_a_waiter(&mut observer);
+        let a_lock = RowLock::take(db, a);
+        let three: Vec<_> = (0..3)
+            .map(|n| {
+                let h = spawn(t(a, b, "1.00", &testing::key(&format!("three-{n}"))));
+                testing::wait_until(Duration::from_secs(30), || c.queued() == n + 1);
+                h
+            })
+            .collect();
+        plug_lock.release();
+        a_lock.wait_for_a_waiter(&mut observer);
+        thread::sleep(linger + Duration::from_millis(100));
+        a_lock.release();
+        assert!(plug.join().unwrap().is_ok());
+        three.into_iter().for_each(|h| assert!(h.join().unwrap().is_ok()));
+        let stats = c.stats();
+        assert_eq!((stats.groups, stats.largest_group, stats.lingered), (2, 3, 0), "{stats:?}");
+    });
 }

@@ -1,4 +1,4 @@
-//! Verdicts: settle, final rejection, back-off and operator retry, and a mixed batch of verdicts recorded in one transaction.
+//! Verdicts: settle, final rejection, back-off and operator retry, a mixed batch of verdicts recorded in one transaction, and a round put back set-based.
 
 use super::*;
 
@@ -182,4 +182,90 @@ fn a_verdict_that_cannot_be_recorded_fails_alone_and_the_rest_of_the_batch_is_re
     let bad = payouts::for_withdrawal(&mut conn, broken).unwrap().unwrap();
     assert_eq!(bad.status, PayoutStatus::Failed, "for an operator, not claimed and failing forever");
     assert!(bad.last_error.unwrap().contains("could not record"));
+}
+
+#[testing::test]
+fn a_round_of_unsent_claims_and_unknown_outcomes_is_put_back_row_by_row_exactly() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let a = testing::funded_account(&mut conn, "payee", Currency::EUR, "100.00");
+    let ws: Vec<WithdrawalId> = (0..6)
+        .map(|i| withdrawals::withdraw(&mut conn, &withdrawal(a, "1.00", &format!("rq{i}"))).unwrap().id)
+        .collect();
+    let policy = RetryPolicy { max_attempts: 2, backoff: Backoff::new(1, 1, Jitter::Half) };
+    // A 1 ms lease and a 1 ms backoff: after a pause every payout put back is due, and
+    // one claim takes them all (claiming again would count attempts).
+    let claim_all = |conn: &mut PgConnection| {
+        std::thread::sleep(Duration::from_millis(20));
+        let reqs = payouts::claim_due(conn, 100, 1).unwrap().requests;
+        ws.iter().filter_map(|w| reqs.iter().find(|r| r.withdrawal == *w).cloned()).collect::<Vec<PayoutRequest>>()
+    };
+    // Round 1: two unknown outcomes (their payouts may have been sent), four given back.
+    let r1 = claim_all(&mut conn);
+    assert_eq!(r1.len(), 6);
+    let timeout = Verdict::Unknown { error: "timeout after sending".into() };
+    let round1: Vec<_> = r1
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.clone(), if i == 0 || i == 4 { timeout.clone() } else { Verdict::NotSent }))
+        .collect();
+    let recorded = payouts::record_all(&mut conn, &round1, &policy).unwrap();
+    assert_eq!(recorded.iter().filter(|r| **r == Recorded::Retrying).count(), 2, "{recorded:?}");
+    assert_eq!(recorded.iter().filter(|r| **r == Recorded::Released).count(), 4, "{recorded:?}");
+    // Round 2: every kind of putting back in one recording transaction.
+    let r2 = claim_all(&mut conn);
+    assert_eq!(r2.len(), 6, "all due again");
+    assert_eq!(r2.iter().map(|r| r.possibly_sent).collect::<Vec<_>>(), [true, false, false, false, true, false]);
+    let verdicts = vec![
+        (r2[0].clone(), timeout.clone()),
+        (r2[1].clone(), Verdict::NotSent),
+        (r2[2].clone(), Verdict::Unknown { error: "HTTP 503".into() }),
+        (r2[3].clone(), Verdict::Unauthorized { error: "HTTP 401".into() }),
+        (r2[4].clone(), Verdict::NotSent),
+        (r2[5].clone(), Verdict::Paid { reference: None }),
+    ];
+    let recorded = payouts::record_all(&mut conn, &verdicts, &policy).unwrap();
+    assert_eq!(
+        recorded,
+        [
+            Recorded::Failed,
+            Recorded::Released,
+            Recorded::Retrying,
+            Recorded::Retrying,
+            Recorded::Released,
+            Recorded::Settled
+        ]
+    );
+    let row = |conn: &mut PgConnection, i: usize| payouts::for_withdrawal(conn, ws[i]).unwrap().unwrap();
+    let state = |p: &payouts::Payout| (p.status, p.attempts, p.possibly_sent, p.claim_token, p.last_error.clone());
+    let error = |s: &str| Some(s.to_string());
+    let pending = PayoutStatus::Pending;
+    assert_eq!(
+        state(&row(&mut conn, 0)),
+        (PayoutStatus::Failed, 2, true, Some(r2[0].token), error("timeout after sending")),
+        "attempts used up: failed, keeping the last claim's token for an operator's return"
+    );
+    assert_eq!(state(&row(&mut conn, 1)), (pending, 0, false, None, None), "given back twice, never sent");
+    assert_eq!(state(&row(&mut conn, 2)), (pending, 1, true, None, error("HTTP 503")), "one attempt used");
+    assert_eq!(
+        state(&row(&mut conn, 3)),
+        (pending, 0, true, None, error("HTTP 401")),
+        "a refused credential uses none"
+    );
+    assert_eq!(
+        state(&row(&mut conn, 4)),
+        (pending, 1, true, None, error("timeout after sending")),
+        "given back unsent, but round 1 may have sent it: still looked up first"
+    );
+    assert_eq!(row(&mut conn, 5).status, PayoutStatus::Settled);
+    let again = claim_all(&mut conn);
+    assert_eq!(
+        again.iter().map(|r| (r.withdrawal, r.possibly_sent)).collect::<Vec<_>>(),
+        [(ws[1], false), (ws[2], true), (ws[3], true), (ws[4], true)],
+        "all due again, and the failed and settled ones not"
+    );
+    for w in &ws[..5] {
+        assert_eq!(withdrawals::get(&mut conn, *w).unwrap().status, WithdrawalStatus::PayingOut, "still held");
+    }
+    assert_audit_clean(&mut conn);
 }

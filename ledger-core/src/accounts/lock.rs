@@ -49,7 +49,7 @@ impl LockedAccount {
 
     /// Records a balance this transaction has written (see `set_balance`), for callers
     /// that keep the lock and make several movements on the account.
-    pub fn note_balance(&mut self, balance_minor: i64) {
+    pub(crate) fn note_balance(&mut self, balance_minor: i64) {
         self.account.balance_minor = balance_minor;
     }
 
@@ -156,8 +156,9 @@ pub(crate) fn rebuild_refusal(e: &LedgerError) -> LedgerError {
     }
 }
 
-/// Writes the new balance of an account this transaction has locked.
-pub fn set_balance(tx: &mut Tx<'_>, account: &LockedAccount, balance_minor: i64) -> Result<(), LedgerError> {
+/// Writes the new balance of an account this transaction has locked. Crate-private: a
+/// balance changes only with the journal entry that moves it (the audit checks they agree).
+pub(crate) fn set_balance(tx: &mut Tx<'_>, account: &LockedAccount, balance_minor: i64) -> Result<(), LedgerError> {
     assert!(balance_minor >= account.account.floor_minor(), "caller must check the floor before writing");
     let updated = diesel::update(accounts::table.find(account.id().get()))
         .set(accounts::balance_minor.eq(Some(balance_minor)))

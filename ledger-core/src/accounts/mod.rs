@@ -14,8 +14,9 @@ use crate::tx::{Tx, TxOptions};
 mod limits;
 mod lock;
 pub use limits::{overdraft_ceiling, set_overdraft_ceiling};
+pub(crate) use lock::set_balance;
 pub(crate) use lock::{judge_locked, rebuild_refusal};
-pub use lock::{lock, lock_all, lock_even_if_closed, lock_many, set_balance, LockedAccount};
+pub use lock::{lock, lock_all, lock_even_if_closed, lock_many, LockedAccount};
 
 /// Whose account it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow)]

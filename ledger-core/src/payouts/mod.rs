@@ -43,6 +43,7 @@ mod claim;
 mod operator;
 mod protocol;
 mod record;
+mod requeue;
 
 pub use claim::claim_due;
 pub use operator::{retry, return_failed, ReturnAuthority, ReturnResult};

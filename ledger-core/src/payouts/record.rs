@@ -1,6 +1,7 @@
 //! Recording verdicts: settle, return, retry, fail, release, or drop a superseded
 //! answer, each only under the claim's current token, a batch in one transaction.
 
+use super::requeue;
 use super::*;
 use crate::prepared::{Prepared, StaticSql};
 
@@ -200,64 +201,15 @@ fn record_all_planned(
     for (i, p, reason) in refused {
         results[i] = Recorded::Returned { entry: return_tx(tx, p, reason, None)? };
     }
-    for (i, p, error, counts) in unknown {
-        results[i] = reschedule(tx, p, error, counts, policy)?;
+    let (unknown_at, unknown): (Vec<usize>, Vec<_>) = unknown.into_iter().map(|(i, p, e, c)| (i, (p, e, c))).unzip();
+    for (i, recorded) in unknown_at.into_iter().zip(requeue::reschedule_all(tx, &unknown, policy)?) {
+        results[i] = recorded;
     }
-    for (i, p, was_possibly_sent) in released {
-        let n = diesel::update(payouts::table.find(p.id))
-            .set((
-                // Nothing was sent: the claim does not count as an attempt.
-                payouts::attempts.eq(payouts::attempts - 1),
-                payouts::claim_token.eq(None::<i64>),
-                payouts::possibly_sent.eq(p.possibly_sent && was_possibly_sent),
-                payouts::next_attempt_at.eq(diesel::dsl::now),
-                payouts::updated_at.eq(diesel::dsl::now),
-            ))
-            .execute(tx.conn())?;
-        assert_eq!(n, 1, "a locked current payout is updated");
+    requeue::release_all(tx, &released.iter().map(|&(_, p, sent)| (p, sent)).collect::<Vec<_>>())?;
+    for (i, _, _) in released {
         results[i] = Recorded::Released;
     }
     Ok(results)
-}
-
-/// An unknown outcome: due again after a backoff (and not before the claim's lease
-/// ends), or `failed` once the attempts are used up. A refused credential (`counts` false) never uses up attempts: the payout
-/// waits for the credentials to be fixed.
-fn reschedule(
-    tx: &mut Tx<'_>,
-    p: &Payout,
-    error: &str,
-    counts: bool,
-    policy: &RetryPolicy,
-) -> Result<Recorded, LedgerError> {
-    let error = stored_text(error, STORED_TEXT_MAX_CHARS);
-    if counts && p.attempts >= i32::try_from(policy.max_attempts).unwrap_or(i32::MAX) {
-        diesel::update(payouts::table.find(p.id))
-            .set((
-                // The last claim's token stays: an operator's return compares it to see
-                // that no call went out since its lookup.
-                payouts::status.eq(PayoutStatus::Failed.as_str()),
-                payouts::last_error.eq(Some(&error)),
-                payouts::updated_at.eq(diesel::dsl::now),
-            ))
-            .execute(tx.conn())?;
-        return Ok(Recorded::Failed);
-    }
-    let wait_ms = policy.backoff.delay(u32::try_from(p.attempts).unwrap_or(0)).as_millis() as u64;
-    diesel::sql_query(
-        "UPDATE payouts SET last_error = $2, updated_at = now(), claim_token = NULL,
-             attempts = attempts - $4::int,
-             -- Never before the claim's lease ends: a call that timed out may still be
-             -- at work in the gateway, and the next call (a lookup) must not overlap it.
-             next_attempt_at = GREATEST(next_attempt_at, now() + make_interval(secs => $3::float8 / 1000))
-         WHERE id = $1",
-    )
-    .bind::<BigInt, _>(p.id)
-    .bind::<Text, _>(&error)
-    .bind::<BigInt, _>(i64::try_from(wait_ms).unwrap_or(i64::MAX))
-    .bind::<Integer, _>(i32::from(!counts))
-    .execute(tx.conn())?;
-    Ok(Recorded::Retrying)
 }
 
 pub(super) fn system(tx: &mut Tx<'_>, role: SystemRole, currency: Currency) -> Result<AccountId, LedgerError> {

@@ -16,6 +16,8 @@ mod lists;
 mod review_transfer_submit;
 #[path = "cli/submit_chunks.rs"]
 mod submit_chunks;
+#[path = "cli/submit_reconnect.rs"]
+mod submit_reconnect;
 #[path = "cli/transfer_submit.rs"]
 mod transfer_submit;
 

@@ -35,6 +35,7 @@ mod hold;
 mod lines;
 mod migrate;
 mod payout;
+mod reconnect;
 mod run;
 mod status;
 mod submit;

@@ -3,13 +3,14 @@
 //! chunks ([`super::lines`]), each chunk one `withdrawals::request_batch`.
 
 use super::lines::{self, refusal, Counts, Line};
+use super::reconnect::Reconnecting;
 use super::*;
 use ledger_core::batch::Item;
 use ledger_core::error::RetryClass;
 use ledger_core::withdrawals::RequestResult;
 
 pub fn run(ctx: Ctx) -> Result<ExitCode> {
-    let mut conn = connect(ctx.database_url.clone())?;
+    let mut conn = Reconnecting::connect(&ctx)?;
     lines::run(
         &ctx,
         "enqueued",
@@ -29,18 +30,32 @@ struct SubmitLine {
 }
 
 /// One chunk of lines: their accounts' currencies read in one query, the valid ones
-/// requested in one batch; every line answered in order.
+/// requested in one batch; every line answered in order. A lost connection sends the
+/// chunk again on a new one ([`Reconnecting`]).
 fn submit_chunk(
-    conn: &mut PgConnection,
+    conn: &mut Reconnecting,
     counts: &mut Counts,
     chunk: Vec<Line<Result<ParsedLine>>>,
 ) -> Result<Vec<(Value, String)>> {
     let ids: Vec<i64> = chunk.iter().filter_map(|l| l.parsed.as_ref().ok()).map(|p| p.account.get()).collect();
-    let currencies = currencies_of(conn, &ids)?;
-    let numbers: Vec<u64> = chunk.iter().map(|l| l.number).collect();
-    let requests = chunk.into_iter().map(|l| l.parsed.and_then(|p| p.request(&currencies))).collect();
-    let results = request_all(conn, requests)?;
-    Ok(numbers.into_iter().zip(results).map(|(n, r)| answer(counts, n, r)).collect())
+    let (first, last) = (chunk.first().map_or(0, |l| l.number), chunk.last().map_or(0, |l| l.number));
+    let results = conn.run(first, last, |conn| {
+        let currencies = currencies_of(conn, &ids)?;
+        // A line that did not parse gets its own error back below.
+        let requests = chunk
+            .iter()
+            .map(|l| l.parsed.as_ref().map_err(|_| anyhow!("not parsed")).and_then(|p| p.request(&currencies)))
+            .collect();
+        request_all(conn, requests)
+    })?;
+    let answers = chunk.into_iter().zip(results).map(|(l, result)| {
+        let result = match l.parsed {
+            Err(e) => Err(e),
+            Ok(_) => result,
+        };
+        answer(counts, l.number, result)
+    });
+    Ok(answers.collect())
 }
 
 /// The valid requests in one batch, the others refused as they are; if the batch as a
@@ -123,10 +138,11 @@ struct ParsedLine {
 }
 
 impl ParsedLine {
-    fn request(self, currencies: &HashMap<i64, Currency>) -> Result<WithdrawalRequest> {
+    fn request(&self, currencies: &HashMap<i64, Currency>) -> Result<WithdrawalRequest> {
         let currency = *currencies.get(&self.account.get()).ok_or(LedgerError::UnknownAccount(self.account))?;
         let amount = Money::parse_for(&self.amount, currency)?;
-        Ok(WithdrawalRequest { account: self.account, amount, destination: self.destination, key: self.key })
+        let (destination, key) = (self.destination.clone(), self.key.clone());
+        Ok(WithdrawalRequest { account: self.account, amount, destination, key })
     }
 }
 

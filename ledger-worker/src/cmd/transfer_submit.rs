@@ -6,6 +6,7 @@
 use std::ops::Range;
 
 use super::lines::{self, bad_line, refusal, Counts, Line};
+use super::reconnect::Reconnecting;
 use super::submit::currencies_of;
 use super::*;
 use ledger_core::batch::{Item, MAX_BATCH_ITEMS};
@@ -14,7 +15,7 @@ use ledger_core::metadata::Metadata;
 use ledger_core::transfers::TransferResult;
 
 pub fn run(ctx: Ctx) -> Result<ExitCode> {
-    let mut conn = connect(ctx.database_url.clone())?;
+    let mut conn = Reconnecting::connect(&ctx)?;
     lines::run(&ctx, "created", std::io::stdin().lock(), parse_line, |counts, chunk, _| {
         transfer_chunk(&mut conn, counts, chunk)
     })
@@ -72,10 +73,11 @@ fn parsed(t: TransferLine) -> Result<ParsedLine> {
 }
 
 impl ParsedLine {
-    fn transfer(self, currencies: &HashMap<i64, Currency>) -> Result<Transfer> {
+    fn transfer(&self, currencies: &HashMap<i64, Currency>) -> Result<Transfer> {
         let currency = *currencies.get(&self.from.get()).ok_or(LedgerError::UnknownAccount(self.from))?;
         let amount = Money::parse_for(&self.amount, currency)?;
-        Ok(Transfer { from: self.from, to: self.to, amount, key: self.key, metadata: self.metadata })
+        let (key, metadata) = (self.key.clone(), self.metadata.clone());
+        Ok(Transfer { from: self.from, to: self.to, amount, key, metadata })
     }
 }
 
@@ -83,29 +85,41 @@ impl ParsedLine {
 type Outcome = Result<(TransferResult, Transfer)>;
 
 /// One chunk: currencies in one query, each chain checked (a bad line, an open or an
-/// overlong chain refuses all of it), the good chains created in batches.
+/// overlong chain refuses all of it), the good chains created in batches. A lost
+/// connection sends the chunk again on a new one ([`Reconnecting`]).
 fn transfer_chunk(
-    conn: &mut PgConnection,
+    conn: &mut Reconnecting,
     counts: &mut Counts,
     chunk: Vec<Line<Result<ParsedLine>>>,
 ) -> Result<Vec<(Value, String)>> {
     let ids: Vec<i64> =
         chunk.iter().filter_map(|l| l.parsed.as_ref().ok()).flat_map(|p| [p.from.get(), p.to.get()]).collect();
-    let currencies = currencies_of(conn, &ids)?;
     let numbers: Vec<u64> = chunk.iter().map(|l| l.number).collect();
     let linked: Vec<bool> = chunk.iter().map(|l| l.linked).collect();
-    let mut items: Vec<Option<Item<Transfer>>> = Vec::with_capacity(chunk.len());
-    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(chunk.len());
-    for line in chunk {
-        match line.parsed.and_then(|p| p.transfer(&currencies)) {
-            Ok(t) => (items.push(Some(Item { request: t, linked: line.linked })), outcomes.push(None)),
-            Err(e) => (items.push(None), outcomes.push(Some(Err(e)))),
+    let (first, last) = (numbers.first().copied().unwrap_or(0), numbers.last().copied().unwrap_or(0));
+    let outcomes = conn.run(first, last, |conn| {
+        let currencies = currencies_of(conn, &ids)?;
+        let mut items: Vec<Option<Item<Transfer>>> = Vec::with_capacity(chunk.len());
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(chunk.len());
+        for line in &chunk {
+            // A line that did not parse gets its own error back below.
+            match line.parsed.as_ref().map_err(|_| anyhow!("not parsed")).and_then(|p| p.transfer(&currencies)) {
+                Ok(t) => (items.push(Some(Item { request: t, linked: line.linked })), outcomes.push(None)),
+                Err(e) => (items.push(None), outcomes.push(Some(Err(e)))),
+            };
+        }
+        let good = refuse_bad_chains(&numbers, &linked, &items, &mut outcomes);
+        create_chains(conn, &numbers, &mut items, &good, &mut outcomes)?;
+        Ok(outcomes)
+    })?;
+    let answers = chunk.into_iter().zip(outcomes).map(|(line, outcome)| {
+        let outcome = match line.parsed {
+            Err(e) => Err(e),
+            Ok(_) => outcome.expect("every line decided"),
         };
-    }
-    let good = refuse_bad_chains(&numbers, &linked, &items, &mut outcomes);
-    create_chains(conn, &numbers, &mut items, &good, &mut outcomes)?;
-    let answers = numbers.iter().zip(outcomes);
-    Ok(answers.map(|(n, o)| answer(counts, *n, o.expect("every line decided"))).collect())
+        answer(counts, line.number, outcome)
+    });
+    Ok(answers.collect())
 }
 
 /// The chunk's chains (a run of linked lines closed by an unlinked one); a chain with a

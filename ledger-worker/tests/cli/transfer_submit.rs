@@ -187,8 +187,20 @@ fn backend_waiting_on_a_lock(observer: &mut diesel::PgConnection) -> i32 {
     found.unwrap()
 }
 
+/// Lets new connections into the test's database, or refuses them (from the cluster's
+/// `postgres` database: a database cannot refuse connections to itself).
+fn allow_connections(db: &testing::TestDb, allow: bool) {
+    use diesel::prelude::*;
+    let admin_url = db.url().replacen(&format!("/{}?", db.name()), "/postgres?", 1);
+    assert_ne!(admin_url, db.url(), "the URL names the database before its parameters");
+    let mut admin = diesel::pg::PgConnection::establish(&admin_url).unwrap();
+    diesel::sql_query(format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS {allow}", db.name()))
+        .execute(&mut admin)
+        .unwrap();
+}
+
 #[testing::test]
-fn a_connection_lost_in_a_batch_answers_its_lines_unknown_never_refused() {
+fn a_connection_lost_for_good_in_a_batch_answers_its_lines_unknown_never_refused() {
     use diesel::prelude::*;
     use std::io::{Read, Write};
     let (db, ids) = funded(2, "100.00");
@@ -222,11 +234,18 @@ fn a_connection_lost_in_a_batch_answers_its_lines_unknown_never_refused() {
         child.stdin.take().unwrap().write_all((input.join("\n") + "\n").as_bytes()).unwrap();
         let mut observer = db.conn();
         let waiting = backend_waiting_on_a_lock(&mut observer);
+        // No new connection either (open ones stay): every reconnect fails.
+        allow_connections(&db, false);
         diesel::sql_query(format!("SELECT pg_terminate_backend({waiting})")).execute(&mut observer).unwrap();
         drop(release);
         child
     });
-    common::wait_exit(&mut child, std::time::Duration::from_secs(20));
+    // It tries to connect again for about 6 to 12 s (RECONNECT_ATTEMPTS), then stops.
+    let exited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        common::wait_exit(&mut child, std::time::Duration::from_secs(60))
+    }));
+    allow_connections(&db, true);
+    exited.unwrap();
     let (mut out, mut stderr) = (String::new(), String::new());
     child.stdout.as_mut().unwrap().read_to_string(&mut out).unwrap();
     child.stderr.as_mut().unwrap().read_to_string(&mut stderr).unwrap();
@@ -238,6 +257,7 @@ fn a_connection_lost_in_a_batch_answers_its_lines_unknown_never_refused() {
     assert_eq!(summary["unknown_lines"], serde_json::json!({"from": 1, "to": 3}), "{out}");
     assert!(stderr.contains("lines 1 to 3 are not answered and their outcome is unknown"), "{stderr}");
     assert!(stderr.contains("database_unreachable"), "{stderr}");
+    assert!(stderr.contains("\"attempt\":6,"), "every reconnect was tried and announced: {stderr}");
     assert_eq!(status.code(), Some(4), "{stderr}");
     assert_eq!((balance(db.url(), a), balance(db.url(), b)), ("100.00".into(), "100.00".into()));
 }

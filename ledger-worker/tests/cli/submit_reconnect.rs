@@ -1,0 +1,154 @@
+//! `submit` and `transfer submit` go on after their database connection is lost (a
+//! terminated backend, as in a server restart or failover), between chunks or inside a
+//! batch: the chunk is sent again on a new connection, every line is answered once,
+//! every key applied once.
+
+use std::io::Read;
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use std::time::Duration;
+
+use super::*;
+
+/// The `application_name` the command under test connects with (libpq's PGAPPNAME),
+/// so the test ends that backend and no other.
+const APP: &str = "reconnect-under-test";
+
+/// Where the command is when its backend is ended.
+#[derive(Clone, Copy)]
+enum Between {
+    /// Idle between two chunks: the next chunk's first statement finds it lost.
+    Chunks,
+    /// In the next chunk's batch, waiting for the row lock on this account (held by
+    /// the test): lost in the middle of its transaction.
+    BatchWaitingOn(i64),
+}
+
+/// Runs `args` with its stdin fed by hand: `first` lines, then (once `written(conn)`
+/// says the first chunk is in) `rest`, with the command's backend ended where `at`
+/// says. Returns the exit code, the answer lines and stderr.
+fn across_a_lost_connection(
+    db: &testing::TestDb,
+    args: &[&str],
+    (first, rest): (&[String], &[String]),
+    at: Between,
+    mut written: impl FnMut(&mut diesel::pg::PgConnection) -> bool,
+) -> (Option<i32>, Vec<Value>, String) {
+    let mut conn = db.conn();
+    let child = worker_command()
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .env("PGAPPNAME", APP)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Daemon::from(child);
+    let mut stdin = child.stdin.take();
+    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    // Read as it runs: a pipe nobody reads would fill and block the command.
+    let out = std::thread::spawn(move || {
+        let mut bytes = vec![];
+        stdout.read_to_end(&mut bytes).map(|_| bytes)
+    });
+    let err = std::thread::spawn(move || std::io::read_to_string(&mut stderr));
+    stdin.as_mut().unwrap().write_all((first.join("\n") + "\n").as_bytes()).unwrap();
+    wait_for(Duration::from_secs(60), "the first chunk to be written", || written(&mut conn));
+    let mut lock = db.conn();
+    if let Between::BatchWaitingOn(account) = at {
+        AnsiTransactionManager::begin_transaction(&mut lock).unwrap();
+        lock.batch_execute(&format!("SELECT id FROM accounts WHERE id = {account} FOR UPDATE")).unwrap();
+        // The end of the input sends the last chunk.
+        write_and_close(stdin.take().unwrap(), rest);
+        let blocked = format!(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = '{APP}' AND wait_event_type = 'Lock'"
+        );
+        wait_for(Duration::from_secs(60), "the next batch to wait for the row lock", || {
+            count(&mut conn, &blocked) == 1
+        });
+    }
+    let ended = count(
+        &mut conn,
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = '{APP}'"
+        ),
+    );
+    assert_eq!(ended, 1, "the command's one connection was ended");
+    match at {
+        Between::Chunks => write_and_close(stdin.take().unwrap(), rest),
+        Between::BatchWaitingOn(_) => AnsiTransactionManager::commit_transaction(&mut lock).unwrap(),
+    }
+    let status = wait_exit(&mut child, Duration::from_secs(120));
+    let stdout = out.join().expect("the stdout reader panicked").unwrap();
+    let stderr = err.join().expect("the stderr reader panicked").unwrap();
+    (status.code(), json_lines(&stdout), stderr)
+}
+
+fn write_and_close(mut stdin: std::process::ChildStdin, lines: &[String]) {
+    stdin.write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
+}
+
+fn outcomes_and_summary(results: &[Value]) -> (Vec<String>, Value) {
+    let (summary, answers) = results.split_last().expect("a summary");
+    (answers.iter().map(|r| r["outcome"].as_str().unwrap().to_string()).collect(), summary.clone())
+}
+
+#[testing::test]
+fn submit_reconnects_after_its_connection_is_lost_between_chunks_and_applies_every_line_once() {
+    submit_across_a_lost_connection(|_| Between::Chunks);
+}
+
+#[testing::test]
+fn submit_reconnects_after_its_connection_is_lost_inside_a_batch_and_applies_every_line_once() {
+    submit_across_a_lost_connection(|accounts| Between::BatchWaitingOn(accounts[0].get()));
+}
+
+fn submit_across_a_lost_connection(at: impl FnOnce(&[ledger_core::AccountId]) -> Between) {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let (accounts, _) = seed(&mut conn, 3, "100.00", 0);
+    let at = at(&accounts);
+    let line = |n: usize| {
+        let a = accounts[n % 3].get();
+        format!("{{\"account\": {a}, \"to\": \"{IBAN}\", \"amount\": \"0.01\", \"key\": \"rc-{n}\"}}")
+    };
+    // Line 1,500 replays line 3 (a replay across the lost connection).
+    let first: Vec<String> = (1..=1_000).map(line).collect();
+    let rest: Vec<String> = (1_001..=2_000).map(|n| if n == 1_500 { line(3) } else { line(n) }).collect();
+    let (code, results, stderr) =
+        across_a_lost_connection(&db, &["--json", "submit"], (&first, &rest), at, |c| pending(c) == 1_000);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("\"notice\":\"reconnecting\""), "the reconnect is logged: {stderr}");
+    let (outcomes, summary) = outcomes_and_summary(&results);
+    assert_eq!(outcomes.len(), 2_000, "one answer per line");
+    assert_eq!(outcomes.iter().filter(|o| *o == "enqueued").count(), 1_999, "{summary}");
+    assert_eq!(outcomes[1_499], "replayed");
+    assert_eq!((summary["enqueued"].as_i64(), summary["replayed"].as_i64()), (Some(1_999), Some(1)), "{summary}");
+    assert_eq!(pending(&mut conn), 1_999, "one job per key");
+}
+
+#[testing::test]
+fn transfer_submit_reconnects_after_its_connection_is_lost_inside_a_batch_and_applies_every_line_once() {
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let (accounts, _) = seed(&mut conn, 2, "100.00", 0);
+    let (a, b) = (accounts[0].get(), accounts[1].get());
+    let line = |n: usize| format!("{{\"from\": {a}, \"to\": {b}, \"amount\": \"0.01\", \"key\": \"rt-{n}\"}}");
+    let first: Vec<String> = (1..=1_000).map(line).collect();
+    let rest: Vec<String> = (1_001..=1_500).map(line).collect();
+    let transfers = "SELECT count(*) AS n FROM journal_entries WHERE kind = 'transfer'";
+    let args = ["--json", "transfer", "submit"];
+    let at = Between::BatchWaitingOn(b);
+    let (code, results, stderr) =
+        across_a_lost_connection(&db, &args, (&first, &rest), at, |c| count(c, transfers) == 1_000);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("\"notice\":\"reconnecting\""), "the reconnect is logged: {stderr}");
+    let (outcomes, summary) = outcomes_and_summary(&results);
+    assert_eq!(outcomes, vec!["created".to_string(); 1_500], "{summary}");
+    assert_eq!(count(&mut conn, transfers), 1_500, "one transfer per key");
+    let mut balance = |id: i64| count(&mut conn, &format!("SELECT balance_minor AS n FROM accounts WHERE id = {id}"));
+    assert_eq!((balance(a), balance(b)), (10_000 - 1_500, 10_000 + 1_500), "exact balances");
+}

@@ -273,7 +273,7 @@ fn conninfo_has_param(conninfo: &str, key: &str) -> bool {
 /// Hides the password in a connection URL, for messages and logs.
 pub fn redact_url(url: &str) -> String {
     // postgres://user:secret@host/db -> postgres://user:***@host/db
-    let Some(scheme_end) = url.find("://") else { return url.to_string() };
+    let Some(scheme_end) = url.find("://") else { return redact_conninfo_password(url) };
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let authority = &rest[..authority_end];
@@ -285,6 +285,52 @@ pub fn redact_url(url: &str) -> String {
     };
     let out = format!("{}{}{}", &url[..scheme_end + 3], redacted_userinfo, &rest[at..]);
     redact_query_password(&out)
+}
+
+/// A `key=value` connection string with its password's value replaced: `password = x`
+/// or `password='x y'` (quoted, `\'` and `\\` escaped) becomes `password=***`.
+fn redact_conninfo_password(conninfo: &str) -> String {
+    let mut out = String::with_capacity(conninfo.len());
+    let mut rest = conninfo;
+    while !rest.is_empty() {
+        let trimmed = rest.trim_start();
+        out.push_str(&rest[..rest.len() - trimmed.len()]);
+        rest = trimmed;
+        let key_end = rest.find(|c: char| c == '=' || c.is_whitespace()).unwrap_or(rest.len());
+        let key = &rest[..key_end];
+        let after_key = rest[key_end..].trim_start();
+        let Some(value) = after_key.strip_prefix('=') else {
+            out.push_str(rest); // not key=value: left as it is
+            break;
+        };
+        let value = value.trim_start();
+        let value_len = if let Some(quoted) = value.strip_prefix('\'') {
+            let mut chars = quoted.char_indices();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        chars.next();
+                    }
+                    '\'' => {
+                        end = i + 1;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            1 + end
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        if key == "password" {
+            out.push_str("password=***");
+        } else {
+            out.push_str(&rest[..rest.len() - value.len() + value_len]);
+        }
+        rest = &value[value_len..];
+    }
+    out
 }
 
 fn redact_query_password(url: &str) -> String {
@@ -312,6 +358,11 @@ mod tests {
 
     #[test]
     fn passwords_never_appear_in_redacted_urls() {
+        assert_eq!(redact_url("host=db password=s3cret user=app"), "host=db password=*** user=app");
+        assert_eq!(redact_url("host=db password = 's3 \\'cret' user=app"), "host=db password=*** user=app");
+        assert_eq!(redact_url("password='open"), "password=***");
+        assert_eq!(redact_url("dbname=ledger host=/tmp"), "dbname=ledger host=/tmp");
+        assert_eq!(redact_url("  host = db  "), "  host = db  ");
         assert_eq!(redact_url("postgres://app:s3cret@db:5432/ledger"), "postgres://app:***@db:5432/ledger");
         assert_eq!(redact_url("postgres://app@db/ledger"), "postgres://app@db/ledger");
         assert_eq!(

@@ -269,3 +269,49 @@ fn a_round_of_unsent_claims_and_unknown_outcomes_is_put_back_row_by_row_exactly(
     }
     assert_audit_clean(&mut conn);
 }
+
+/// An unknown outcome is due again only after its claim's lease, however short its
+/// backoff (a call that timed out may still be at work in the gateway); a refused
+/// credential never uses up an attempt, also at the limit.
+#[testing::test]
+fn an_unknown_outcome_waits_out_its_lease_and_a_refused_credential_never_fails_a_payout() {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Due {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        after_lease: bool,
+    }
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let a = testing::funded_account(&mut conn, "payee", Currency::EUR, "100.00");
+    let ws: Vec<WithdrawalId> = (0..2)
+        .map(|i| withdrawals::withdraw(&mut conn, &withdrawal(a, "1.00", &format!("lease{i}"))).unwrap().id)
+        .collect();
+    let claim = payouts::claim_due(&mut conn, 100, 60_000).unwrap().requests;
+    let by_w = |w: WithdrawalId| claim.iter().find(|r| r.withdrawal == w).unwrap().clone();
+    // One attempt allowed, and the first is used: an unknown outcome fails now, so it
+    // is given two; a refused credential gets one and must not fail.
+    let two = RetryPolicy { max_attempts: 2, backoff: Backoff::new(1, 1, Jitter::Half) };
+    let one = RetryPolicy { max_attempts: 1, ..two };
+    let timeout = Verdict::Unknown { error: "timeout".into() };
+    assert_eq!(payouts::record(&mut conn, &by_w(ws[0]), &timeout, &two).unwrap(), Recorded::Retrying);
+    let refused = Verdict::Unauthorized { error: "HTTP 401".into() };
+    assert_eq!(payouts::record(&mut conn, &by_w(ws[1]), &refused, &one).unwrap(), Recorded::Retrying);
+    for w in &ws {
+        let p = payouts::for_withdrawal(&mut conn, *w).unwrap().unwrap();
+        let due: Due = diesel::sql_query(
+            "SELECT next_attempt_at >= now() + interval '55 seconds' AS after_lease FROM payouts WHERE id = $1",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(p.id.get())
+        .get_result(&mut conn)
+        .unwrap();
+        assert!(due.after_lease, "a 1 ms backoff still waits for the 60 s lease: {p:?}");
+        assert_eq!((p.status, p.claim_token), (PayoutStatus::Pending, None));
+    }
+    let p = payouts::for_withdrawal(&mut conn, ws[1]).unwrap().unwrap();
+    assert_eq!(p.attempts, 0, "a refused credential gives its attempt back");
+    assert!(
+        payouts::claim_due(&mut conn, 100, 60_000).unwrap().requests.is_empty(),
+        "nothing due before the lease ends"
+    );
+}

@@ -202,7 +202,9 @@ fn record_all_planned(
         results[i] = Recorded::Returned { entry: return_tx(tx, p, reason, None)? };
     }
     let (unknown_at, unknown): (Vec<usize>, Vec<_>) = unknown.into_iter().map(|(i, p, e, c)| (i, (p, e, c))).unzip();
-    for (i, recorded) in unknown_at.into_iter().zip(requeue::reschedule_all(tx, &unknown, policy)?) {
+    let rescheduled = requeue::reschedule_all(tx, &unknown, policy)?;
+    assert_eq!(rescheduled.len(), unknown_at.len(), "one result per unknown outcome");
+    for (i, recorded) in unknown_at.into_iter().zip(rescheduled) {
         results[i] = recorded;
     }
     requeue::release_all(tx, &released.iter().map(|&(_, p, sent)| (p, sent)).collect::<Vec<_>>())?;

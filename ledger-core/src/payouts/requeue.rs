@@ -43,7 +43,7 @@ enum FailAll {}
 
 impl StaticSql for FailAll {
     const SQL: &'static str = "UPDATE payouts p
-        SET status = 'failed', last_error = r.error, updated_at = now()
+        SET status = $3, last_error = r.error, updated_at = now()
         FROM unnest($1::bigint[], $2::text[]) AS r(id, error)
         WHERE p.id = r.id";
 }
@@ -96,6 +96,7 @@ pub(super) fn reschedule_all(
         let n = Prepared::<FailAll>::new()
             .bind::<Array<BigInt>, _>(&failed.0)
             .bind::<Array<Text>, _>(&failed.1)
+            .bind::<Text, _>(PayoutStatus::Failed.as_str())
             .execute(tx.conn())?;
         touched_all("failing", n, failed.0.len())?;
     }

@@ -200,7 +200,12 @@ fn require_url(url: Option<String>) -> Result<String> {
 fn connect(url: Option<String>) -> Result<PgConnection> {
     let url = require_url(url)?;
     let mut conn = db::connect(&url, &db::SessionConfig::default())?;
-    let pending = conn.has_pending_migration(db::MIGRATIONS).map_err(|e| anyhow!("checking migrations: {e}"))?;
+    // A diesel error stays typed (a connection lost here is retried and reported as such).
+    let pending =
+        conn.has_pending_migration(db::MIGRATIONS).map_err(|e| match e.downcast::<diesel::result::Error>() {
+            Ok(d) => anyhow::Error::from(LedgerError::from(*d)).context("checking migrations"),
+            Err(e) => anyhow!("checking migrations: {e}"),
+        })?;
     if pending {
         return Err(CliError::SchemaOutdated.into());
     }

@@ -26,7 +26,9 @@ pub(super) struct Reconnecting {
 impl Reconnecting {
     /// Connects (refusing an outdated schema, as every command does).
     pub(super) fn connect(ctx: &Ctx) -> Result<Reconnecting> {
-        let url = require_url(ctx.database_url.clone())?;
+        // Timeouts on connecting and on a silent peer (as the daemon has): a failover to
+        // a host that stops answering must end in a reconnect, not in a hang.
+        let url = db::with_network_timeouts(&require_url(ctx.database_url.clone())?);
         let conn = connect(Some(url.clone()))?;
         Ok(Reconnecting { url, conn: Some(conn), json: ctx.json })
     }
@@ -84,20 +86,16 @@ impl Reconnecting {
     }
 }
 
-/// Whether `e` says the connection is gone (the server ended it, the socket closed,
-/// or connecting failed): only a new connection can go on.
+/// Whether `e` says the connection is gone (the server ended it, the socket closed, or
+/// connecting failed: the crate reports every failure to connect so, a wrong password
+/// too, which then costs the tries before the command stops): only a new connection
+/// can go on.
 fn connection_lost(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         let class = if let Some(l) = cause.downcast_ref::<LedgerError>() {
             l.transient()
         } else if let Some(d) = cause.downcast_ref::<diesel::result::Error>() {
             d.transient()
-        } else if let Some(c) = cause.downcast_ref::<diesel::ConnectionError>() {
-            // The server is not up yet (restarting) or refuses connections for now.
-            Some(match c {
-                diesel::ConnectionError::BadConnection(_) => Transient::ConnectionLost,
-                _ => return false,
-            })
         } else {
             None
         };

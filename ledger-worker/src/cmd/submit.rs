@@ -68,6 +68,11 @@ fn request_all(
 ) -> Result<Vec<Result<(WithdrawalId, bool)>>> {
     let items: Vec<Item<WithdrawalRequest>> =
         requests.iter().filter_map(|r| r.as_ref().ok()).cloned().map(Item::single).collect();
+    if items.is_empty() {
+        // Nothing to write (an empty last chunk, or every line refused already): no
+        // round trip, so nothing that could be lost.
+        return Ok(requests.into_iter().map(|r| r.map(|_| unreachable!("no valid request"))).collect());
+    }
     let mut batched = match withdrawals::request_batch(conn, &items) {
         Ok(results) => Some(results.into_iter()),
         Err(e) if e.transient().is_some() => return Err(e.into()),
@@ -112,6 +117,7 @@ pub(super) fn currencies_of(conn: &mut PgConnection, ids: &[i64]) -> Result<Hash
         .filter(accounts::id.eq_any(&ids))
         .select((accounts::id, accounts::currency))
         .load(conn)
+        .map_err(LedgerError::from)
         .context("reading the accounts' currencies")?;
     rows.into_iter().map(|(id, code)| Ok((id, Currency::from_code(&code)?))).collect()
 }

@@ -3,8 +3,6 @@
 //! batch: the chunk is sent again on a new connection, every line is answered once,
 //! every key applied once.
 
-use std::io::Read;
-
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use std::time::Duration;
 
@@ -24,16 +22,16 @@ enum Between {
     BatchWaitingOn(i64),
 }
 
-/// Runs `args` with its stdin fed by hand: `first` lines, then (once `written(conn)`
-/// says the first chunk is in) `rest`, with the command's backend ended where `at`
+/// Runs `args` with its stdin fed by hand: `first` lines (one chunk), then, once all of
+/// them are answered on stdout, `rest`, with the command's backend ended where `at`
 /// says. Returns the exit code, the answer lines and stderr.
 fn across_a_lost_connection(
     db: &testing::TestDb,
     args: &[&str],
     (first, rest): (&[String], &[String]),
     at: Between,
-    mut written: impl FnMut(&mut diesel::pg::PgConnection) -> bool,
 ) -> (Option<i32>, Vec<Value>, String) {
+    use std::io::BufRead;
     let mut conn = db.conn();
     let child = worker_command()
         .args(args)
@@ -46,15 +44,24 @@ fn across_a_lost_connection(
         .unwrap();
     let mut child = Daemon::from(child);
     let mut stdin = child.stdin.take();
-    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     // Read as it runs: a pipe nobody reads would fill and block the command.
-    let out = std::thread::spawn(move || {
-        let mut bytes = vec![];
-        stdout.read_to_end(&mut bytes).map(|_| bytes)
-    });
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let out = {
+        let answered = answered.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                answered.lock().unwrap().push(line?);
+            }
+            Ok::<_, std::io::Error>(())
+        })
+    };
     let err = std::thread::spawn(move || std::io::read_to_string(&mut stderr));
     stdin.as_mut().unwrap().write_all((first.join("\n") + "\n").as_bytes()).unwrap();
-    wait_for(Duration::from_secs(60), "the first chunk to be written", || written(&mut conn));
+    // Answered, so its commit is done and known: the connection is lost after it.
+    wait_for(Duration::from_secs(60), "the first chunk to be answered", || {
+        answered.lock().unwrap().len() == first.len()
+    });
     let mut lock = db.conn();
     if let Between::BatchWaitingOn(account) = at {
         AnsiTransactionManager::begin_transaction(&mut lock).unwrap();
@@ -72,7 +79,7 @@ fn across_a_lost_connection(
     let ended = count(
         &mut conn,
         &format!(
-            "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
              WHERE datname = current_database() AND application_name = '{APP}'"
         ),
     );
@@ -82,9 +89,10 @@ fn across_a_lost_connection(
         Between::BatchWaitingOn(_) => AnsiTransactionManager::commit_transaction(&mut lock).unwrap(),
     }
     let status = wait_exit(&mut child, Duration::from_secs(120));
-    let stdout = out.join().expect("the stdout reader panicked").unwrap();
+    out.join().expect("the stdout reader panicked").unwrap();
     let stderr = err.join().expect("the stderr reader panicked").unwrap();
-    (status.code(), json_lines(&stdout), stderr)
+    let lines = std::mem::take(&mut *answered.lock().unwrap());
+    (status.code(), json_lines((lines.join("\n") + "\n").as_bytes()), stderr)
 }
 
 fn write_and_close(mut stdin: std::process::ChildStdin, lines: &[String]) {
@@ -118,8 +126,7 @@ fn submit_across_a_lost_connection(at: impl FnOnce(&[ledger_core::AccountId]) ->
     // Line 1,500 replays line 3 (a replay across the lost connection).
     let first: Vec<String> = (1..=1_000).map(line).collect();
     let rest: Vec<String> = (1_001..=2_000).map(|n| if n == 1_500 { line(3) } else { line(n) }).collect();
-    let (code, results, stderr) =
-        across_a_lost_connection(&db, &["--json", "submit"], (&first, &rest), at, |c| pending(c) == 1_000);
+    let (code, results, stderr) = across_a_lost_connection(&db, &["--json", "submit"], (&first, &rest), at);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("\"notice\":\"reconnecting\""), "the reconnect is logged: {stderr}");
     let (outcomes, summary) = outcomes_and_summary(&results);
@@ -142,8 +149,7 @@ fn transfer_submit_reconnects_after_its_connection_is_lost_inside_a_batch_and_ap
     let transfers = "SELECT count(*) AS n FROM journal_entries WHERE kind = 'transfer'";
     let args = ["--json", "transfer", "submit"];
     let at = Between::BatchWaitingOn(b);
-    let (code, results, stderr) =
-        across_a_lost_connection(&db, &args, (&first, &rest), at, |c| count(c, transfers) == 1_000);
+    let (code, results, stderr) = across_a_lost_connection(&db, &args, (&first, &rest), at);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("\"notice\":\"reconnecting\""), "the reconnect is logged: {stderr}");
     let (outcomes, summary) = outcomes_and_summary(&results);

@@ -187,8 +187,24 @@ fn backend_waiting_on_a_lock(observer: &mut diesel::PgConnection) -> i32 {
     found.unwrap()
 }
 
-/// Lets new connections into the test's database, or refuses them (from the cluster's
-/// `postgres` database: a database cannot refuse connections to itself).
+/// While alive, the test's database refuses new connections (open ones stay); they are
+/// let in again on drop, also on panic. Set from the cluster's `postgres` database: a
+/// database cannot refuse connections to itself.
+struct NoNewConnections<'a>(&'a testing::TestDb);
+
+impl<'a> NoNewConnections<'a> {
+    fn new(db: &'a testing::TestDb) -> Self {
+        allow_connections(db, false);
+        NoNewConnections(db)
+    }
+}
+
+impl Drop for NoNewConnections<'_> {
+    fn drop(&mut self) {
+        allow_connections(self.0, true);
+    }
+}
+
 fn allow_connections(db: &testing::TestDb, allow: bool) {
     use diesel::prelude::*;
     let admin_url = db.url().replacen(&format!("/{}?", db.name()), "/postgres?", 1);
@@ -209,7 +225,7 @@ fn a_connection_lost_for_good_in_a_batch_answers_its_lines_unknown_never_refused
     let mut holder = db.conn();
     let (locked_tx, locked) = std::sync::mpsc::channel::<()>();
     let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let mut child = std::thread::scope(|s| {
+    let (mut child, refusing) = std::thread::scope(|s| {
         // The batch will wait on the payer's row lock, held here, and lose its connection.
         s.spawn(move || {
             ledger_core::transaction(&mut holder, &ledger_core::TxOptions::no_retry(), |tx| {
@@ -234,18 +250,15 @@ fn a_connection_lost_for_good_in_a_batch_answers_its_lines_unknown_never_refused
         child.stdin.take().unwrap().write_all((input.join("\n") + "\n").as_bytes()).unwrap();
         let mut observer = db.conn();
         let waiting = backend_waiting_on_a_lock(&mut observer);
-        // No new connection either (open ones stay): every reconnect fails.
-        allow_connections(&db, false);
+        // No new connection either: every reconnect fails.
+        let refusing = NoNewConnections::new(&db);
         diesel::sql_query(format!("SELECT pg_terminate_backend({waiting})")).execute(&mut observer).unwrap();
         drop(release);
-        child
+        (child, refusing)
     });
     // It tries to connect again for about 6 to 12 s (RECONNECT_ATTEMPTS), then stops.
-    let exited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        common::wait_exit(&mut child, std::time::Duration::from_secs(60))
-    }));
-    allow_connections(&db, true);
-    exited.unwrap();
+    common::wait_exit(&mut child, std::time::Duration::from_secs(60));
+    drop(refusing);
     let (mut out, mut stderr) = (String::new(), String::new());
     child.stdout.as_mut().unwrap().read_to_string(&mut out).unwrap();
     child.stderr.as_mut().unwrap().read_to_string(&mut stderr).unwrap();

@@ -18,6 +18,8 @@ mod review_transfer_submit;
 mod submit_chunks;
 #[path = "cli/submit_reconnect.rs"]
 mod submit_reconnect;
+#[path = "support/mod.rs"]
+mod support;
 #[path = "cli/transfer_submit.rs"]
 mod transfer_submit;
 

@@ -158,3 +158,77 @@ fn transfer_submit_reconnects_after_its_connection_is_lost_inside_a_batch_and_ap
     let mut balance = |id: i64| count(&mut conn, &format!("SELECT balance_minor AS n FROM accounts WHERE id = {id}"));
     assert_eq!((balance(a), balance(b)), (10_000 - 1_500, 10_000 + 1_500), "exact balances");
 }
+
+/// The case the resend exists for: the chunk's transaction commits, and the connection
+/// is cut before its answer comes back. The command cannot know whether it committed;
+/// sent again, every line is answered replayed, nothing is written twice.
+#[testing::test]
+fn transfer_submit_resent_after_a_commit_whose_answer_was_lost_replays_every_line() {
+    use diesel::prelude::*;
+    let db = testing::committed();
+    let mut conn = db.conn();
+    let (accounts, _) = seed(&mut conn, 2, "100.00", 0);
+    let (a, b) = (accounts[0].get(), accounts[1].get());
+    // The first transaction that writes a journal entry sleeps in its COMMIT (a
+    // deferred constraint trigger), so the cut lands while it commits.
+    conn.batch_execute(
+        "CREATE TABLE test_sleep_once (slept bool NOT NULL);
+         INSERT INTO test_sleep_once VALUES (false);
+         CREATE FUNCTION test_sleep_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             UPDATE test_sleep_once SET slept = true WHERE NOT slept;
+             IF FOUND THEN PERFORM pg_sleep(3); END IF;
+             RETURN NULL;
+         END $$;
+         CREATE CONSTRAINT TRIGGER test_sleep_at_commit AFTER INSERT ON journal_entries
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_sleep_at_commit();",
+    )
+    .unwrap();
+    let param = |key: &str| {
+        let (_, rest) = db.url().split_once(&format!("{key}=")).expect("the URL names its host and port");
+        rest.split('&').next().unwrap().to_string()
+    };
+    let proxy =
+        support::Proxy::start(std::path::PathBuf::from(param("host")).join(format!(".s.PGSQL.{}", param("port"))));
+    let lines: Vec<String> = (1..=500)
+        .map(|n| format!("{{\"from\": {a}, \"to\": {b}, \"amount\": \"0.01\", \"key\": \"cut-{n}\"}}"))
+        .collect();
+    let mut child = Daemon::from(
+        worker_command()
+            .args(["--json", "transfer", "submit"])
+            .env("DATABASE_URL", proxy.url(db.name()))
+            .env("PGAPPNAME", APP)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    write_and_close(child.stdin.take().unwrap(), &lines);
+    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out = std::thread::spawn(move || std::io::read_to_string(&mut stdout));
+    let err = std::thread::spawn(move || std::io::read_to_string(&mut stderr));
+    let sleeping = format!(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = '{APP}' AND wait_event = 'PgSleep'"
+    );
+    wait_for(Duration::from_secs(60), "the batch to sleep in its commit", || count(&mut conn, &sleeping) == 1);
+    proxy.cut();
+    let status = wait_exit(&mut child, Duration::from_secs(120));
+    let stdout = out.join().expect("the stdout reader panicked").unwrap();
+    let stderr = err.join().expect("the stderr reader panicked").unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("\"notice\":\"reconnecting\""), "the reconnect is logged: {stderr}");
+    let (outcomes, summary) = outcomes_and_summary(&json_lines(stdout.as_bytes()));
+    assert_eq!(outcomes, vec!["replayed".to_string(); 500], "written by the lost connection: {summary}");
+    let slept: bool =
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>("(SELECT slept FROM test_sleep_once)"))
+            .get_result(&mut conn)
+            .unwrap();
+    assert!(slept, "the first commit slept, and went through");
+    let transfers = "SELECT count(*) AS n FROM journal_entries WHERE kind = 'transfer'";
+    assert_eq!(count(&mut conn, transfers), 500, "one transfer per key");
+    let mut balance = |id: i64| count(&mut conn, &format!("SELECT balance_minor AS n FROM accounts WHERE id = {id}"));
+    assert_eq!((balance(a), balance(b)), (10_000 - 500, 10_000 + 500), "exact balances");
+    drop(proxy);
+}

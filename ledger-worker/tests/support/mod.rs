@@ -23,6 +23,8 @@ struct ProxyState {
     pumps: Mutex<Vec<JoinHandle<()>>>,
     /// Client connections accepted while blackholed: kept open, never answered.
     held: Mutex<Vec<TcpStream>>,
+    /// The client ends of the connections being forwarded, for [`Proxy::cut`].
+    clients: Mutex<Vec<TcpStream>>,
 }
 
 /// Forwards 127.0.0.1:<port> to a Unix socket (a PostgreSQL server's), until switched
@@ -54,6 +56,16 @@ impl Proxy {
 
     pub fn blackhole(&self) {
         self.state.blackhole.store(true, Ordering::SeqCst);
+    }
+
+    /// Closes every connection forwarded so far, at once, as a failover or a reset
+    /// would (whatever the server sends afterwards is lost); new connections are
+    /// forwarded as before.
+    #[allow(dead_code)] // the shutdown tests use the blackhole only
+    pub fn cut(&self) {
+        for client in self.state.clients.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = client.shutdown(Shutdown::Both);
+        }
     }
 }
 
@@ -87,7 +99,11 @@ fn accept(listener: TcpListener, target: PathBuf, state: Arc<ProxyState>) {
             continue;
         }
         let Ok(server) = UnixStream::connect(&target) else { continue };
-        let (Ok(client2), Ok(server2)) = (client.try_clone(), server.try_clone()) else { continue };
+        let (Ok(client2), Ok(server2), Ok(client3)) = (client.try_clone(), server.try_clone(), client.try_clone())
+        else {
+            continue;
+        };
+        state.clients.lock().unwrap().push(client3);
         let mut pumps = state.pumps.lock().unwrap();
         let s = state.clone();
         pumps.push(thread::spawn(move || pump(Tcp(client), Unix(server2), &s)));

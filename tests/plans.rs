@@ -141,6 +141,56 @@ fn a_settlement_reads_its_own_withdrawals_not_the_backlog_paying_out() {
     );
 }
 
+/// A round of claims given back unsent and of unknown outcomes is put back by probes of
+/// its own payouts (`payouts/requeue.rs`), not by reading the payouts of the backlog,
+/// with statistics from before there was one.
+#[testing::test]
+fn putting_a_round_back_reads_its_own_payouts_not_the_backlog() {
+    const BACKLOG: i64 = 3_000;
+    const ROUND: usize = 50;
+    let db = testing::committed();
+    let mut conn = db.conn();
+    diesel::sql_query("ALTER TABLE payouts SET (autovacuum_enabled = false)").execute(&mut conn).unwrap();
+    let account = testing::funded_account(&mut conn, "requeue", Currency::EUR, "1000.00");
+    diesel::sql_query("ANALYZE payouts").execute(&mut conn).unwrap();
+    let ids = backlog(&mut conn, account.get(), BACKLOG);
+    debit(&mut conn, &ids);
+    let claim = payouts::claim_due(&mut conn, ROUND as i64, 60_000).unwrap();
+    assert_eq!(claim.requests.len(), ROUND);
+    let verdicts: Vec<_> = claim
+        .requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let verdict = match i % 3 {
+                0 => Verdict::NotSent,
+                1 => Verdict::Unknown { error: "timeout".into() },
+                _ => Verdict::Unauthorized { error: "HTTP 401".into() },
+            };
+            (r.clone(), verdict)
+        })
+        .collect();
+    let (recorded, (seq, idx)) = ledger_core::tx::transaction(&mut conn, &TxOptions::default(), |tx| {
+        // Twice (half each), counting the second: the plans cached by the first are reused.
+        let mut recorded = payouts::record_all_tx(tx, &verdicts[..ROUND / 2], &RetryPolicy::PAYOUTS)?;
+        let before = reads(tx.conn(), "payouts");
+        recorded.extend(payouts::record_all_tx(tx, &verdicts[ROUND / 2..], &RetryPolicy::PAYOUTS)?);
+        let after = reads(tx.conn(), "payouts");
+        Ok::<_, ledger_core::LedgerError>((recorded, (after.seq - before.seq, after.idx - before.idx)))
+    })
+    .unwrap();
+    assert!(recorded.iter().all(|r| matches!(r, Recorded::Released | Recorded::Retrying)), "{recorded:?}");
+    // Each payout is read by its lock and by its update; the backlog would be
+    // BACKLOG rows per statement.
+    assert!(
+        seq + idx <= 4 * (ROUND / 2) as i64,
+        "putting {} payouts back read {seq} rows of payouts by sequential scans and {idx} by index scans \
+         ({BACKLOG} paying out)",
+        ROUND / 2
+    );
+    assert_eq!(seq, 0, "no sequential scan of payouts");
+}
+
 /// Debits `ids` (a thousand per batch).
 fn debit(conn: &mut PgConnection, ids: &[WithdrawalId]) {
     for chunk in ids.chunks(1_000) {

@@ -33,16 +33,7 @@ fn across_a_lost_connection(
 ) -> (Option<i32>, Vec<Value>, String) {
     use std::io::BufRead;
     let mut conn = db.conn();
-    let child = worker_command()
-        .args(args)
-        .env("DATABASE_URL", db.url())
-        .env("PGAPPNAME", APP)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Daemon::from(child);
+    let mut child = spawn_under_test(args, db.url());
     let mut stdin = child.stdin.take();
     let (stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     // Read as it runs: a pipe nobody reads would fill and block the command.
@@ -95,6 +86,26 @@ fn across_a_lost_connection(
     (status.code(), json_lines((lines.join("\n") + "\n").as_bytes()), stderr)
 }
 
+/// Starts the command under test (named [`APP`]) on `url`, its stdin, stdout and stderr
+/// piped; killed when dropped.
+fn spawn_under_test(args: &[&str], url: &str) -> Daemon {
+    let command = worker_command()
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("PGAPPNAME", APP)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Daemon::from(command)
+}
+
+/// A transfer line of 0.01 from `a` to `b` under key `key`.
+fn transfer_line(a: i64, b: i64, key: &str) -> String {
+    format!("{{\"from\": {a}, \"to\": {b}, \"amount\": \"0.01\", \"key\": \"{key}\"}}")
+}
+
 fn write_and_close(mut stdin: std::process::ChildStdin, lines: &[String]) {
     stdin.write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
 }
@@ -143,7 +154,7 @@ fn transfer_submit_reconnects_after_its_connection_is_lost_inside_a_batch_and_ap
     let mut conn = db.conn();
     let (accounts, _) = seed(&mut conn, 2, "100.00", 0);
     let (a, b) = (accounts[0].get(), accounts[1].get());
-    let line = |n: usize| format!("{{\"from\": {a}, \"to\": {b}, \"amount\": \"0.01\", \"key\": \"rt-{n}\"}}");
+    let line = |n: usize| transfer_line(a, b, &format!("rt-{n}"));
     let first: Vec<String> = (1..=1_000).map(line).collect();
     let rest: Vec<String> = (1_001..=1_500).map(line).collect();
     let transfers = "SELECT count(*) AS n FROM journal_entries WHERE kind = 'transfer'";
@@ -190,20 +201,8 @@ fn transfer_submit_resent_after_a_commit_whose_answer_was_lost_replays_every_lin
     };
     let proxy =
         support::Proxy::start(std::path::PathBuf::from(param("host")).join(format!(".s.PGSQL.{}", param("port"))));
-    let lines: Vec<String> = (1..=500)
-        .map(|n| format!("{{\"from\": {a}, \"to\": {b}, \"amount\": \"0.01\", \"key\": \"cut-{n}\"}}"))
-        .collect();
-    let mut child = Daemon::from(
-        worker_command()
-            .args(["--json", "transfer", "submit"])
-            .env("DATABASE_URL", proxy.url(db.name()))
-            .env("PGAPPNAME", APP)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let lines: Vec<String> = (1..=500).map(|n| transfer_line(a, b, &format!("cut-{n}"))).collect();
+    let mut child = spawn_under_test(&["--json", "transfer", "submit"], &proxy.url(db.name()));
     write_and_close(child.stdin.take().unwrap(), &lines);
     let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     let out = std::thread::spawn(move || std::io::read_to_string(&mut stdout));

@@ -11,7 +11,7 @@ use ledger_core::error::{RetryClass, Transient};
 /// "outcome unknown" summary for the chunk).
 pub(super) const RECONNECT_ATTEMPTS: u32 = 6;
 
-/// The waits between those tries: 250 ms doubling to 4 s, about 12 s in all, long
+/// The waits before those tries: 250 ms doubling to 4 s, half jittered, 6 to 12 s in all, long
 /// enough for a restart or a failover.
 const RECONNECT_BACKOFF: Backoff = Backoff::new(250, 4_000, Jitter::Half);
 

@@ -412,11 +412,12 @@ fn parse_args() -> Result<Config> {
         match flag.as_str() {
             "--transfers" => cfg.transfers = n,
             "--threads" => cfg.threads = n,
+            "--batch" => cfg.batch = n,
             "--committers" => cfg.committers = n,
             "--linger-us" => cfg.linger_us = n as u64,
             "--pgbench-seconds" => cfg.pgbench_seconds = n as u64,
             _ => bail!(
-                "unknown flag {flag} (--transfers N, --threads T, --committers C, --linger-us L, --pgbench-seconds S)"
+                "unknown flag {flag} (--transfers N, --threads T, --batch B, --committers C, --linger-us L, --pgbench-seconds S)"
             ),
         }
     }

@@ -231,12 +231,9 @@ pub enum Transient {
     /// reported when connecting, which the pool reports as `ConnectionLost`; reported
     /// on an open connection (say, re-raised by a function) that connection still works.
     TooManyConnections,
-    /// The connection is gone, or the server says it is ending it (57P01 admin_shutdown,
-    /// 57P02 crash_shutdown, 57P05 idle_session_timeout, 25P03
-    /// idle_in_transaction_session_timeout, class 08 connection exception, or Diesel
-    /// found it closed): only a new connection can retry. The server sends those four
-    /// codes as FATAL, then closes the session; an error on COMMIT classed so leaves the
-    /// commit's outcome unknown, never "failed".
+    /// The connection is gone, or the server says it is going (57P01 admin_shutdown,
+    /// class 08 connection exception, or Diesel found it closed): only a new connection
+    /// can retry.
     ConnectionLost,
 }
 
@@ -248,10 +245,7 @@ impl Transient {
             "40P01" => Some(Transient::Deadlock),
             "55P03" => Some(Transient::LockNotAvailable),
             "53300" => Some(Transient::TooManyConnections),
-            // The server ends the session with these (FATAL): a restart, a crashed
-            // neighbour backend, an idle timeout. 57P03 (cannot connect now) comes only
-            // when connecting, 57P04 (database dropped) is not helped by a new connection.
-            "57P01" | "57P02" | "57P05" | "25P03" => Some(Transient::ConnectionLost),
+            "57P01" => Some(Transient::ConnectionLost),
             _ if state.class() == SqlState::CONNECTION_EXCEPTION_CLASS => Some(Transient::ConnectionLost),
             _ => None,
         }

@@ -45,19 +45,6 @@ fn an_admin_shutdown_with_german_text_is_retried_on_a_fresh_pooled_connection() 
 }
 
 #[testing::test]
-fn other_codes_the_server_ends_a_session_with_are_retried_on_a_fresh_pooled_connection() {
-    // A crashed neighbour backend, an idle session timeout, an idle-in-transaction
-    // timeout: the server sends these as FATAL and closes the session.
-    for (code, text) in [
-        ("57P02", "Verbindung wird abgebrochen wegen Absturz eines anderen Serverprozesses"),
-        ("57P05", "Verbindung wird abgebrochen wegen Zeitüberschreitung bei Leerlauf"),
-        ("25P03", "Verbindung wird abgebrochen wegen Zeitüberschreitung bei Leerlauf in Transaktion"),
-    ] {
-        assert_retried_on_fresh_pooled_connections(code, text);
-    }
-}
-
-#[testing::test]
 fn connection_exceptions_with_german_text_are_retried_on_a_fresh_pooled_connection() {
     // Diesel itself maps 08000 and 08006 to ClosedConnection; 08003 and 08P01 it does
     // not, so those are recognised by their class alone.
